@@ -1,0 +1,114 @@
+"""Per-domain LoRA adapters trained on the live checkpoint, as one Ray Train job per round.
+
+The plan (the paper's): one adapter on the current mixture p ("old"), and one per domain d on
+probe data that is `probe_domain_share` d and the rest p. The job has as many workers as free CPUs
+allow and rank r trains adapters r, r + W, r + 2W, ... side by side with the other ranks; one job
+per round rather than one per adapter because a Ray Train fit costs 11-17 s to start on CPU (see
+docs/DECISIONS.md). Each adapter is a real PEFT adapter dir (adapter_model.safetensors +
+adapter_config.json) plus opmix_meta.json with the data and tokenizer hashes, written by every
+rank into the round's Ray Train checkpoint <run_dir>/adapters_round_<k>/adapters/<name>/.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from peft import LoraConfig, get_peft_model
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from opmix_ray.config import Config
+from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.mixture import Mixture
+from opmix_ray.model import lm_loss, load_checkpoint, n_params, pick_device, set_threads
+from opmix_ray.storage import write_json
+
+
+def adapter_plan(current: Mixture, cfg: Config) -> list[tuple[str, dict[str, float]]]:
+    """[(adapter name, probe mixture)]: 'old' on p, then each domain on share*d + (1-share)*p."""
+    plan = [("old", current.as_dict())] if cfg.adapters.include_old else []
+    share = cfg.adapters.probe_domain_share
+    for i, d in enumerate(current.domains):
+        w = (1.0 - share) * current.as_array()
+        w[i] += share
+        plan.append((d, Mixture.normalised(current.domains, w).as_dict()))
+    return plan
+
+
+def _train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seed: int, device) -> dict:
+    model = load_checkpoint(base_path).to(device)
+    lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
+    model = get_peft_model(model, lora)
+    sampler = MixtureSampler(shards.train, Mixture.from_dict(weights, shards.domains), shards.seq_len, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.main.lr * cfg.adapters.lr_multiplier, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(cfg.adapters.steps):
+        batch, _ = sampler.next_batch(cfg.adapters.batch_size)
+        loss = lm_loss(model, torch.as_tensor(batch, device=device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return {"model": model, "first_loss": losses[0], "final_loss": float(np.mean(losses[-5:])),
+            "drawn": sampler.segment_fractions(), "n_params": n_params(model.get_base_model()),
+            "tokens": cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len}
+
+
+def adapter_loop(loop_cfg: dict) -> None:
+    """Ray Train worker loop: rank r trains its share of the plan and reports them as one checkpoint."""
+    cfg = Config.model_validate(loop_cfg["config"])
+    shards = ray.get(loop_cfg["shards_ref"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_threads(loop_cfg["cpus_per_worker"])
+    device, _ = pick_device(cfg.model.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, weights in loop_cfg["plan"][rank::world]:
+            t0 = time.time()
+            seed = zlib.crc32(f"{cfg.run.seed}/{loop_cfg['round']}/{name}".encode())
+            out = _train_one(cfg, shards, loop_cfg["base_path"], name, weights, seed, device)
+            out_dir = os.path.join(tmp, "adapters", name)
+            out.pop("model").save_pretrained(out_dir, safe_serialization=True)
+            write_json(os.path.join(out_dir, "opmix_meta.json"), {
+                "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
+                "base_checkpoint": loop_cfg["base_path"], "data_hash": shards.data_hash,
+                "tokenizer_hash": shards.tokenizer_hash, "domains": list(shards.domains),
+                "wall_s": time.time() - t0, **out})
+        ray.train.report({"rank": rank}, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name="adapters")
+
+
+def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,
+                   run_dir: str) -> dict[str, str]:
+    """Train the round's adapters on `base_path`; return {adapter name: adapter dir}."""
+    plan = adapter_plan(current, cfg)
+    free = int(ray.available_resources().get("CPU", 1))
+    workers = cfg.adapters.num_workers or max(1, min(len(plan), free))
+    trainer = TorchTrainer(
+        adapter_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref, "plan": plan,
+                           "base_path": base_path, "round": round_idx, "cpus_per_worker": 1},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=run_dir, name=f"adapters_round_{round_idx}"),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    root = os.path.join(result.checkpoint.path, "adapters")
+    dirs = {name: os.path.join(root, name) for name, _ in plan}
+    missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, "adapter_model.safetensors"))]
+    if missing:
+        raise RuntimeError(f"adapters {missing} missing from {root} after training (fix: check the "
+                           "adapter job's logs under the Ray session dir)")
+    return dirs

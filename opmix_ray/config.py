@@ -1,0 +1,206 @@
+"""The typed run config: one YAML file is the source of truth for a run.
+
+    cfg = load_config("opmix_ray/configs/demo.yaml")      # or load_config(dict)
+
+Every field carries a default and help text (shown by `opmix-ray config-help`). Validation lives
+here and only here; a bad value raises ConfigError whose one-line message names the field and
+the fix, e.g. "config error at search.max_concurrent: ... (fix: set it to >= 1)".
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config value; str(err) is one line naming the field and the fix."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("opmix", description="Run name; the run's files go to <storage_path>/<name>.")
+    storage_path: str = Field("./opmix_runs", description="Local dir where run artifacts go.")
+    seed: int = Field(0, description="Seed for data splits, sampling, init and the searcher.")
+    baseline: Literal["none", "uniform", "natural"] = Field(
+        "none", description="'none' runs OP-Mix rounds; 'uniform'/'natural' trains the same budget "
+        "on a fixed mixture (no rounds) for comparison.")
+
+
+class DataSection(_Section):
+    path: str | None = Field(None, description="Dir with <domain>.parquet files; null = bundled corpus.")
+    domains: list[str] | None = Field(None, description="Domain names in a fixed order; null = every "
+                                      "parquet file in `path`, sorted.")
+    text_column: str = Field("text", description="Parquet column holding the documents (or token ids).")
+    tokenizer: str | None = Field(None, description="tokenizer.json path; null = the bundled BPE.")
+    seq_len: int = Field(128, gt=7, description="Tokens per training/eval sequence.")
+    val_tokens_per_domain: int = Field(8192, gt=0, description="Held-out tokens per domain.")
+    max_epochs: dict[str, float] = Field(default_factory=dict, description="Repetition caps: a domain "
+                                         "is never drawn past available_tokens * max_epochs.")
+    default_max_epochs: float = Field(8.0, gt=0, description="Cap for domains not in max_epochs.")
+
+    @field_validator("max_epochs")
+    @classmethod
+    def _positive_caps(cls, v):
+        for k, x in v.items():
+            if not x > 0:  # also rejects NaN
+                raise ValueError(f"max_epochs[{k}]={x} must be > 0 (fix: use a positive number of epochs)")
+        return v
+
+
+class ModelSection(_Section):
+    path: str | None = Field(None, description="Local Hugging Face checkpoint dir; null = build the "
+                             "small Llama below from config (random init).")
+    hidden_size: int = Field(128, gt=0, description="Width of the from-config Llama.")
+    num_layers: int = Field(4, gt=0, description="Decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(384, gt=0, description="MLP width.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda (bf16) if present.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size} "
+                             "(fix: pick num_heads that divides hidden_size)")
+        return self
+
+
+class MainSection(_Section):
+    total_tokens: int = Field(1_000_000, gt=0, description="Main-run training budget in tokens.")
+    batch_size: int = Field(16, gt=0, description="Sequences per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs the main-run worker holds.")
+
+
+class RoundsSection(_Section):
+    uniform_prefix: float = Field(0.2, ge=0, lt=1, description="Fraction of tokens trained on the initial "
+                                  "mixture before the first round (paper: 0.2).")
+    num_rounds: int = Field(2, ge=0, description="Rounds of adapters -> search -> push, evenly spaced "
+                            "over the tokens after the prefix.")
+    initial: Literal["uniform", "natural"] = Field("uniform", description="Mixture for the prefix.")
+
+
+class AdaptersSection(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (paper: 32).")
+    lr_multiplier: float = Field(2.0, gt=0, description="Adapter lr = main.lr * this (paper: 2).")
+    steps: int = Field(40, gt=0, description="Training steps per adapter.")
+    batch_size: int = Field(16, gt=0, description="Sequences per adapter step.")
+    probe_domain_share: float = Field(0.9, gt=0, le=1, description="Share of an adapter's tokens from "
+                                      "its own domain; the rest follow the current mixture (paper: 0.9).")
+    include_old: bool = Field(True, description="Also train an adapter on the current mixture and search "
+                              "over {old, d_1..d_k} (the paper's collapse).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get LoRA adapters.")
+    num_workers: int | None = Field(None, ge=1, description="Ray Train workers training adapters side by "
+                                    "side; null = as many as free CPUs allow.")
+
+
+class SearchSection(_Section):
+    searcher: str = Field("optuna-tpe", description="Registered searcher name (optuna-tpe, optuna-gp, "
+                          "random) or a dotted path 'pkg.mod:Class'.")
+    num_samples: int = Field(24, gt=0, description="Candidates (Tune trials) per round.")
+    max_concurrent: int = Field(2, ge=1, description="Trials in flight; Bayesian search degrades toward "
+                                "random as this grows, so keep it small.")
+    eval_tokens_per_domain: int | None = Field(None, gt=0, description="Val tokens per domain a trial "
+                                               "scores; null = all held-out tokens.")
+    objective_weights: dict[str, float] | None = Field(None, description="Objective = sum_d v_d * loss_d "
+                                                       "over these domains (normalised); null = mean over all.")
+    cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per trial.")
+
+
+class RayInit(_Section):
+    address: str | None = Field(None, description="Ray address; null = start local Ray on 127.0.0.1.")
+    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
+                                 "main.cpus_per_worker (the main run idles while a round runs).")
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    main: MainSection = Field(default_factory=MainSection)
+    rounds: RoundsSection = Field(default_factory=RoundsSection)
+    adapters: AdaptersSection = Field(default_factory=AdaptersSection)
+    search: SearchSection = Field(default_factory=SearchSection)
+    ray: RayInit = Field(default_factory=RayInit)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        steps = self.main.total_tokens // (self.main.batch_size * self.data.seq_len)
+        if steps < max(2, 2 * self.rounds.num_rounds):
+            raise ValueError(f"main.total_tokens={self.main.total_tokens} gives {steps} steps, too few for "
+                             f"{self.rounds.num_rounds} rounds (fix: raise main.total_tokens)")
+        if self.search.objective_weights is not None:
+            bad = {k: v for k, v in self.search.objective_weights.items() if not (v >= 0 and math.isfinite(v))}
+            if bad or not sum(self.search.objective_weights.values()) > 0:
+                raise ValueError(f"search.objective_weights={self.search.objective_weights} needs finite "
+                                 "weights >= 0 with a positive sum (fix: e.g. {python: 1.0})")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key (fix: remove it or check its spelling; `opmix-ray config-help` lists the keys)"
+    elif "fix:" not in msg:
+        msg += f" (fix: see `opmix-ray config-help` for {loc})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"config error at {loc}: {msg}{more}"
+
+
+def load_config(source: str | Path | dict, overrides: dict | None = None) -> Config:
+    """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ConfigError(f"config error at <file>: {p} does not exist (fix: pass a YAML config path)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config error at <yaml>{where}: malformed YAML (fix: check indentation "
+                              "and colons)") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config error at <root>: expected a mapping of sections (fix: start with `run:`)")
+    raw = _deep_merge(raw, overrides or {})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_help() -> str:
+    """Every section and field with its default and help text."""
+    lines = []
+    for sec_name, sec_field in Config.model_fields.items():
+        lines.append(f"{sec_name}:")
+        for name, f in sec_field.default_factory().__class__.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            lines.append(f"  {name}: {default!r:<28} # {f.description}")
+    return "\n".join(lines)

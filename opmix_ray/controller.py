@@ -1,0 +1,104 @@
+"""MixtureController: the named Ray actor that owns the live mixture and the run's history.
+
+The main run asks it for the mixture, tells it when a round checkpoint is written and waits on it
+for the winner; the driver waits on it for checkpoints and pushes winners into it. Each push and
+the final report rewrite history.json and history.parquet atomically in the run dir, so a reader
+never sees a half-written history and a killed driver loses at most the round in flight.
+
+    ctl = MixtureController.options(name=controller_name(run)).remote(run_dir, mixture)
+    ray.get(ctl.get_mixture.remote())
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import ray
+
+from opmix_ray.mixture import Mixture
+from opmix_ray.storage import write_json, write_parquet
+
+
+def controller_name(run_name: str) -> str:
+    return f"opmix_controller::{run_name}"
+
+
+def flatten_record(rec: dict) -> dict:
+    """{'weights': {'a': 1}} -> {'weights.a': 1}: one flat parquet row per round."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            for kk, vv in flatten_record(v).items():
+                out[f"{k}.{kk}"] = vv
+        else:
+            out[k] = v
+    return out
+
+
+@ray.remote(num_cpus=0, max_concurrency=64)
+class MixtureController:
+    def __init__(self, run_dir: str, initial: Mixture, meta: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.mixture = initial
+        self.version = 0
+        self.meta = dict(meta or {})
+        self.history: list[dict] = []
+        self.boundaries: dict[int, dict] = {}
+        self.final: dict | None = None
+        self._boundary_evt: dict[int, asyncio.Event] = {}
+        self._push_evt: dict[int, asyncio.Event] = {}
+        self._final_evt = asyncio.Event()
+        self.progress: list[dict] = []
+
+    def _evt(self, table: dict, k: int) -> asyncio.Event:
+        return table.setdefault(k, asyncio.Event())
+
+    async def get_mixture(self) -> tuple[int, dict[str, float]]:
+        return self.version, self.mixture.as_dict()
+
+    # --- main run side ---
+    async def report_boundary(self, round_idx: int, info: dict) -> None:
+        """The main run wrote round `round_idx`'s checkpoint; info has step, tokens, path, draws."""
+        self.boundaries[round_idx] = info
+        self._evt(self._boundary_evt, round_idx).set()
+
+    async def wait_push(self, round_idx: int) -> dict[str, float]:
+        """Block until the driver pushes round `round_idx`'s winner; return its weights."""
+        await self._evt(self._push_evt, round_idx).wait()
+        return self.mixture.as_dict()
+
+    async def report_progress(self, info: dict) -> None:
+        self.progress.append(info)
+
+    async def get_progress(self, since: int = 0) -> list[dict]:
+        return self.progress[since:]
+
+    async def report_final(self, info: dict) -> None:
+        self.final = info
+        self._persist()
+        self._final_evt.set()
+
+    # --- driver side ---
+    async def wait_boundary(self, round_idx: int) -> dict:
+        await self._evt(self._boundary_evt, round_idx).wait()
+        return self.boundaries[round_idx]
+
+    async def push(self, round_idx: int, weights: dict[str, float], record: dict) -> int:
+        """Make `weights` the live mixture from round `round_idx` on and log the round."""
+        self.mixture = Mixture.from_dict(weights, self.mixture.domains, self.mixture.data_hash)
+        self.version += 1
+        self.history.append({"round": round_idx, "mixture_version": self.version, **record})
+        self._persist()
+        self._evt(self._push_evt, round_idx).set()
+        return self.version
+
+    async def get_history(self) -> dict:
+        return {"meta": self.meta, "rounds": self.history, "final": self.final}
+
+    def _persist(self) -> None:
+        write_json(self.run_dir / "history.json", {"meta": self.meta, "rounds": self.history, "final": self.final})
+        rows = [flatten_record(r) for r in self.history]
+        if self.final is not None:
+            rows.append(flatten_record({"round": -1, **self.final}))  # -1 = end of run
+        if rows:
+            write_parquet(self.run_dir / "history.parquet", rows)

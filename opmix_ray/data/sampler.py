@@ -1,0 +1,93 @@
+"""Mixture-weighted sampler over per-domain token streams, with repetition caps.
+
+Weights are over tokens: every draw is one window of seq_len + 1 tokens, so choosing windows by
+weight is choosing tokens by weight. Domains are picked by largest deficit (owed minus drawn
+tokens) rather than at random, so the draws track the weights to within one window from the first
+batch on, and every batch holds every domain with weight >= 1 / batch_size (stratified sampling,
+which DESIGN's pilot found hard to beat). Within a domain, windows come from a seeded permutation
+with a fresh random offset each epoch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from opmix_ray.mixture import Mixture
+
+
+class _DomainStream:
+    def __init__(self, tokens: np.ndarray, seq_len: int, rng: np.random.Generator):
+        self.tokens, self.seq_len, self.rng = tokens, seq_len, rng
+        if len(tokens) < seq_len + 2:
+            raise ValueError(f"a domain has {len(tokens)} train tokens, fewer than seq_len + 2 "
+                             "(fix: add data or lower data.seq_len)")
+        self.epoch = 0
+        self._new_epoch()
+
+    def _new_epoch(self):
+        shift = int(self.rng.integers(0, self.seq_len)) if len(self.tokens) > 2 * self.seq_len + 1 else 0
+        n_win = (len(self.tokens) - 1 - shift) // self.seq_len
+        self.starts = shift + self.seq_len * self.rng.permutation(n_win)
+        self.pos = 0
+
+    def next_window(self) -> np.ndarray:
+        if self.pos == len(self.starts):
+            self.epoch += 1
+            self._new_epoch()
+        s = int(self.starts[self.pos])
+        self.pos += 1
+        return self.tokens[s : s + self.seq_len + 1]
+
+
+class MixtureSampler:
+    """Draws [batch, seq_len + 1] token windows by mixture weight; counts what it really drew."""
+
+    def __init__(self, train: dict[str, np.ndarray], mixture: Mixture, seq_len: int,
+                 cap_tokens: dict[str, float] | None = None, seed: int = 0):
+        self.domains = mixture.domains
+        self.seq_len = seq_len
+        rng = np.random.default_rng(seed)
+        self.streams = {d: _DomainStream(np.asarray(train[d]), seq_len, np.random.default_rng(rng.integers(2**63)))
+                        for d in self.domains}
+        self.cap_tokens = {d: float((cap_tokens or {}).get(d, np.inf)) for d in self.domains}
+        self.drawn_total = {d: 0 for d in self.domains}  # tokens over the run
+        self.set_mixture(mixture)
+
+    def set_mixture(self, mixture: Mixture) -> None:
+        """Switch weights; the per-segment counters restart so draws track the new mixture."""
+        mixture.check_compatible(self.domains)
+        self.mixture = mixture
+        self.drawn_segment = {d: 0 for d in self.domains}
+
+    def _effective_weights(self) -> np.ndarray:
+        w = self.mixture.as_array().copy()
+        for i, d in enumerate(self.domains):
+            if self.drawn_total[d] + self.seq_len > self.cap_tokens[d]:
+                w[i] = 0.0  # repetition cap reached: its share goes to the others
+        if w.sum() <= 0:
+            raise RuntimeError(f"every domain with weight > 0 hit its repetition cap {self.cap_tokens} "
+                               "(fix: raise data.max_epochs or lower main.total_tokens)")
+        return w / w.sum()
+
+    def next_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [B, seq_len + 1] int64, domain index per row [B])."""
+        rows, which = [], []
+        for _ in range(batch_size):
+            w = self._effective_weights()
+            seg = np.array([self.drawn_segment[d] for d in self.domains], dtype=np.float64)
+            owed = w * (seg.sum() + self.seq_len) - seg
+            owed[w == 0] = -np.inf
+            i = int(np.argmax(owed))
+            d = self.domains[i]
+            rows.append(self.streams[d].next_window())
+            which.append(i)
+            self.drawn_segment[d] += self.seq_len
+            self.drawn_total[d] += self.seq_len
+        return np.stack(rows).astype(np.int64), np.asarray(which)
+
+    def segment_fractions(self) -> dict[str, float]:
+        """Share of tokens really drawn per domain since the last set_mixture."""
+        total = sum(self.drawn_segment.values()) or 1
+        return {d: self.drawn_segment[d] / total for d in self.domains}
+
+    def epochs(self) -> dict[str, float]:
+        return {d: self.drawn_total[d] / max(1, len(self.streams[d].tokens)) for d in self.domains}

@@ -1,0 +1,150 @@
+"""Domains (parquet) -> per-domain token shards with a held-out split and a content hash.
+
+A domain is `<data.path>/<name>.parquet` with a text column (documents) or a list<int> column
+(pre-tokenized ids). Documents are joined with the tokenizer's end-of-text id. Whole documents,
+chosen by a seeded shuffle, are held out for validation, so no validation text leaks into training.
+
+The shards are plain numpy arrays: they go into Ray's object store once and every main-run worker,
+adapter worker and Tune trial reads them zero-copy, on one node or many.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from opmix_ray.config import Config
+from opmix_ray.mixture import Mixture, content_hash
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "corpus"
+EOS_TOKEN = "<|endoftext|>"
+
+
+class DataError(ValueError):
+    """Bad domain data; the message names the domain/file and the fix."""
+
+
+@dataclass
+class TokenShards:
+    domains: tuple[str, ...]
+    train: dict[str, np.ndarray]
+    val: dict[str, np.ndarray]  # [n_seq, seq_len + 1] per domain
+    seq_len: int
+    vocab_size: int
+    eos_id: int
+    tokenizer_hash: str
+    data_hash: str
+    source_hashes: dict[str, str] = field(default_factory=dict)
+
+    def train_tokens(self) -> dict[str, int]:
+        return {d: int(len(self.train[d])) for d in self.domains}
+
+    def val_tokens(self) -> dict[str, int]:
+        return {d: int(self.val[d].shape[0] * self.seq_len) for d in self.domains}
+
+    def uniform(self) -> Mixture:
+        return Mixture.uniform(self.domains, self.data_hash)
+
+    def natural(self) -> Mixture:
+        return Mixture.natural(self.train_tokens(), self.domains, self.data_hash)
+
+    def cap_tokens(self, cfg: Config) -> dict[str, float]:
+        """Repetition caps: available train tokens x max epochs."""
+        caps = cfg.data.max_epochs
+        return {d: len(self.train[d]) * caps.get(d, cfg.data.default_max_epochs) for d in self.domains}
+
+
+def resolve_data_paths(cfg: Config) -> tuple[Path, tuple[str, ...], Path]:
+    root = Path(cfg.data.path).expanduser() if cfg.data.path else BUNDLED_DIR
+    if not root.is_dir():
+        raise DataError(f"data.path={root} is not a directory (fix: point it at a dir of <domain>.parquet)")
+    domains = tuple(cfg.data.domains) if cfg.data.domains else tuple(sorted(p.stem for p in root.glob("*.parquet")))
+    if len(domains) < 2:
+        raise DataError(f"data.domains: found {list(domains)} in {root}; mixing needs >= 2 "
+                        "(fix: add <domain>.parquet files or list data.domains)")
+    for d in domains:
+        if not (root / f"{d}.parquet").is_file():
+            raise DataError(f"data.domains: {root / (d + '.parquet')} does not exist (fix: create it or "
+                            f"remove '{d}' from data.domains)")
+    tok = Path(cfg.data.tokenizer).expanduser() if cfg.data.tokenizer else BUNDLED_DIR / "tokenizer.json"
+    if not tok.is_file():
+        raise DataError(f"data.tokenizer: {tok} does not exist (fix: point it at a tokenizer.json)")
+    return root, domains, tok
+
+
+def load_tokenizer(path: Path) -> tuple[Tokenizer, str]:
+    raw = Path(path).read_bytes()
+    try:
+        tok = Tokenizer.from_str(raw.decode())
+    except Exception as exc:
+        raise DataError(f"data.tokenizer: {path} is not a tokenizers JSON file ({exc}) "
+                        "(fix: train one with `opmix-ray data build`)") from None
+    return tok, hashlib.sha256(raw).hexdigest()
+
+
+def _read_docs(path: Path, column: str, tok: Tokenizer) -> list[np.ndarray]:
+    try:
+        table = pq.read_table(path, columns=[column])
+    except Exception as exc:
+        msg = f"no column '{column}'" if "column" in str(exc).lower() or "field" in str(exc).lower() else str(exc)
+        raise DataError(f"data.text_column: cannot read '{column}' from {path}: {msg} "
+                        "(fix: set data.text_column to the column holding the text)") from None
+    col = table.column(column).to_pylist()
+    docs = [x for x in col if x]
+    if not docs:
+        raise DataError(f"data: {path} has no non-empty rows in '{column}' (fix: add documents)")
+    if isinstance(docs[0], str):
+        return [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(docs, add_special_tokens=False)]
+    return [np.asarray(x, dtype=np.int64) for x in docs]  # pre-tokenized ids
+
+
+def _split(docs: list[np.ndarray], eos: int, need_val: int, rng: np.random.Generator):
+    order = rng.permutation(len(docs))
+    val, n = [], 0
+    for i, j in enumerate(order):
+        if n >= need_val:
+            break
+        val.append(docs[j])
+        n += len(docs[j]) + 1
+    train = [docs[j] for j in order[len(val):]]
+    join = lambda ds: np.concatenate([np.append(d, eos) for d in ds]) if ds else np.zeros(0, np.int64)
+    return join(train), join(val)
+
+
+def build_shards(cfg: Config) -> TokenShards:
+    """Tokenize every domain; deterministic given (data, tokenizer, seq_len, val size, seed)."""
+    root, domains, tok_path = resolve_data_paths(cfg)
+    tok, tok_hash = load_tokenizer(tok_path)
+    eos = tok.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise DataError(f"data.tokenizer: {tok_path} has no '{EOS_TOKEN}' token (fix: train it with "
+                        "`opmix-ray data build`, which adds it)")
+    seq = cfg.data.seq_len
+    n_val_seq = max(1, cfg.data.val_tokens_per_domain // seq)
+    dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
+    train, val, src = {}, {}, {}
+    for i, d in enumerate(domains):
+        path = root / f"{d}.parquet"
+        src[d] = hashlib.sha256(path.read_bytes()).hexdigest()
+        docs = _read_docs(path, cfg.data.text_column, tok)
+        rng = np.random.default_rng([cfg.run.seed, i])
+        tr, va = _split(docs, eos, n_val_seq * (seq + 1), rng)
+        if len(va) < n_val_seq * (seq + 1) or len(tr) < 4 * (seq + 1):
+            raise DataError(f"data: domain '{d}' has {len(tr) + len(va)} tokens, too few for "
+                            f"{cfg.data.val_tokens_per_domain} val tokens plus training "
+                            "(fix: lower data.val_tokens_per_domain or add text)")
+        train[d] = tr.astype(dtype)
+        val[d] = va[: n_val_seq * (seq + 1)].reshape(n_val_seq, seq + 1).astype(dtype)
+    data_hash = content_hash(domains, tok_hash, [src[d] for d in domains], seq,
+                             cfg.data.val_tokens_per_domain, cfg.run.seed, cfg.data.text_column)
+    return TokenShards(domains, train, val, seq, tok.get_vocab_size(), eos, tok_hash, data_hash, src)
+
+
+def shard_manifest(sh: TokenShards) -> dict:
+    return {"domains": list(sh.domains), "data_hash": sh.data_hash, "tokenizer_hash": sh.tokenizer_hash,
+            "seq_len": sh.seq_len, "vocab_size": sh.vocab_size, "train_tokens": sh.train_tokens(),
+            "val_tokens": sh.val_tokens(), "source_sha256": sh.source_hashes}

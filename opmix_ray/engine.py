@@ -1,0 +1,148 @@
+"""A whole OP-Mix run: data -> main run -> per round (adapters -> merge/search -> push) -> report.
+
+    from opmix_ray.config import load_config
+    from opmix_ray.engine import run
+    summary = run(load_config("opmix_ray/configs/demo.yaml"))
+
+Each step lives in its own module: data/ (shards, sampler), main_run.py, adapters.py, merge.py,
+search.py + searchers/, controller.py (push). This file only sequences them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import ray
+
+from opmix_ray.adapters import adapter_plan, train_adapters
+from opmix_ray.compute import round_search_flops
+from opmix_ray.config import Config, ConfigError
+from opmix_ray.controller import MixtureController, controller_name
+from opmix_ray.data.shards import build_shards, shard_manifest
+from opmix_ray.evaluate import mean_perplexity
+from opmix_ray.main_run import launch_main_run, steps_and_boundaries
+from opmix_ray.search import build_candidates, run_search
+from opmix_ray.storage import write_json, write_parquet, write_yaml
+
+
+def _say(msg: str) -> None:
+    print(f"[opmix {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no tensorboard/csv per trial
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints nothing per round
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=False)
+        return
+    # The main run's worker idles while a synchronous round runs, so its CPU is counted on top of
+    # the cores: otherwise the round's adapter workers and trials would wait for a sleeping worker.
+    cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(cfg.main.cpus_per_worker)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             logging_level="ERROR")
+
+
+def _prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
+    run_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"config error at run.name: {run_dir} already holds a run (fix: pick another "
+                              "run.name, delete it, or pass --overwrite)")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"config error at run.storage_path: cannot create {run_dir} ({exc.strerror}) "
+                          "(fix: use a writable directory)") from None
+    return run_dir
+
+
+def _wait(ref, main_ref, ctl, seen: list[int]):
+    """ray.get(ref), printing the main run's progress meanwhile and failing fast if it died."""
+    while True:
+        ready, _ = ray.wait(list({ref, main_ref}), num_returns=1, timeout=2.0)
+        for p in ray.get(ctl.get_progress.remote(seen[0])):
+            seen[0] += 1
+            _say(f"main run step {p['step']}/{p['total']} loss {p['loss']:.3f} ({p['elapsed_s']:.0f}s)")
+        if ref in ready:
+            return ray.get(ref)
+        if main_ref in ready:
+            ray.get(main_ref)  # raises the main run's error
+            raise RuntimeError("the main run ended before reaching the next round boundary")
+
+
+def _initial_mixture(cfg: Config, shards):
+    kind = cfg.run.baseline if cfg.run.baseline != "none" else cfg.rounds.initial
+    return shards.natural() if kind == "natural" else shards.uniform()
+
+
+def _round(cfg, k, info, current, shards, shards_ref, run_dir) -> tuple:
+    t0 = time.time()
+    _say(f"round {k}: training {len(adapter_plan(current, cfg))} LoRA adapters on the step-{info['step']} checkpoint")
+    dirs = train_adapters(cfg, shards_ref, info["path"], current, k, str(run_dir))
+    t_adapters = time.time() - t0
+    cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info["path"], dirs, shards, current)
+    _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
+         f"candidates with {cfg.search.searcher}")
+    out = run_search(cfg, cands, k, str(run_dir))
+    write_parquet(run_dir / "rounds" / f"round_{k}_trials.parquet", out.trials)
+    eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
+                      for v in shards.val.values())
+    flops = round_search_flops(info["n_params"], cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len,
+                               len(dirs), out.n_trials, eval_tokens)
+    record = {"step": info["step"], "tokens": info["tokens"], "weights": out.mixture.as_dict(),
+              "adapter_weights": out.weights, "objective": out.objective, "merged_val_loss": out.losses,
+              "base_val_loss": info["val_loss"], "drawn_before": info["drawn"],
+              "mixture_before": info["mixture"], "n_trials": out.n_trials, "n_failed": out.n_failed,
+              "flops": {"main_so_far": info["flops"], "adapters": flops["adapters"], "search": flops["trials"]},
+              "wall_s": {"adapters": t_adapters, "search": out.wall_s}, "searcher": cfg.search.searcher}
+    _say(f"round {k}: best objective {out.objective:.4f} after {out.n_trials} trials "
+         f"({out.wall_s:.0f}s); pushing {out.mixture}")
+    return out.mixture, record
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict:
+    """Run OP-Mix (or a fixed-mixture baseline) end to end; return the summary dict."""
+    t_start = time.time()
+    run_dir = _prepare_run_dir(cfg, overwrite)
+    write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
+    shards = build_shards(cfg)
+    write_json(run_dir / "data_manifest.json", shard_manifest(shards))
+    init_ray(cfg)
+    _say(f"run '{cfg.run.name}' -> {run_dir}; domains {list(shards.domains)}; "
+         f"train tokens {shards.train_tokens()}")
+    shards_ref = ray.put(shards)
+    current = _initial_mixture(cfg, shards)
+    total, boundaries = steps_and_boundaries(cfg)
+    meta = {"run": cfg.run.name, "domains": list(shards.domains), "data_hash": shards.data_hash,
+            "tokenizer_hash": shards.tokenizer_hash, "initial_mixture": current.as_dict(),
+            "total_steps": total, "boundaries": boundaries, "baseline": cfg.run.baseline}
+    namespace = ray.get_runtime_context().namespace
+    ctl = MixtureController.options(name=controller_name(cfg.run.name), namespace=namespace).remote(
+        str(run_dir), current, meta)
+    main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace)
+    _say(f"main run: {total} steps, rounds at steps {boundaries}, starting on {current}")
+    seen = [0]
+    for k in range(len(boundaries)):
+        info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
+        current, record = _round(cfg, k, info, current, shards, shards_ref, run_dir)
+        ray.get(ctl.push.remote(k, current.as_dict(), record))
+    _wait(main_ref, main_ref, ctl, seen)
+    history = ray.get(ctl.get_history.remote())
+    final = history["final"]
+    summary = {"run": cfg.run.name, "run_dir": str(run_dir), "baseline": cfg.run.baseline,
+               "final_val_loss": final["val_loss"], "final_val_ppl_mean": mean_perplexity(final["val_loss"]),
+               "final_mixture": current.as_dict(), "drawn_last_segment": final["drawn"],
+               "main_flops": final["flops"],
+               "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
+               "wall_s": time.time() - t_start}
+    write_json(run_dir / "summary.json", summary)
+    ray.kill(ctl)
+    return summary

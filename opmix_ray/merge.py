@@ -1,0 +1,88 @@
+"""Exact weight-space mixtures of LoRA adapters: W(a) = W0 + sum_i a_i * (alpha_i / r_i) * B_i A_i.
+
+This is the weighted sum of each adapter's full weight delta. It is what PEFT's
+`add_weighted_adapter(..., combination_type="cat")` computes and NOT what "linear" computes
+("linear" mixes A and B separately, so its delta is (sum a_i B_i)(sum a_i A_i), with cross
+terms); tests/test_merge.py checks both facts against PEFT itself.
+
+Deltas are dense numpy arrays [k, out, in] per module so they sit in Ray's object store once and
+every trial reads them zero-copy; one merge is a tensordot per module (milliseconds).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+# PEFT saves "base_model.model.<module>.lora_A.weight" (adapter name stripped on save).
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """A missing, corrupted or mismatched adapter; the message names the file and the fix."""
+
+
+def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
+    """One saved PEFT LoRA adapter -> {module name: (alpha / r) * B @ A} as float32 [out, in]."""
+    d = Path(adapter_dir)
+    try:
+        conf = json.loads((d / "adapter_config.json").read_text())
+        tensors = load_file(str(d / "adapter_model.safetensors"))
+    except Exception as exc:
+        raise AdapterError(f"adapter {d}: cannot read adapter_config.json / adapter_model.safetensors "
+                           f"({type(exc).__name__}: {exc}) (fix: retrain the adapters for this round)") from None
+    if conf.get("use_rslora") or conf.get("use_dora"):
+        raise AdapterError(f"adapter {d}: rsLoRA/DoRA deltas are not B@A (fix: train plain LoRA adapters)")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            pairs.setdefault(m["module"], {})[m["ab"]] = t.astype(np.float32)
+    if not pairs:
+        raise AdapterError(f"adapter {d}: no LoRA A/B weights found (fix: save with PEFT save_pretrained)")
+    scale = float(conf["lora_alpha"]) / float(conf["r"])
+    return {mod: scale * (ab["B"] @ ab["A"]) for mod, ab in sorted(pairs.items())}
+
+
+def stack_deltas(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """[k adapters] of {module: [out, in]} -> {module: [k, out, in]}; all must cover the same modules."""
+    modules = list(deltas[0])
+    for i, d in enumerate(deltas):
+        if list(d) != modules:
+            raise AdapterError(f"adapter #{i} targets other modules than adapter #0 "
+                               "(fix: train every adapter with the same adapters.target_modules)")
+    return {m: np.stack([d[m] for d in deltas]) for m in modules}
+
+
+def merged_delta(stacked: dict[str, np.ndarray], weights) -> dict[str, np.ndarray]:
+    """{module: sum_i w_i * delta_i} (float64 accumulation, returned as float32)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return {m: np.tensordot(w, D, axes=1).astype(np.float32) for m, D in stacked.items()}
+
+
+class MergedModel:
+    """A base model whose adapted linears can be set to W0 + sum_i w_i * delta_i in place."""
+
+    def __init__(self, model: torch.nn.Module, stacked: dict[str, np.ndarray]):
+        self.model, self.stacked = model, stacked
+        self.targets = {m: model.get_submodule(m) for m in stacked}
+        self.base = {m: lin.weight.detach().clone() for m, lin in self.targets.items()}
+        for m, lin in self.targets.items():
+            if tuple(lin.weight.shape) != stacked[m].shape[1:]:
+                raise AdapterError(f"adapter delta for {m} has shape {stacked[m].shape[1:]} but the model's "
+                                   f"weight is {tuple(lin.weight.shape)} (fix: adapters must come from this model)")
+
+    @torch.no_grad()
+    def apply(self, weights) -> None:
+        for m, delta in merged_delta(self.stacked, weights).items():
+            w = self.targets[m].weight
+            w.copy_(self.base[m] + torch.from_numpy(delta).to(w.device, w.dtype))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for m, lin in self.targets.items():
+            lin.weight.copy_(self.base[m])

@@ -1,0 +1,77 @@
+"""The causal LM: a small Llama built from config, or any local Hugging Face checkpoint dir.
+
+Checkpoints are Hugging Face dirs (config.json + model.safetensors), so a round checkpoint is also
+a valid `model.path` for a later run, and nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from opmix_ray.config import ModelSection
+
+
+def pick_device(pref: str = "auto") -> tuple[torch.device, torch.dtype]:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def set_threads(cpus: float) -> None:
+    """One torch thread per Ray CPU the process holds; more only oversubscribes the cores."""
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def build_model(cfg: ModelSection, vocab_size: int, seq_len: int, seed: int = 0) -> LlamaForCausalLM:
+    if cfg.path:
+        return load_checkpoint(cfg.path, vocab_size)
+    torch.manual_seed(seed)
+    conf = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, max_position_embeddings=max(seq_len, 128),
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+        bos_token_id=None, eos_token_id=0, pad_token_id=None,
+    )
+    conf._attn_implementation = "sdpa"
+    return LlamaForCausalLM(conf)
+
+
+def load_checkpoint(path: str | os.PathLike, vocab_size: int | None = None):
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {p} has no config.json (fix: point it at a Hugging Face "
+                                "checkpoint dir, e.g. a round checkpoint of an earlier run)")
+    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, dtype=torch.float32)
+    if vocab_size is not None and model.config.vocab_size < vocab_size:
+        raise ValueError(f"model.path: checkpoint vocab {model.config.vocab_size} < tokenizer vocab "
+                         f"{vocab_size} (fix: use the tokenizer the model was trained with)")
+    return model
+
+
+def save_checkpoint(model, path: str | os.PathLike) -> None:
+    """Write an HF checkpoint dir atomically: build it beside the target, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def n_params(model) -> int:
+    """Parameters that cost FLOPs per token (tied embedding counted once, as the output matmul)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def lm_loss(model, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of windows [B, seq_len + 1]; per sequence if reduction='none'."""
+    logits = model(input_ids=tokens[:, :-1]).logits.float()
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none")
+    ce = ce.view(tokens.size(0), -1)
+    return ce.mean() if reduction == "mean" else ce.mean(dim=1)
