@@ -117,6 +117,8 @@ class SearchSection(_Section):
     objective_weights: dict[str, float] | None = Field(None, description="Objective = sum_d v_d * loss_d "
                                                        "over these domains (normalised); null = mean over all.")
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per trial.")
+    warm_start: bool = Field(True, description="Score equal adapter weights first (with the old adapter "
+                             "that is a small step from the current mixture).")
 
 
 class RayInit(_Section):

@@ -44,6 +44,12 @@ def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
             pairs.setdefault(m["module"], {})[m["ab"]] = t.astype(np.float32)
     if not pairs:
         raise AdapterError(f"adapter {d}: no LoRA A/B weights found (fix: save with PEFT save_pretrained)")
+    for mod, ab in pairs.items():
+        A, B = ab.get("A"), ab.get("B")
+        if A is None or B is None or A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            shapes = {k: v.shape for k, v in ab.items()}
+            raise AdapterError(f"adapter {d}: {mod} has LoRA weights {shapes}, not a matching "
+                               "A [r, in] / B [out, r] pair (fix: retrain the adapters for this round)")
     scale = float(conf["lora_alpha"]) / float(conf["r"])
     return {mod: scale * (ab["B"] @ ab["A"]) for mod, ab in sorted(pairs.items())}
 
@@ -55,6 +61,10 @@ def stack_deltas(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if list(d) != modules:
             raise AdapterError(f"adapter #{i} targets other modules than adapter #0 "
                                "(fix: train every adapter with the same adapters.target_modules)")
+        for m in modules:
+            if d[m].shape != deltas[0][m].shape:
+                raise AdapterError(f"adapter #{i} delta for {m} has shape {d[m].shape}, adapter #0 "
+                                   f"{deltas[0][m].shape} (fix: train every adapter on the same model)")
     return {m: np.stack([d[m] for d in deltas]) for m in modules}
 
 
@@ -69,7 +79,11 @@ class MergedModel:
 
     def __init__(self, model: torch.nn.Module, stacked: dict[str, np.ndarray]):
         self.model, self.stacked = model, stacked
-        self.targets = {m: model.get_submodule(m) for m in stacked}
+        try:
+            self.targets = {m: model.get_submodule(m) for m in stacked}
+        except AttributeError as exc:
+            raise AdapterError(f"adapter targets a module this model lacks ({exc}) "
+                               "(fix: adapters must come from this model)") from None
         self.base = {m: lin.weight.detach().clone() for m, lin in self.targets.items()}
         for m, lin in self.targets.items():
             if tuple(lin.weight.shape) != stacked[m].shape[1:]:

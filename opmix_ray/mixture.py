@@ -44,7 +44,8 @@ class Mixture:
         if w.shape != (len(domains),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise MixtureError(f"cannot normalise weights {list(w)} (fix: finite, >= 0, positive sum)")
         w = w / w.sum()
-        w[-1] = max(0.0, 1.0 - w[:-1].sum())  # make the float sum exact
+        i = int(np.argmax(w))  # make the float sum exact on the largest weight, so zeros stay exactly 0
+        w[i] = 1.0 - (w.sum() - w[i])
         return cls(tuple(domains), tuple(float(x) for x in w), data_hash)
 
     @classmethod

@@ -103,7 +103,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     space = SimplexSpace(candidates.coords)
     uniform = np.full(len(space.coords), 1.0 / len(space.coords))
     searcher = create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed * 1000 + round_idx,
-                               points_to_evaluate=[uniform])
+                               points_to_evaluate=[uniform] if cfg.search.warm_start else None)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})

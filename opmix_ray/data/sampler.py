@@ -2,7 +2,7 @@
 
 Weights are over tokens: every draw is one window of seq_len + 1 tokens, so choosing windows by
 weight is choosing tokens by weight. Domains are picked by largest deficit (owed minus drawn
-tokens) rather than at random, so the draws track the weights to within one window from the first
+tokens) rather than at random, so the draws track the weights to within two windows from the first
 batch on, and every batch holds every domain with weight >= 1 / batch_size (stratified sampling,
 which DESIGN's pilot found hard to beat). Within a domain, windows come from a seeded permutation
 with a fresh random offset each epoch.
@@ -74,7 +74,9 @@ class MixtureSampler:
         for _ in range(batch_size):
             w = self._effective_weights()
             seg = np.array([self.drawn_segment[d] for d in self.domains], dtype=np.float64)
-            owed = w * (seg.sum() + self.seq_len) - seg
+            # owed over the domains still drawable: a capped domain's past draws must not leave the
+            # others a shared deficit (argmax would then split it equally, not by weight)
+            owed = w * (seg[w > 0].sum() + self.seq_len) - seg
             owed[w == 0] = -np.inf
             i = int(np.argmax(owed))
             d = self.domains[i]

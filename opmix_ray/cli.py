@@ -1,0 +1,154 @@
+"""The `opmix-ray` command.
+
+    opmix-ray demo                         # real OP-Mix run on the bundled data + uniform baseline
+    opmix-ray run CONFIG.yaml [--baseline uniform] [--set search.num_samples=32]
+    opmix-ray results opmix_runs/demo
+    opmix-ray data build --out DIR --max-mb-per-domain 2
+    opmix-ray config-help
+
+Bad input (config, data, mixture, adapter, searcher) prints one line naming the field and the fix
+and exits with status 2; nothing is left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+EXIT_BAD_INPUT = 2
+
+
+def _bad_input_errors() -> tuple[type, ...]:
+    from opmix_ray.config import ConfigError
+    from opmix_ray.data.shards import DataError
+    from opmix_ray.merge import AdapterError
+    from opmix_ray.mixture import MixtureError
+    from opmix_ray.searchers import SearcherError
+    return ConfigError, DataError, MixtureError, AdapterError, SearcherError, FileNotFoundError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set a.b=value pairs -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            from opmix_ray.config import ConfigError
+            raise ConfigError(f"config error at --set {pair}: expected key=value (fix: e.g. --set main.lr=0.001)")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _print_run(summary: dict, baseline: dict | None = None) -> None:
+    from opmix_ray.report import comparison_line, load_run, mixture_table, plot_history
+    history, _ = load_run(summary["run_dir"])
+    png = plot_history(history, Path(summary["run_dir"]) / "mixture.png", baseline)
+    print("\nmixture per round (token shares), tokens really drawn in the last segment, final val perplexity:")
+    print(mixture_table(history, baseline))
+    if baseline:
+        print(comparison_line(summary, baseline))
+    print(f"search FLOPs {summary['search_flops']:.3g} vs main-run FLOPs {summary['main_flops']:.3g}; "
+          f"wall {summary['wall_s']:.0f}s")
+    print(f"plot: {png}\nhistory: {summary['run_dir']}/history.json (+ history.parquet)")
+
+
+def cmd_run(args) -> int:
+    from opmix_ray.config import load_config
+    from opmix_ray.engine import run
+    over = _overrides(args.set)
+    if args.baseline:
+        over.setdefault("run", {})["baseline"] = args.baseline
+    cfg = load_config(args.config, over)
+    summary = run(cfg, overwrite=args.overwrite)
+    _print_run(summary)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from opmix_ray.config import load_config
+    from opmix_ray.engine import run
+    path = resources.files("opmix_ray") / "configs" / "demo.yaml"
+    over = _overrides(args.set)
+    if args.storage_path:
+        over.setdefault("run", {})["storage_path"] = args.storage_path
+    cfg = load_config(Path(str(path)), over)
+    print(f"opmix-ray demo: config {path}\n", flush=True)
+    summary = run(cfg, overwrite=args.overwrite)
+    baseline = None
+    if not args.no_baseline:
+        base_cfg = cfg.model_copy(deep=True)
+        base_cfg.run.name = f"{cfg.run.name}-uniform"
+        base_cfg.run.baseline = "uniform"
+        print(f"\nbaseline: the same token budget and seed on the uniform mixture ({base_cfg.run.name})", flush=True)
+        baseline = run(base_cfg, overwrite=args.overwrite)
+    _print_run(summary, baseline)
+    return 0
+
+
+def cmd_results(args) -> int:
+    from opmix_ray.report import load_run, mixture_table
+    history, summary = load_run(args.path)
+    base = None
+    if args.baseline:
+        _, base = load_run(args.baseline)
+    print(mixture_table(history, base))
+    if summary:
+        print(f"final mean val perplexity {summary['final_val_ppl_mean']:.3f}; wall {summary['wall_s']:.0f}s")
+    return 0
+
+
+def cmd_config_help(args) -> int:
+    from opmix_ray.config import config_help
+    print(config_help())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a config (OP-Mix rounds, or a fixed-mixture baseline)")
+    r.add_argument("config")
+    r.add_argument("--baseline", choices=["uniform", "natural"], help="train the same budget on a fixed mixture")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run dir of the same name")
+    r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("demo", help="the bundled demo: OP-Mix on the bundled corpus + a uniform baseline")
+    d.add_argument("--storage-path", help="where runs go (default ./opmix_runs)")
+    d.add_argument("--no-baseline", action="store_true", help="skip the uniform comparison run")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    d.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("results", help="print a run's mixture table")
+    s.add_argument("path")
+    s.add_argument("--baseline", help="a baseline run dir to compare with")
+    s.set_defaults(fn=cmd_results)
+    c = sub.add_parser("config-help", help="every config field with its default and meaning")
+    c.set_defaults(fn=cmd_config_help)
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
+    b = data.add_parser("build", help="build a corpus of real-text domains from local sources", add_help=False)
+    b.set_defaults(fn=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "build"]:
+        from opmix_ray.data.build import main as build_main
+        return build_main(argv[2:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _bad_input_errors() as exc:
+        print(f"opmix-ray: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

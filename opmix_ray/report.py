@@ -1,0 +1,87 @@
+"""Read a finished run back: the mixture-per-round table, the comparison, the PNG plot.
+
+    opmix-ray results opmix_runs/demo
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from opmix_ray.storage import atomic_write_bytes, read_json
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "history.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no history.json (fix: pass the run dir "
+                                "<storage_path>/<run.name> of a finished or running run)")
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    return read_json(run_dir / "history.json"), summary
+
+
+def mixture_table(history: dict, baseline: dict | None = None) -> str:
+    """Domains x (prefix, round 0..R-1, drawn in the last segment, final val ppl[, baseline ppl])."""
+    doms = history["meta"]["domains"]
+    rounds = history["rounds"]
+    final = history.get("final") or {}
+    cols = ["prefix"] + [f"round {r['round']}" for r in rounds] + (["drawn"] if final else [])
+    cols += ["val ppl"] if final else []
+    cols += [f"{baseline['baseline']} ppl"] if baseline else []
+    lines = [f"{'domain':<12}" + "".join(f"{c:>13}" for c in cols)]
+    for d in doms:
+        row = [history["meta"]["initial_mixture"][d]] + [r["weights"][d] for r in rounds]
+        cells = [f"{x:>13.3f}" for x in row]
+        if final:
+            cells += [f"{final['drawn'][d]:>13.3f}", f"{math.exp(final['val_loss'][d]):>13.2f}"]
+        if baseline:
+            cells.append(f"{math.exp(baseline['final_val_loss'][d]):>13.2f}")
+        lines.append(f"{d:<12}" + "".join(cells))
+    if final:
+        mean_ppl = sum(math.exp(final["val_loss"][d]) for d in doms) / len(doms)
+        tail = f"{'mean ppl':<12}" + " " * 13 * (len(cols) - (2 if baseline else 1)) + f"{mean_ppl:>13.2f}"
+        if baseline:
+            tail += f"{baseline['final_val_ppl_mean']:>13.2f}"
+        lines.append(tail)
+    return "\n".join(lines)
+
+
+def comparison_line(summary: dict, baseline: dict) -> str:
+    ours, base = summary["final_val_ppl_mean"], baseline["final_val_ppl_mean"]
+    rel = 100.0 * (ours - base) / base
+    return (f"mean val perplexity: OP-Mix {ours:.3f} vs {baseline['baseline']} {base:.3f} "
+            f"({rel:+.2f}%, same tokens and seed; negative = OP-Mix better)")
+
+
+def plot_history(history: dict, out_png: str | Path, baseline: dict | None = None) -> Path:
+    """Two panels: mixture weights over the run's steps, per-domain val loss at each boundary."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doms, meta = history["meta"]["domains"], history["meta"]
+    rounds, final = history["rounds"], history.get("final")
+    total = meta["total_steps"]
+    fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(12, 4.5))
+    starts = [0] + [r["step"] for r in rounds] + [total]
+    mixes = [meta["initial_mixture"]] + [r["weights"] for r in rounds]
+    for d in doms:
+        ys = [m[d] for m in mixes] + [mixes[-1][d]]
+        ax_w.step(starts, ys, where="post", label=d)
+    ax_w.set(title="mixture weights (token share) over the run", xlabel="main-run step", ylabel="weight")
+    ax_w.legend(fontsize=8)
+    steps = [r["step"] for r in rounds] + ([final["step"]] if final else [])
+    for d in doms:
+        ys = [r["base_val_loss"][d] for r in rounds] + ([final["val_loss"][d]] if final else [])
+        line, = ax_l.plot(steps, ys, marker="o", label=d)
+        if baseline:
+            ax_l.scatter([total], [baseline["final_val_loss"][d]], marker="x", color=line.get_color())
+    ax_l.set(title="per-domain val loss (x = uniform baseline at the end)" if baseline else
+             "per-domain val loss", xlabel="main-run step", ylabel="loss (nats/token)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+    return Path(out_png)

@@ -1,0 +1,147 @@
+"""load_config: every bad input is a one-line ConfigError that names the field and the fix."""
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import opmix_ray
+from opmix_ray.config import Config, ConfigError, config_help, load_config
+
+CONFIGS = sorted((Path(opmix_ray.__file__).parent / "configs").glob("*.yaml"))
+
+
+def _error(source, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(source, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith("config error at "), msg
+    assert "fix" in msg, msg
+    return msg
+
+
+def test_defaults_and_dict_and_overrides():
+    cfg = load_config({})
+    assert isinstance(cfg, Config) and cfg.data.seq_len == 128 and cfg.adapters.r == 16
+    cfg = load_config({"main": {"batch_size": 8}, "adapters": {"r": 4}}, overrides={"main": {"lr": 1e-3}})
+    assert cfg.main.batch_size == 8 and cfg.main.lr == 1e-3 and cfg.adapters.r == 4
+    assert load_config({"main": {"batch_size": 8}}, {"main": {"batch_size": 4}}).main.batch_size == 4
+
+
+def test_yaml_file_round_trip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  name: t\nmodel:\n  hidden_size: 64\n  num_heads: 2\nsearch:\n  objective_weights: {a: 1.0}\n")
+    cfg = load_config(p)
+    assert cfg.run.name == "t" and cfg.model.hidden_size == 64 and cfg.search.objective_weights == {"a": 1.0}
+    p2 = tmp_path / "again.yaml"
+    p2.write_text(cfg.to_yaml())
+    assert load_config(str(p2)) == cfg
+
+
+@pytest.mark.parametrize("raw, where", [
+    ({"runn": {"name": "x"}}, "config error at runn:"),
+    ({"run": {"nmae": "x"}}, "config error at run.nmae:"),
+    ({"adapters": {"rank": 8}}, "config error at adapters.rank:"),
+    ({"data": {"seq_len": 64, "max_epoch": {"a": 1}}}, "config error at data.max_epoch:"),
+])
+def test_unknown_keys_name_the_dotted_field(raw, where):
+    msg = _error(raw)
+    assert msg.startswith(where) and "unknown key" in msg
+
+
+@pytest.mark.parametrize("raw, where", [
+    ({"main": {"batch_size": "sixteen"}}, "main.batch_size"),
+    ({"main": {"batch_size": 16.5}}, "main.batch_size"),
+    ({"main": {"lr": [0.1]}}, "main.lr"),
+    ({"model": {"device": "tpu"}}, "model.device"),
+    ({"data": {"domains": "python"}}, "data.domains"),
+    ({"data": {"max_epochs": [1, 2]}}, "data.max_epochs"),
+    ({"run": "tiny"}, "run"),
+    ({"adapters": {"include_old": "perhaps"}}, "adapters.include_old"),
+])
+def test_wrong_types(raw, where):
+    assert _error(raw).startswith(f"config error at {where}:")
+
+
+@pytest.mark.parametrize("raw, where, words", [
+    ({"model": {"hidden_size": 30, "num_heads": 4}}, "model", "num_heads"),
+    ({"main": {"total_tokens": 1000}}, "<root>", "main.total_tokens"),
+    ({"main": {"total_tokens": 16 * 128 * 5}, "rounds": {"num_rounds": 3}}, "<root>", "main.total_tokens"),
+    ({"data": {"max_epochs": {"python": -1.0}}}, "data.max_epochs", "max_epochs[python]"),
+    ({"data": {"max_epochs": {"python": 0}}}, "data.max_epochs", "max_epochs[python]"),
+    ({"data": {"max_epochs": {"python": math.nan}}}, "data.max_epochs", "max_epochs[python]"),
+    ({"data": {"default_max_epochs": -2}}, "data.default_max_epochs", ""),
+    ({"search": {"objective_weights": {"a": -1.0}}}, "<root>", "search.objective_weights"),
+    ({"search": {"objective_weights": {"a": math.nan, "b": 1.0}}}, "<root>", "search.objective_weights"),
+    ({"search": {"objective_weights": {"a": math.inf}}}, "<root>", "search.objective_weights"),
+    ({"search": {"objective_weights": {"a": 0.0}}}, "<root>", "search.objective_weights"),
+    ({"search": {"max_concurrent": 0}}, "search.max_concurrent", ""),
+    ({"data": {"seq_len": 7}}, "data.seq_len", ""),
+    ({"rounds": {"uniform_prefix": 1.0}}, "rounds.uniform_prefix", ""),
+    ({"adapters": {"probe_domain_share": 0}}, "adapters.probe_domain_share", ""),
+])
+def test_bad_values(raw, where, words):
+    msg = _error(raw)
+    assert msg.startswith(f"config error at {where}:") and words in msg
+
+
+def test_enough_tokens_for_rounds_is_accepted():
+    # 16 * 128 * 4 tokens = 4 steps = exactly 2 per round for 2 rounds
+    load_config({"main": {"total_tokens": 16 * 128 * 4}})
+    _error({"main": {"total_tokens": 16 * 128 * 4 - 1}})
+
+
+def test_several_errors_are_counted_on_one_line():
+    msg = _error({"main": {"batch_size": 0, "lr": -1}})
+    assert msg.endswith("[+1 more]")
+
+
+def test_yaml_nan_objective_weight(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("search:\n  objective_weights:\n    python: .nan\n")
+    assert "search.objective_weights" in _error(p)
+
+
+def test_malformed_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("run:\n  name: x\n main: [1, 2\n")
+    assert _error(p).startswith("config error at <yaml> line ")
+
+
+def test_yaml_list_is_rejected(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- run\n- main\n")
+    assert _error(p).startswith("config error at <root>:")
+
+
+def test_missing_file(tmp_path):
+    assert _error(tmp_path / "nope.yaml").startswith("config error at <file>:")
+    assert _error(str(tmp_path)).startswith("config error at <file>:")  # a dir is not a config
+
+
+def test_empty_yaml_is_defaults(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing\n")
+    assert load_config(p) == load_config({})
+
+
+def test_config_help_lists_every_section_and_field():
+    text = config_help()
+    lines = text.splitlines()
+    for section, f in Config.model_fields.items():
+        assert f"{section}:" in lines
+        for name, field in f.default_factory().__class__.model_fields.items():
+            assert any(line.startswith(f"  {name}: ") for line in lines), (section, name)
+            assert field.description and field.description in text
+    assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "ray"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_bundled_configs_load(path):
+    cfg = load_config(path)
+    assert yaml.safe_load(cfg.to_yaml())  # and serialise back
+
+
+def test_there_are_bundled_configs():
+    assert CONFIGS
