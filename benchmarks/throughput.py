@@ -115,6 +115,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     search._CACHE.clear()
+    load = {"before_loop": os.getloadavg()[0]}
     t0, ends, loop_obj = time.perf_counter(), [], {}
     for a in weights:
         loop_obj[tuple(np.round(a, 6))] = search.score(cands, a)[METRIC]
@@ -123,9 +124,11 @@ def main() -> None:
 
     # Ray Tune: the real run_search, trials timestamped by the driver-side searcher.
     TimedRandomSearcher.log.clear()
+    load["before_tune"] = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = search.run_search(cfg, cands, 0, str(Path(tmp) / "tune"))
     t_ret = time.perf_counter()
+    load["after_tune"] = os.getloadavg()[0]
     log = TimedRandomSearcher.log
     done = [(t, r) for kind, t, _, r in log if kind == "complete"]
     first_suggest = min(t for kind, t, _, _ in log if kind == "suggest")
@@ -162,11 +165,12 @@ def main() -> None:
                   "cpus_per_trial": cfg.search.cpus_per_trial, "candidates_from": "seeded random searcher "
                   "(seed = run.seed*1000 + 0, uniform warm start); loop calls its suggest() in-process"},
         "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "torch_threads_loop": loop["torch_threads"], "python": sys.version.split()[0]},
+                    "torch_threads_loop": loop["torch_threads"], "python": sys.version.split()[0],
+                    "loadavg_1min": load},
     }
     print(f"\nmachine: {cores} cores ({result['machine']['cpu']}), torch {torch.__version__}; "
           f"{result['setup']['model_params']} params, {len(cands.coords)} adapters, "
-          f"{eval_tokens} eval tokens/candidate")
+          f"{eval_tokens} eval tokens/candidate; 1-min load {load}")
     print(f"{'mode':<6}{'threads':>14}{'cands':>7}{'s (incl)':>10}{'c/s (incl)':>12}{'s (steady)':>12}{'c/s (steady)':>14}")
     for r in (loop, tune_r):
         print(f"{r['mode']:<6}{str(r['torch_threads']):>14}{r['candidates']:>7}{r['seconds']:>10.2f}"

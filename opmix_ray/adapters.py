@@ -77,7 +77,7 @@ def adapter_loop(loop_cfg: dict) -> None:
             t0 = time.time()
             seed = zlib.crc32(f"{cfg.run.seed}/{loop_cfg['round']}/{name}".encode())
             out = _train_one(cfg, shards, loop_cfg["base_path"], name, weights, seed, device)
-            out_dir = os.path.join(tmp, "adapters", name)
+            out_dir = os.path.join(tmp, name)
             out.pop("model").save_pretrained(out_dir, safe_serialization=True)
             write_json(os.path.join(out_dir, "opmix_meta.json"), {
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
@@ -105,7 +105,7 @@ def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, ro
     result = trainer.fit()
     if result.error:
         raise result.error
-    root = os.path.join(result.checkpoint.path, "adapters")
+    root = result.checkpoint.path
     dirs = {name: os.path.join(root, name) for name, _ in plan}
     missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, "adapter_model.safetensors"))]
     if missing:
