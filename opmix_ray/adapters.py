@@ -83,7 +83,7 @@ def adapter_loop(loop_cfg: dict) -> None:
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
                 "base_checkpoint": loop_cfg["base_path"], "data_hash": shards.data_hash,
                 "tokenizer_hash": shards.tokenizer_hash, "domains": list(shards.domains),
-                "wall_s": time.time() - t0, **out})
+                "wall_s": time.time() - t0, "node_id": ray.get_runtime_context().get_node_id(), **out})
         ray.train.report({"rank": rank}, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name="adapters")
 

@@ -2,6 +2,7 @@
 
     opmix-ray demo                         # real OP-Mix run on the bundled data + uniform baseline
     opmix-ray run CONFIG.yaml [--baseline uniform] [--set search.num_samples=32]
+    opmix-ray submit CONFIG.yaml --address http://HEAD:8265 [--runtime-env cluster/runtime_env.yaml] [--no-wait]
     opmix-ray results opmix_runs/demo
     opmix-ray data build --out DIR --max-mb-per-domain 2
     opmix-ray config-help
@@ -38,12 +39,41 @@ def _overrides(pairs: list[str]) -> dict:
         if not sep:
             from opmix_ray.config import ConfigError
             raise ConfigError(f"config error at --set {pair}: expected key=value (fix: e.g. --set main.lr=0.001)")
+        parts = key.strip().split(".")
+        if not all(parts):
+            from opmix_ray.config import ConfigError
+            raise ConfigError(f"config error at --set {pair}: '{key}' is not a dotted field name "
+                              "(fix: e.g. --set search.num_samples=32)")
         node = out
-        *parents, leaf = key.split(".")
+        *parents, leaf = parts
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                from opmix_ray.config import ConfigError
+                raise ConfigError(f"config error at --set {pair}: '{p}' is set twice, once as a value "
+                                  "(fix: set the section's fields one by one)")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            from opmix_ray.config import ConfigError
+            raise ConfigError(f"config error at --set {pair}: '{value}' is not a YAML value "
+                              "(fix: quote it, e.g. --set run.name='\"x\"')") from None
     return out
+
+
+def _load(path: str, over: dict):
+    """load_config, plus the file errors it leaves to the OS (unreadable, not UTF-8)."""
+    from opmix_ray.config import ConfigError, load_config
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config error at <file>: {p} is a directory (fix: pass a YAML config file)")
+    if p.is_file():
+        try:
+            p.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config error at <file>: cannot read {p} as UTF-8 text "
+                              f"({type(exc).__name__}) (fix: pass a YAML config file)") from None
+    return load_config(p, over)
 
 
 def _print_run(summary: dict, baseline: dict | None = None) -> None:
@@ -60,12 +90,11 @@ def _print_run(summary: dict, baseline: dict | None = None) -> None:
 
 
 def cmd_run(args) -> int:
-    from opmix_ray.config import load_config
-    from opmix_ray.engine import run
     over = _overrides(args.set)
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
-    cfg = load_config(args.config, over)
+    cfg = _load(args.config, over)
+    from opmix_ray.engine import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
     return 0
@@ -92,6 +121,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from opmix_ray.submit import submit
+    return submit(args.config, args.address, args.runtime_env, wait=not args.no_wait, sets=args.set,
+                  overwrite=args.overwrite, submission_id=args.submission_id)
+
+
 def cmd_results(args) -> int:
     from opmix_ray.report import load_run, mixture_table
     history, summary = load_run(args.path)
@@ -110,9 +145,16 @@ def cmd_config_help(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (fix: see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a config (OP-Mix rounds, or a fixed-mixture baseline)")
     r.add_argument("config")
     r.add_argument("--baseline", choices=["uniform", "natural"], help="train the same budget on a fixed mixture")
@@ -125,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     d.set_defaults(fn=cmd_demo)
+    j = sub.add_parser("submit", help="run a config as a Ray job on a cluster (Ray Jobs API)")
+    j.add_argument("config", help="config path, as seen from the job's working_dir on the cluster")
+    j.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://HEAD:8265")
+    j.add_argument("--runtime-env", help="runtime_env YAML, e.g. cluster/runtime_env.yaml")
+    j.add_argument("--no-wait", action="store_true", help="return after submitting; do not follow the logs")
+    j.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    j.add_argument("--overwrite", action="store_true", help="replace an existing run dir of the same name")
+    j.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
+    j.set_defaults(fn=cmd_submit)
     s = sub.add_parser("results", help="print a run's mixture table")
     s.add_argument("path")
     s.add_argument("--baseline", help="a baseline run dir to compare with")
@@ -142,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["data", "build"]:
         from opmix_ray.data.build import main as build_main
         return build_main(argv[2:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, status 2) or --help (status 0)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     try:
         return args.fn(args)
     except _bad_input_errors() as exc:
-        print(f"opmix-ray: error: {exc}", file=sys.stderr)
+        msg = " ".join(str(exc).split())  # one line, whatever a library put in the message
+        print(f"opmix-ray: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

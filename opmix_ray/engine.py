@@ -20,9 +20,10 @@ from opmix_ray.adapters import adapter_plan, train_adapters
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.controller import MixtureController, controller_name
-from opmix_ray.data.shards import build_shards, shard_manifest
+from opmix_ray.data.shards import shard_manifest
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
+from opmix_ray.preflight import preflight
 from opmix_ray.search import build_candidates, run_search
 from opmix_ray.storage import write_json, write_parquet, write_yaml
 
@@ -39,8 +40,10 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints nothing per round
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False)
+    # Inside a Ray job (opmix-ray submit) the job supervisor sets RAY_ADDRESS: join that cluster.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
         return
     # The main run's worker idles while a synchronous round runs, so its CPU is counted on top of
     # the cores: otherwise the round's adapter workers and trials would wait for a sleeping worker.
@@ -111,9 +114,9 @@ def _round(cfg, k, info, current, shards, shards_ref, run_dir) -> tuple:
 def run(cfg: Config, overwrite: bool = False) -> dict:
     """Run OP-Mix (or a fixed-mixture baseline) end to end; return the summary dict."""
     t_start = time.time()
+    _, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, Ray not started
     run_dir = _prepare_run_dir(cfg, overwrite)
     write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
-    shards = build_shards(cfg)
     write_json(run_dir / "data_manifest.json", shard_manifest(shards))
     init_ray(cfg)
     _say(f"run '{cfg.run.name}' -> {run_dir}; domains {list(shards.domains)}; "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
@@ -66,13 +67,16 @@ def resolve_data_paths(cfg: Config) -> tuple[Path, tuple[str, ...], Path]:
     if len(domains) < 2:
         raise DataError(f"data.domains: found {list(domains)} in {root}; mixing needs >= 2 "
                         "(fix: add <domain>.parquet files or list data.domains)")
+    if len(set(domains)) != len(domains):
+        raise DataError(f"data.domains: {list(domains)} lists a domain twice (fix: list each domain once)")
     for d in domains:
         if not (root / f"{d}.parquet").is_file():
             raise DataError(f"data.domains: {root / (d + '.parquet')} does not exist (fix: create it or "
                             f"remove '{d}' from data.domains)")
     tok = Path(cfg.data.tokenizer).expanduser() if cfg.data.tokenizer else BUNDLED_DIR / "tokenizer.json"
     if not tok.is_file():
-        raise DataError(f"data.tokenizer: {tok} does not exist (fix: point it at a tokenizer.json)")
+        what = "is a directory" if tok.is_dir() else "does not exist"
+        raise DataError(f"data.tokenizer: {tok} {what} (fix: point it at a tokenizer.json file)")
     return root, domains, tok
 
 
@@ -81,25 +85,44 @@ def load_tokenizer(path: Path) -> tuple[Tokenizer, str]:
     try:
         tok = Tokenizer.from_str(raw.decode())
     except Exception as exc:
-        raise DataError(f"data.tokenizer: {path} is not a tokenizers JSON file ({exc}) "
+        why = " ".join(str(exc).split())[:160]
+        raise DataError(f"data.tokenizer: {path} is not a tokenizers JSON file ({why}) "
                         "(fix: train one with `opmix-ray data build`)") from None
     return tok, hashlib.sha256(raw).hexdigest()
 
 
 def _read_docs(path: Path, column: str, tok: Tokenizer) -> list[np.ndarray]:
     try:
-        table = pq.read_table(path, columns=[column])
+        pf = pq.ParquetFile(path)
     except Exception as exc:
-        msg = f"no column '{column}'" if "column" in str(exc).lower() or "field" in str(exc).lower() else str(exc)
-        raise DataError(f"data.text_column: cannot read '{column}' from {path}: {msg} "
-                        "(fix: set data.text_column to the column holding the text)") from None
-    col = table.column(column).to_pylist()
+        raise DataError(f"data.domains: {path} is not a readable parquet file ({type(exc).__name__}) "
+                        "(fix: rewrite it with pyarrow.parquet.write_table or remove it from data.domains)") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise DataError(f"data.text_column: {path} has no column '{column}' (columns: {names}) "
+                        "(fix: set data.text_column to the column holding the text)")
+    typ = pf.schema_arrow.field(column).type
+    is_ids = (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or is_ids):
+        raise DataError(f"data.text_column: column '{column}' of {path} holds {typ}, not text or a list of "
+                        "token ids (fix: point data.text_column at a string column)")
+    try:
+        col = pf.read(columns=[column]).column(column).to_pylist()
+    except Exception as exc:
+        raise DataError(f"data.domains: cannot read {path} ({type(exc).__name__}) (fix: rewrite the "
+                        "parquet file)") from None
     docs = [x for x in col if x]
     if not docs:
-        raise DataError(f"data: {path} has no non-empty rows in '{column}' (fix: add documents)")
-    if isinstance(docs[0], str):
+        raise DataError(f"data.domains: {path} has no non-empty rows in '{column}' (fix: add documents "
+                        "or remove the domain from data.domains)")
+    if not is_ids:
         return [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(docs, add_special_tokens=False)]
-    return [np.asarray(x, dtype=np.int64) for x in docs]  # pre-tokenized ids
+    ids = [np.asarray(x, dtype=np.int64) for x in docs]  # pre-tokenized ids
+    lo, hi = min(int(x.min()) for x in ids), max(int(x.max()) for x in ids)
+    if lo < 0 or hi >= tok.get_vocab_size():
+        raise DataError(f"data.tokenizer: token ids in {path} span [{lo}, {hi}], outside the tokenizer's "
+                        f"vocab of {tok.get_vocab_size()} (fix: use the tokenizer these ids came from)")
+    return ids
 
 
 def _split(docs: list[np.ndarray], eos: int, need_val: int, rng: np.random.Generator):
@@ -134,7 +157,7 @@ def build_shards(cfg: Config) -> TokenShards:
         rng = np.random.default_rng([cfg.run.seed, i])
         tr, va = _split(docs, eos, n_val_seq * (seq + 1), rng)
         if len(va) < n_val_seq * (seq + 1) or len(tr) < 4 * (seq + 1):
-            raise DataError(f"data: domain '{d}' has {len(tr) + len(va)} tokens, too few for "
+            raise DataError(f"data.domains: domain '{d}' has {len(tr) + len(va)} tokens, too few for "
                             f"{cfg.data.val_tokens_per_domain} val tokens plus training "
                             "(fix: lower data.val_tokens_per_domain or add text)")
         train[d] = tr.astype(dtype)

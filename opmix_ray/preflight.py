@@ -1,0 +1,120 @@
+"""Checks a run's inputs before anything is written or Ray starts (issue 5: bad input).
+
+    run_dir, shards = preflight(cfg, overwrite)   # raises ConfigError / DataError / SearcherError
+
+Cheap checks first (storage, searcher, ray address, model checkpoint), then the data is read and
+tokenized once (the shards are returned, so this costs the run nothing extra), then the checks
+that need the data (objective/cap keys, model vocab vs tokenizer). Every error is one line that
+names the config field and says what to fix; on any error the run dir has not been touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from opmix_ray.config import Config, ConfigError
+from opmix_ray.data.shards import TokenShards, build_shards
+
+_ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
+def check_storage(cfg: Config, overwrite: bool) -> Path:
+    """The run dir can be created (or replaced with overwrite) and its storage is writable."""
+    if "://" in cfg.run.storage_path:
+        raise ConfigError(f"config error at run.storage_path: '{cfg.run.storage_path}' is a URI; this "
+                          "version writes to a local or shared (mounted) dir (fix: use a directory path)")
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"config error at run.name: '{name}' is not a plain directory name "
+                          "(fix: use letters, digits, '-' or '_')")
+    run_dir = run_dir_of(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config error at run.name: {run_dir} is a file, not a run dir "
+                          "(fix: pick another run.name or run.storage_path)")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"config error at run.name: {run_dir} already holds a run (fix: pick another "
+                          "run.name, delete it, or pass --overwrite)")
+    anc = run_dir
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"config error at run.storage_path: {anc} is a file, so {run_dir} cannot be "
+                          "created (fix: use a writable directory)")
+    try:  # a real probe: os.access says yes to root even on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".opmix-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"config error at run.storage_path: cannot write in {anc} ({exc.strerror}) "
+                          "(fix: use a writable directory)") from None
+    return run_dir
+
+
+def check_searcher(cfg: Config) -> None:
+    """The searcher name is registered or a dotted path that imports to something callable."""
+    from opmix_ray import searchers
+    name = cfg.search.searcher
+    target = searchers._REGISTRY.get(name, name)
+    factory = searchers._import(target)
+    if not callable(factory):
+        raise searchers.SearcherError(f"search.searcher: '{name}' imports to a {type(factory).__name__}, "
+                                      "not a searcher class or factory (fix: point it at a Searcher subclass)")
+
+
+def check_ray_address(cfg: Config) -> None:
+    addr = cfg.ray.address
+    if addr is not None and not _ADDRESS.match(addr):
+        raise ConfigError(f"config error at ray.address: '{addr}' is not a Ray address (fix: use 'auto', "
+                          "'HOST:PORT' or 'ray://HOST:10001'; null starts local Ray)")
+
+
+def model_vocab(cfg: Config) -> int | None:
+    """The vocab size in model.path's config.json (None when the model is built from config)."""
+    if not cfg.model.path:
+        return None
+    p = Path(cfg.model.path).expanduser()
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"config error at model.path: {p} has no config.json (fix: point it at a Hugging "
+                          "Face checkpoint dir, e.g. a round checkpoint of an earlier run)")
+    if not any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ConfigError(f"config error at model.path: {p} has no model.safetensors (fix: save the "
+                          "checkpoint with save_pretrained(safe_serialization=True))")
+    try:
+        vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
+    except (ValueError, OSError, AttributeError):
+        vocab = None
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ConfigError(f"config error at model.path: {p}/config.json is not a valid model config with "
+                          "a vocab_size (fix: point it at a Hugging Face checkpoint dir)")
+    return vocab
+
+
+def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> None:
+    for field, keys in (("search.objective_weights", cfg.search.objective_weights or {}),
+                        ("data.max_epochs", cfg.data.max_epochs)):
+        unknown = sorted(set(keys) - set(shards.domains))
+        if unknown:
+            raise ConfigError(f"config error at {field}: unknown domains {unknown}; the run's domains are "
+                              f"{list(shards.domains)} (fix: use those names)")
+    if vocab is not None and vocab < shards.vocab_size:
+        raise ConfigError(f"config error at model.path: the checkpoint's vocab ({vocab}) is smaller than "
+                          f"data.tokenizer's ({shards.vocab_size}) (fix: use the tokenizer the model was "
+                          "trained with, or a model built for this tokenizer)")
+
+
+def preflight(cfg: Config, overwrite: bool = False) -> tuple[Path, TokenShards]:
+    """Validate everything a run needs; return (run dir, token shards). Writes nothing."""
+    run_dir = check_storage(cfg, overwrite)
+    check_searcher(cfg)
+    check_ray_address(cfg)
+    vocab = model_vocab(cfg)
+    shards = build_shards(cfg)
+    check_against_data(cfg, shards, vocab)
+    return run_dir, shards

@@ -1,0 +1,110 @@
+"""`opmix-ray submit`: run a config as a Ray job on a cluster, through Ray's Jobs API.
+
+    opmix-ray submit opmix_ray/configs/demo.yaml --address http://HEAD:8265 \
+        --runtime-env cluster/runtime_env.yaml [--set search.num_samples=32] [--no-wait]
+
+is the same as
+
+    ray job submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml \
+        -- python -m opmix_ray.cli run opmix_ray/configs/demo.yaml
+
+The config is validated here first (a bad config never reaches the cluster); paths inside it
+(data, tokenizer, storage) are resolved on the cluster, relative to the runtime_env working_dir.
+Inside the job, RAY_ADDRESS is set by Ray, so the run joins the cluster instead of starting Ray.
+With token authentication on (RAY_AUTH_MODE=token), the client sends the token from RAY_AUTH_TOKEN
+or ~/.ray/auth_token; see cluster/README.md.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from opmix_ray.config import ConfigError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def load_runtime_env(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config error at --runtime-env: {p} does not exist (fix: pass a runtime_env "
+                          "YAML such as cluster/runtime_env.yaml)")
+    try:
+        env = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ConfigError(f"config error at --runtime-env: {p} is not valid YAML (fix: check indentation "
+                          "and colons)") from None
+    if not isinstance(env, dict):
+        raise ConfigError(f"config error at --runtime-env: {p} is not a mapping (fix: start with "
+                          "`working_dir: .`)")
+    return env  # a relative working_dir is taken from the current dir, as `ray job submit` does
+
+
+def entrypoint(config: str, sets: list[str] | None = None, overwrite: bool = False) -> str:
+    parts = ["python", "-m", "opmix_ray.cli", "run", config]
+    for s in sets or []:
+        parts += ["--set", s]
+    if overwrite:
+        parts.append("--overwrite")
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, auth errors, bad URL
+        why = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"config error at --address: cannot reach the Ray dashboard at {address} ({why}) "
+                          "(fix: pass http://HEAD:8265 of a running cluster, and its auth token if it has "
+                          "one)") from None
+
+
+def follow(client, job_id: str, poll_s: float = 2.0, out=sys.stdout) -> str:
+    """Print the job's logs as they grow until it ends; return its final status name."""
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            out.write(logs[shown:])
+            out.flush()
+            shown = len(logs)
+        if str(getattr(status, "value", status)) in TERMINAL:
+            return str(getattr(status, "value", status))
+        time.sleep(poll_s)
+
+
+def submit(config: str, address: str, runtime_env: str | None = None, wait: bool = True,
+           sets: list[str] | None = None, overwrite: bool = False, submission_id: str | None = None) -> int:
+    """Validate, submit, and (unless wait=False) follow the job; return the exit code to use."""
+    from opmix_ray.cli import _overrides
+    from opmix_ray.config import load_config
+    load_config(config, _overrides(sets or []))  # fail here, not on the cluster
+    env = load_runtime_env(runtime_env)
+    client = _client(address)
+    job_id = client.submit_job(entrypoint=entrypoint(config, sets, overwrite), runtime_env=env,
+                               submission_id=submission_id, metadata={"tool": "opmix-ray"})
+    print(f"submitted Ray job {job_id} to {address}\n"
+          f"  logs: ray job logs --address {address} -f {job_id}\n"
+          f"  stop: ray job stop --address {address} {job_id}", flush=True)
+    if not wait:
+        return 0
+    try:
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (stop it: ray job stop --address {address} "
+              f"{job_id})", file=sys.stderr)
+        return 130
+    info = client.get_job_info(job_id)
+    print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message and status != "SUCCEEDED" else ""))
+    if status == "SUCCEEDED":
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    return code if isinstance(code, int) and code > 0 else 1
