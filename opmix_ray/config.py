@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,7 +108,10 @@ class AdaptersSection(_Section):
 
 class SearchSection(_Section):
     searcher: str = Field("optuna-tpe", description="Registered searcher name (optuna-tpe, optuna-gp, "
-                          "random) or a dotted path 'pkg.mod:Class'.")
+                          "random, grid, mixing-law) or a dotted path 'pkg.mod:Class' (docs/custom_searcher.md).")
+    searcher_options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments "
+                                             "for the searcher, e.g. {n_init: 12} for mixing-law, "
+                                             "{n_startup_trials: 8} for optuna-*, {resolution: 3} for grid.")
     num_samples: int = Field(24, gt=0, description="Candidates (Tune trials) per round.")
     max_concurrent: int = Field(2, ge=1, description="Trials in flight; Bayesian search degrades toward "
                                 "random as this grows, so keep it small.")
@@ -119,6 +122,16 @@ class SearchSection(_Section):
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per trial.")
     warm_start: bool = Field(True, description="Score equal adapter weights first (with the old adapter "
                              "that is a small step from the current mixture).")
+
+    @field_validator("searcher_options")
+    @classmethod
+    def _option_names(cls, v):
+        reserved = {"space", "seed", "points_to_evaluate", "objective_weights"}
+        bad = [k for k in v if not str(k).isidentifier() or k in reserved]
+        if bad:
+            raise ValueError(f"searcher_options keys {bad} are not keyword arguments a searcher can take "
+                             f"(fix: use identifiers other than {sorted(reserved)}; those are set by the run)")
+        return v
 
 
 class RayInit(_Section):

@@ -83,7 +83,7 @@ def merged_trial(config: dict, candidates: Candidates, cpus: float) -> None:
     """The Tune trainable: one candidate, one merge, one evaluation."""
     set_threads(cpus)
     a = SimplexSpace(candidates.coords).weights(config)
-    tune.report(score(candidates, a))
+    tune.report({**score(candidates, a), "node_id": ray.get_runtime_context().get_node_id()})
 
 
 @dataclass
@@ -102,8 +102,11 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     t0 = time.time()
     space = SimplexSpace(candidates.coords)
     uniform = np.full(len(space.coords), 1.0 / len(space.coords))
+    # objective_weights: the mixing law proposes for the objective's per-domain weights; a searcher
+    # whose __init__ does not take it is built without it (searchers/__init__.py CONTEXT_KWARGS).
     searcher = create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed * 1000 + round_idx,
-                               points_to_evaluate=[uniform] if cfg.search.warm_start else None)
+                               points_to_evaluate=[uniform] if cfg.search.warm_start else None,
+                               objective_weights=cfg.search.objective_weights, **cfg.search.searcher_options)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
@@ -122,6 +125,6 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     doms = candidates.current.domains
     weights = {k: best[f"a_{k}"] for k in candidates.coords}
     mixture = Mixture.normalised(doms, [best[f"mix_{d}"] for d in doms], candidates.current.data_hash)
-    keep = lambda m: {k: v for k, v in m.items() if k == METRIC or k[:2] in ("lo", "mi", "a_")}
+    keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
     return SearchOutcome(mixture, weights, float(best[METRIC]), {d: best[f"loss_{d}"] for d in doms},
                          len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials])

@@ -1,4 +1,10 @@
-"""Search spaces over mixtures: simplex parameterisations that map to Optuna and Ray Tune."""
+"""Search spaces over mixtures: simplex parameterisations that map to Optuna and Ray Tune.
+
+SimplexSpace is the plain simplex; ConstrainedSimplex adds per-coordinate bounds (repetition caps
+via repetition_caps) and fixed coordinates; CollapsedSpace searches {old mixture} + affected
+domains and expands back. All share one contract (see constrained.py).
+"""
+from search_spaces.constrained import CollapsedSpace, ConstrainedSimplex, capped_proportional, repetition_caps
 from search_spaces.simplex import SimplexSpace
 
-__all__ = ["SimplexSpace"]
+__all__ = ["SimplexSpace", "ConstrainedSimplex", "CollapsedSpace", "repetition_caps", "capped_proportional"]

@@ -46,6 +46,10 @@ class SimplexSpace:
         w = w / w.sum()
         return {p: float(math.exp(-len(w) * x)) for p, x in zip(self.param_names, w)}
 
+    def optuna_distributions(self) -> dict:
+        from optuna.distributions import FloatDistribution
+        return {p: FloatDistribution(_U_MIN, 1.0) for p in self.param_names}
+
     def optuna_define_by_run(self, trial) -> None:
         for p in self.param_names:
             trial.suggest_float(p, _U_MIN, 1.0)
@@ -56,3 +60,31 @@ class SimplexSpace:
 
     def sample(self, rng: np.random.Generator) -> dict[str, float]:
         return {p: float(rng.uniform(_U_MIN, 1.0)) for p in self.param_names}
+
+    # Bounds of the plain simplex, so searchers can treat every space alike (see constrained.py).
+    @property
+    def lower(self) -> np.ndarray:
+        return np.zeros(len(self.coords))
+
+    @property
+    def upper(self) -> np.ndarray:
+        return np.ones(len(self.coords))
+
+    @property
+    def free_coords(self) -> tuple[str, ...]:
+        return self.coords
+
+    def from_free(self, v) -> np.ndarray:
+        """Identity here; a constrained space maps the free coordinates' simplex onto its polytope."""
+        v = np.asarray(v, dtype=np.float64)
+        return v / v.sum()
+
+    def contains(self, w, tol: float = 1e-9) -> bool:
+        w = np.asarray(w, dtype=np.float64)
+        return bool(w.shape == (len(self.coords),) and np.all(np.isfinite(w)) and np.all(w >= -tol)
+                    and abs(w.sum() - 1) <= tol)
+
+    def project(self, w) -> np.ndarray:
+        """Nearest point of the simplex (Euclidean), for proposals that drift off it numerically."""
+        from search_spaces.constrained import ConstrainedSimplex
+        return ConstrainedSimplex(self.coords).project(w)

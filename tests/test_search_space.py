@@ -116,3 +116,129 @@ def test_optuna_define_by_run_gives_mixtures():
         w = space.weights(trial.params)
         assert abs(w.sum() - 1) <= 1e-9 and np.all(w >= 0)
         study.tell(trial, float(w[0]))
+
+
+# --- constrained spaces: bounds, repetition caps, fixed coordinates, the collapsed coordinate ---
+
+from search_spaces import CollapsedSpace, ConstrainedSimplex, capped_proportional, repetition_caps  # noqa: E402
+
+
+@st.composite
+def constrained_spaces(draw, k_max=9):
+    """Random feasible bound sets: lower sum < 1 < upper sum by construction, some fixed coords."""
+    k = draw(st.integers(3, k_max))
+    coords = tuple(f"c{i}" for i in range(k))
+    lo_share = draw(st.floats(0.0, 0.9))
+    lo_raw = draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))
+    lo = np.asarray(lo_raw) / max(sum(lo_raw), 1e-12) * lo_share
+    room = draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))
+    hi = np.minimum(1.0, lo + np.asarray(room) * (1 - lo_share) * draw(st.floats(1.0, 3.0)))
+    if hi.sum() < 1.0:  # make it feasible: spread the shortfall over the coordinates with room
+        hi = np.minimum(1.0, hi + (1.0 - hi.sum()) / k + 1e-9)
+    if hi.sum() < 1.0:
+        hi = np.ones(k)
+    n_fixed = draw(st.integers(0, k - 2))
+    fixed = {}
+    for c in coords[:n_fixed]:  # fix at its lower bound: keeps the rest feasible
+        fixed[c] = float(lo[coords.index(c)])
+    lower = {c: float(x) for c, x in zip(coords, lo) if c not in fixed}
+    upper = {c: float(x) for c, x in zip(coords, hi) if c not in fixed}
+    try:
+        return ConstrainedSimplex(coords, lower=lower, upper=upper, fixed=fixed)
+    except ValueError:  # fixing a coordinate at its lower bound can still strand the upper bounds
+        from hypothesis import assume
+        assume(False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(constrained_spaces(), st.integers(0, 2**32 - 1))
+def test_every_constrained_sample_is_on_the_constrained_simplex(space, seed):
+    """Bounded sampling without rejection: whatever the box point, the mixture is feasible."""
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        w = space.weights(space.sample(rng))
+        assert space.contains(w, tol=1e-9), (w, space.bounds())
+        for c, x in space.fixed.items():
+            assert w[space.coords.index(c)] == pytest.approx(x, abs=1e-12)
+        np.testing.assert_allclose(space.weights(space.params(w)), w, atol=1e-6)  # exact inverse
+
+
+@settings(max_examples=200, deadline=None)
+@given(constrained_spaces(), st.lists(u_value, min_size=9, max_size=9))
+def test_box_edges_map_inside_too(space, u):
+    w = space.weights(dict(zip(space.param_names, u)))
+    assert space.contains(w, tol=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(constrained_spaces(), st.lists(st.floats(-2, 2), min_size=9, max_size=9))
+def test_project_lands_on_the_space(space, raw):
+    assert space.contains(space.project(np.asarray(raw[: len(space.coords)])), tol=1e-8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(simplex_points(3, 8), st.lists(st.floats(0.05, 1.0), min_size=8, max_size=8))
+def test_capped_proportional_respects_caps_and_ratios(v, caps):
+    caps = np.asarray(caps[: len(v)])
+    if caps.sum() < 1:
+        caps = caps / caps.sum()
+    w = capped_proportional(v, caps)
+    assert abs(w.sum() - 1) < 1e-9 and np.all(w <= caps + 1e-9) and np.all(w >= 0)
+    free = w < caps - 1e-9  # unclipped coordinates keep v's ratios
+    if free.sum() >= 2 and v[free].sum() > 0:
+        np.testing.assert_allclose(w[free] / w[free].sum(), v[free] / v[free].sum(), atol=1e-9)
+
+
+def test_repetition_caps():
+    caps = repetition_caps({"small": 1000, "big": 10**9}, {"small": 4, "big": 1}, tokens_to_train=100_000)
+    assert caps == {"small": 0.04, "big": 1.0}
+    with pytest.raises(ValueError, match="fix:"):
+        repetition_caps({"a": 10}, 0, 100)
+
+
+def test_infeasible_bounds_say_what_to_fix():
+    with pytest.raises(ValueError, match="no mixture fits.*fix:"):
+        ConstrainedSimplex(("a", "b", "c"), upper={"a": 0.2, "b": 0.2, "c": 0.2})
+    with pytest.raises(ValueError, match="unknown coordinates"):
+        ConstrainedSimplex(("a", "b"), lower={"z": 0.1})
+    with pytest.raises(ValueError, match="free coordinate"):
+        ConstrainedSimplex(("a", "b", "c"), fixed={"a": 0.5, "b": 0.2})
+
+
+def test_constrained_space_maps_to_optuna_and_tune():
+    import optuna
+
+    space = ConstrainedSimplex(("a", "b", "c", "d"), lower={"a": 0.3}, upper={"b": 0.1}, fixed={"d": 0.2})
+    assert space.param_names == ["u_a", "u_b", "u_c"] and set(space.tune_param_space()) == set(space.param_names)
+    assert set(space.optuna_distributions()) == set(space.param_names)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        t = study.ask()
+        space.optuna_define_by_run(t)
+        w = space.weights(t.params)
+        assert space.contains(w) and w[0] >= 0.3 - 1e-12 and w[1] <= 0.1 + 1e-12 and w[3] == pytest.approx(0.2)
+        study.tell(t, float(w[2]))
+
+
+def test_direct_w_outside_bounds_is_rejected():
+    space = ConstrainedSimplex(("a", "b", "c"), upper={"a": 0.2})
+    with pytest.raises(ValueError, match="outside the bounds"):
+        space.weights({"w_a": 0.5, "w_b": 0.25, "w_c": 0.25})
+
+
+def test_collapsed_space_expands_back_with_frozen_ratios_and_caps():
+    current = {"python": 0.5, "bible": 0.3, "fortunes": 0.2}
+    domains = ("python", "bible", "fortunes", "news")  # news is new: search {old, news}
+    caps = repetition_caps({"python": 10**9, "bible": 10**9, "fortunes": 10**9, "news": 3000}, 2, 20_000)
+    space = CollapsedSpace(domains, current, affected=["news"], upper={**caps, "python": 0.4})
+    assert space.coords == ("old", "news")
+    assert space.bounds()["news"] == (0.0, 0.3) and space.bounds()["old"][1] == pytest.approx(0.8)  # 0.4 / 0.5
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = space.weights(space.sample(rng))
+        mix = space.expand(a)
+        assert list(mix) == list(domains) and sum(mix.values()) == pytest.approx(1)
+        assert mix["news"] <= 0.3 + 1e-9 and mix["python"] <= 0.4 + 1e-9
+        assert mix["python"] / mix["bible"] == pytest.approx(0.5 / 0.3)  # untouched ratios frozen
+        np.testing.assert_allclose(space.collapse(mix), a, atol=1e-12)

@@ -1,24 +1,32 @@
-"""Searchers over mixtures: a name -> class registry with lazy imports, as in ray.tune.search.
+"""Searchers over mixtures: a name -> "module:attr" registry with lazy imports, as in ray.tune.search.
 
     searcher = create_searcher("optuna-tpe", space=SimplexSpace(coords), seed=0)
     searcher = create_searcher("mypkg.mymod:MySearcher", space=..., seed=0)   # your own
 
-Every searcher is a `ray.tune.search.Searcher` that suggests `u_<coord>` (see
-search_spaces.simplex) or `w_<coord>` keys and minimises the trial's "objective".
+Every searcher is a `ray.tune.search.Searcher` (the built-ins are MixtureSearchers, see base.py)
+that suggests the space's params (`u_<coord>`, or `w_<coord>` directly) and minimises the trial's
+"objective". Only the chosen searcher's module is imported, so e.g. scipy loads only when needed.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 
-from opmix_ray.searchers.base import METRIC, MODE, SearcherError
+from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
 
 _REGISTRY = {
     "optuna-tpe": "opmix_ray.searchers._optuna:make_tpe",
     "optuna-gp": "opmix_ray.searchers._optuna:make_gp",
     "random": "opmix_ray.searchers._random:RandomSimplexSearcher",
+    "grid": "opmix_ray.searchers._grid:GridSimplexSearcher",
+    "mixing-law": "opmix_ray.searchers._mixing_law:MixingLawSearcher",
 }
 
-__all__ = ["create_searcher", "registered", "METRIC", "MODE", "SearcherError"]
+# Facts about the run that search.py offers every searcher; one that does not take a keyword
+# simply does not get it (a user's 3-argument searcher keeps working).
+CONTEXT_KWARGS = ("objective_weights",)
+
+__all__ = ["create_searcher", "registered", "METRIC", "MODE", "MixtureSearcher", "SearcherError"]
 
 
 def registered() -> list[str]:
@@ -27,17 +35,40 @@ def registered() -> list[str]:
 
 def _import(target: str, field: str = "search.searcher"):
     mod_name, _, attr = target.partition(":")
-    if not attr:
+    if not attr or not mod_name:
         raise SearcherError(f"{field}: '{target}' is neither a registered searcher {registered()} nor a "
                             "dotted path 'pkg.module:Class' (fix: use one of those)")
     try:
         return getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
         raise SearcherError(f"{field}: cannot import '{target}' ({exc}) (fix: check the module is "
-                            "importable and the class name)") from None
+                            "importable from where the run starts and the class name)") from None
+
+
+def _accepts(factory, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def create_searcher(name: str, *, space, seed: int = 0, points_to_evaluate=None, **kwargs):
     """A ready Searcher for `name` (registered or 'pkg.mod:Class') over `space`."""
     factory = _import(_REGISTRY.get(name, name))
-    return factory(space=space, seed=seed, points_to_evaluate=points_to_evaluate, **kwargs)
+    if not callable(factory):
+        raise SearcherError(f"search.searcher: '{name}' is not a class or factory (fix: point at a Searcher class)")
+    for k in CONTEXT_KWARGS:
+        if k in kwargs and not _accepts(factory, k):
+            kwargs.pop(k)
+    try:
+        searcher = factory(space=space, seed=seed, points_to_evaluate=points_to_evaluate, **kwargs)
+    except TypeError as exc:
+        raise SearcherError(f"search.searcher: '{name}' cannot be built with space=, seed=, "
+                            f"points_to_evaluate= ({exc}) (fix: give its __init__ those keyword arguments, "
+                            "as MixtureSearcher does)") from None
+    from ray.tune.search import Searcher
+    if not isinstance(searcher, Searcher):
+        raise SearcherError(f"search.searcher: '{name}' built a {type(searcher).__name__}, not a "
+                            "ray.tune.search.Searcher (fix: subclass opmix_ray.searchers.MixtureSearcher)")
+    return searcher

@@ -1,25 +1,99 @@
-"""Optuna's TPE and GP samplers through Ray Tune's OptunaSearch, on the simplex space."""
+"""Optuna's TPE and GP samplers on the mixture space, through Optuna's ask/tell API.
+
+Why not ray.tune.search.optuna.OptunaSearch: its save/restore pickles the whole study (we never
+unpickle from storage), and a restored copy does not give the same next suggestion. Here the study
+is rebuilt from a JSON list of trials (params, state, value) in their original order, and the
+sampler is re-created before every ask with a seed drawn from (seed, n), so the next suggestion is
+a function of (seed, n, trials so far) only: restore gives exactly the same one.
+
+Failed trials (NaN / inf / missing objective) are told as FAIL, which both samplers ignore.
+Trials still running count through TPE's constant liar (Optuna's default), so TPE under a
+concurrency limit of 2 does not propose the same point twice.
+"""
 from __future__ import annotations
 
 import optuna
-from ray.tune.search.optuna import OptunaSearch
+from optuna.trial import TrialState, create_trial
 
-from opmix_ray.searchers.base import METRIC, MODE
+from opmix_ray.searchers.base import MixtureSearcher, SearcherError
+
+_STATES = {"running": TrialState.RUNNING, "complete": TrialState.COMPLETE, "fail": TrialState.FAIL}
 
 
-def _make(sampler, space, points_to_evaluate):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pts = [space.params(w) for w in (points_to_evaluate or [])]
-    return OptunaSearch(space=space.optuna_define_by_run, metric=METRIC, mode=MODE, sampler=sampler,
-                        points_to_evaluate=pts or None)
+class OptunaSimplexSearcher(MixtureSearcher):
+    def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, sampler: str = "tpe",
+                 n_startup_trials: int = 8):
+        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate)
+        if sampler not in ("tpe", "gp"):
+            raise SearcherError(f"optuna sampler '{sampler}' (fix: use 'tpe' or 'gp')")
+        self.kind, self.n_startup = sampler, int(n_startup_trials)
+        self.records: list[dict] = []  # one per Optuna trial, in Optuna's numbering order
+        self._number: dict[str, int] = {}  # Tune trial id -> Optuna trial number
+        self._study = None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def _sampler(self, n: int):
+        seed = int(self.rng(n).integers(2**31 - 1))
+        if self.kind == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=self.n_startup,
+                                             warn_independent_sampling=False)
+        # multivariate: the coordinates of a mixture are coupled through the normalisation.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup, multivariate=True)
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:  # fresh, unpickled or restored: replay the trials in order
+            self._study = optuna.create_study(direction="minimize", sampler=self._sampler(0))
+            dists = self.space.optuna_distributions()
+            for r in self.records:
+                self._study.add_trial(create_trial(params=r["params"], distributions=dists,
+                                                   state=_STATES[r["state"]],
+                                                   value=r["value"] if r["state"] == "complete" else None))
+        return self._study
+
+    def propose(self, trial_id: str):
+        study = self.study
+        assert len(study.trials) == len(self.records)  # Optuna trial number == index in records
+        study.sampler = self._sampler(self.n_suggested)
+        trial = study.ask(fixed_distributions=self.space.optuna_distributions())
+        self._number[trial_id] = trial.number
+        self.records.append({"params": dict(trial.params), "state": "running", "value": None})
+        return dict(trial.params)
+
+    def observe(self, trial_id, weights, value, result) -> None:
+        state = "complete" if value is not None else "fail"
+        n = self._number.pop(trial_id, None)
+        if n is None:  # a warm-start point: Optuna never asked for it, add it as a finished trial
+            params, study = self.space.params(weights), self.study  # build (replay) before appending
+            self.records.append({"params": params, "state": state, "value": value})
+            study.add_trial(create_trial(params=params, distributions=self.space.optuna_distributions(),
+                                              state=_STATES[state], value=value))
+            return
+        self.records[n].update(state=state, value=value)
+        if value is None:
+            self.study.tell(n, state=TrialState.FAIL)
+        else:
+            self.study.tell(n, value)
+
+    def state(self) -> dict:
+        return {"records": self.records, "number": self._number}
+
+    def load_state(self, state: dict) -> None:
+        self.records = [dict(r) for r in state["records"]]
+        self._number = dict(state["number"])
+        self._study = None
+
+    def __getstate__(self):  # Tune pickles the search algorithm into the experiment dir
+        d = dict(self.__dict__)
+        d["_study"] = None  # rebuilt from records on first use
+        return d
 
 
 def make_tpe(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8):
-    # multivariate TPE: the coordinates of a mixture are coupled through the normalisation.
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
-    return _make(sampler, space, points_to_evaluate)
+    return OptunaSimplexSearcher(space=space, seed=seed, points_to_evaluate=points_to_evaluate, sampler="tpe",
+                                 n_startup_trials=n_startup_trials)
 
 
 def make_gp(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8):
-    sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
-    return _make(sampler, space, points_to_evaluate)
+    return OptunaSimplexSearcher(space=space, seed=seed, points_to_evaluate=points_to_evaluate, sampler="gp",
+                                 n_startup_trials=n_startup_trials)

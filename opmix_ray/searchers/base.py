@@ -1,5 +1,32 @@
-"""What every opmix-ray searcher shares: the metric it minimises and its error type."""
+"""MixtureSearcher: the base every opmix-ray searcher builds on (a `ray.tune.search.Searcher`).
+
+A subclass writes three small methods and gets the rest right for free:
+
+    class MySearcher(MixtureSearcher):
+        def propose(self, trial_id):            # -> weights (array), a config dict, None or FINISHED
+            return self.rng(len(self.history)).dirichlet(np.ones(len(self.space.coords)))
+        def observe(self, trial_id, weights, value, result):   # value None = failed trial
+            ...
+        # state() / load_state(s): only if the subclass keeps state of its own (JSON-able dicts)
+
+What the base guarantees (and opmix_ray.testing checks for every searcher):
+- every suggestion is on the space (finite, on the simplex, within bounds) or a SearcherError
+  saying which searcher broke it; weights are sent as the space's own params;
+- warm-start points (points_to_evaluate) are suggested first, in order;
+- a NaN / inf / missing objective or an errored trial reaches `observe` as value=None (failed),
+  never as a number that would poison a model;
+- once FINISHED is returned it stays returned;
+- save/restore write plain JSON (never pickle) and restore gives the same next suggestion:
+  `history` (every finished trial, in order) and `live` (suggested, unfinished) are saved for the
+  subclass, and `rng(n)` gives a generator that depends only on (seed, n).
+"""
 from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from ray.tune.search import Searcher
 
 METRIC = "objective"  # what a trial reports and every searcher minimises
 MODE = "min"
@@ -7,3 +34,150 @@ MODE = "min"
 
 class SearcherError(ValueError):
     """A bad searcher name, path or argument; the message names the config field and the fix."""
+
+
+def clean_value(result: dict | None, error: bool = False, metric: str = METRIC) -> float | None:
+    """The trial's objective as a finite float, or None for a failed trial."""
+    if error or not isinstance(result, dict):
+        return None
+    try:
+        v = float(result.get(metric))
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _floats(d: dict | None, prefix: str) -> dict[str, float]:
+    """{key[len(prefix):]: finite value} for the result's keys with that prefix (e.g. loss_)."""
+    out = {}
+    for k, v in (d or {}).items():
+        if k.startswith(prefix):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v):
+                out[k[len(prefix):]] = v
+    return out
+
+
+class MixtureSearcher(Searcher):
+    """Base class for searchers over a mixture space (SimplexSpace / ConstrainedSimplex / ...)."""
+
+    def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, metric: str = METRIC,
+                 mode: str = MODE):
+        if mode != MODE:
+            raise SearcherError(f"search mode '{mode}': opmix-ray searchers minimise (fix: use mode='min')")
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.seed = space, int(seed)
+        self._warm: list[list[float]] = []
+        for p in points_to_evaluate or []:
+            if isinstance(p, dict):  # {coord: weight} or a config dict (u_ / w_ keys)
+                w = np.array([p[c] for c in space.coords]) if all(c in p for c in space.coords) else space.weights(p)
+            else:
+                w = np.asarray(p, dtype=np.float64)
+            w = w / w.sum() if w.sum() > 0 else w
+            if not space.contains(w, tol=1e-6):
+                raise SearcherError(f"search warm start {np.round(w, 4).tolist()} is not on the space "
+                                    f"(fix: pass mixtures over {space.coords} that satisfy the bounds)")
+            self._warm.append(w.tolist())
+        self.live: dict[str, list[float]] = {}  # trial_id -> suggested weights
+        self.history: list[dict] = []  # {"id", "w", "value" (None = failed), "losses"} in finish order
+        self.n_suggested = 0
+        self._finished = False
+
+    # --- what a subclass implements ---
+    def propose(self, trial_id: str):
+        """Next candidate: weights over space.coords, a config dict, None (not now) or FINISHED."""
+        raise NotImplementedError
+
+    def observe(self, trial_id: str, weights: np.ndarray, value: float | None, result: dict | None) -> None:
+        """A trial finished; value is None when it failed (NaN, inf, missing metric, error)."""
+
+    def state(self) -> dict:
+        """The subclass's own JSON-able state (beyond history/live/rng), for save/restore."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    # --- helpers for subclasses ---
+    def rng(self, n: int) -> np.random.Generator:
+        """A generator that depends only on (seed, n): draws survive save/restore unchanged."""
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, int(n)])
+
+    def completed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weights [n, k], values [n]) of the successful trials so far."""
+        ok = [h for h in self.history if h["value"] is not None]
+        k = len(self.space.coords)
+        return (np.array([h["w"] for h in ok], dtype=np.float64).reshape(-1, k),
+                np.array([h["value"] for h in ok], dtype=np.float64))
+
+    # --- the Ray Tune Searcher API ---
+    def suggest(self, trial_id: str):
+        if self._finished:
+            return Searcher.FINISHED
+        out = None
+        if self._warm:
+            w = np.asarray(self._warm.pop(0))
+        else:
+            out = self.propose(trial_id)
+            if out is None:
+                return None
+            if isinstance(out, str) and out == Searcher.FINISHED:
+                self._finished = True
+                return Searcher.FINISHED
+            w = self._to_weights(out)
+        self.live[trial_id] = w.tolist()
+        self.n_suggested += 1
+        names = self.space.param_names
+        if isinstance(out, dict) and all(p in out for p in names):
+            return {p: float(out[p]) for p in names}  # keep the searcher's own point (e.g. Optuna's u)
+        return self.space.params(w)
+
+    def _to_weights(self, out) -> np.ndarray:
+        name = type(self).__name__
+        try:
+            w = self.space.weights(out) if isinstance(out, dict) else np.asarray(out, dtype=np.float64)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SearcherError(f"{name} suggested {out!r}, not a point of the space ({exc}) (fix: return "
+                                "weights over space.coords or a dict from space.params/space.sample)") from None
+        if not self.space.contains(w, tol=1e-6):
+            raise SearcherError(f"{name} suggested weights {np.round(w, 6).tolist()} off the space "
+                                f"(need finite, >= 0, sum 1, within bounds) (fix: return space.project(w))")
+        return self.space.project(w) if not self.space.contains(w) else w
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        w = self.live.pop(trial_id, None)
+        if w is None:  # a trial we never suggested (e.g. restored without it): use what it reports
+            a = _floats(result, "a_")
+            if not all(c in a for c in self.space.coords):
+                return
+            w = [a[c] for c in self.space.coords]
+        value = clean_value(result, error, self.metric or METRIC)
+        losses = _floats(result, "loss_") if value is not None else {}
+        self.history.append({"id": trial_id, "w": list(map(float, w)), "value": value, "losses": losses})
+        self.observe(trial_id, np.asarray(w), value, result if value is not None else None)
+
+    # --- plain JSON save / restore ---
+    def get_state(self) -> dict:
+        return {"class": type(self).__name__, "seed": self.seed, "warm": self._warm, "live": self.live,
+                "history": self.history, "n_suggested": self.n_suggested, "finished": self._finished,
+                "own": self.state()}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("class") != type(self).__name__:
+            raise SearcherError(f"searcher state is for {state.get('class')}, not {type(self).__name__} "
+                                "(fix: restore with the same search.searcher that saved it)")
+        self.seed, self._warm = state["seed"], [list(w) for w in state["warm"]]
+        self.live, self.history = dict(state["live"]), list(state["history"])
+        self.n_suggested, self._finished = state["n_suggested"], state["finished"]
+        self.load_state(state["own"])
+
+    def save(self, checkpoint_path: str) -> None:
+        from opmix_ray.storage import atomic_write_bytes
+        atomic_write_bytes(checkpoint_path, json.dumps(self.get_state()).encode())
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
