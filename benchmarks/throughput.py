@@ -1,16 +1,17 @@
 """Candidates/s: the real Ray Tune search path vs an in-process loop over the SAME candidates.
 
     .venv/bin/python benchmarks/throughput.py [--run-dir DIR] [--num-candidates 48] \
-        [--max-concurrent 2] [--eval-tokens-per-domain N] [--model-config tiny|demo]
+        [--max-concurrent 2] [--eval-tokens-per-domain N] [--model-config tiny|demo] [--repeats 1]
 
 Without --run-dir it first runs the OP-Mix config once (engine.run, storage in a temp dir) and then
 uses round 0's checkpoint + adapters. Candidates come from the seeded `random` searcher: the Tune
 mode runs opmix_ray.search.run_search (Tuner, ConcurrencyLimiter, reuse_actors=True) with a subclass
 that only timestamps suggest/complete in the driver; the loop mode draws the same sequence by calling
 an identically seeded searcher's suggest() in-process, then calls search.score() with torch threads =
-cores. Headline = steady-state ratio (setup excluded: Tuner start, actor start and each actor's
-first-trial model build, i.e. the first max_concurrent completions; for the loop, the first call).
-Results go to benchmarks/results/throughput.json.
+cores. Headline = steady-state ratio (one-time setup excluded: Tuner start, actor start and each
+actor's first-trial model build, i.e. rate after the first max_concurrent completions; for the loop,
+after the first call). "incl" = candidates / whole run_search wall (teardown too) or whole loop.
+Results go to benchmarks/results/throughput.json (see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import argparse
 import glob
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,6 @@ from opmix_ray.storage import write_json
 from search_spaces import SimplexSpace
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = HERE.parent / "opmix_ray" / "configs"
 
 
 class TimedRandomSearcher(RandomSimplexSearcher):
@@ -53,12 +55,12 @@ class TimedRandomSearcher(RandomSimplexSearcher):
         TimedRandomSearcher.log.append(("complete", time.perf_counter(), trial_id, result or {}))
 
 
-def rates(n: int, ends: list[float], t0: float, warm: int) -> dict:
-    """Throughput including setup (n / (last end - t0)) and steady state (after the first `warm` ends)."""
-    ends = sorted(ends)
-    steady = (n - warm) / (ends[-1] - ends[warm - 1]) if n > warm else float("nan")
-    return {"candidates": n, "seconds": ends[-1] - t0, "rate_incl_setup": n / (ends[-1] - t0),
-            "steady_seconds": ends[-1] - ends[warm - 1] if n > warm else float("nan"), "rate_steady": steady}
+def rates(n: int, ends: list[float], t0: float, warm: int, t_end: float | None = None) -> dict:
+    """n / (t_end - t0) including setup/teardown, and steady state: after the first `warm` completions."""
+    ends, t_end = sorted(ends), t_end or max(ends)
+    steady = ends[-1] - ends[warm - 1] if n > warm else float("nan")
+    return {"candidates": n, "seconds": t_end - t0, "rate_incl_setup": n / (t_end - t0),
+            "steady_seconds": steady, "rate_steady": (n - warm) / steady}
 
 
 def inputs(args, tmp: str):
@@ -67,10 +69,9 @@ def inputs(args, tmp: str):
         cfg = load_config(Path(args.run_dir) / "config.yaml")
         init_ray(cfg)
         return cfg, Path(args.run_dir)
-    path = CONFIGS / f"{args.model_config}.yaml"
+    path = HERE.parent / "opmix_ray" / "configs" / f"{args.model_config}.yaml"
     if not path.is_file():
-        print(f"note: {path} does not exist; using tiny.yaml")
-        path = CONFIGS / "tiny.yaml"
+        print(f"note: {path} does not exist; using tiny.yaml"); path = path.with_name("tiny.yaml")
     cfg = load_config(path, {"run": {"storage_path": tmp, "name": "bench"}})
     summary = run(cfg)
     return cfg, Path(summary["run_dir"])
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--max-concurrent", type=int, default=2)
     ap.add_argument("--eval-tokens-per-domain", type=int, default=None, help="default: the config's")
     ap.add_argument("--model-config", choices=["tiny", "demo"], default="tiny")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating loop/tune passes; the median ratio is reported")
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="opmix_throughput_")
@@ -111,74 +113,85 @@ def main() -> None:
     ref = create_searcher("random", space=space, seed=cfg.run.seed * 1000 + 0, points_to_evaluate=[uniform])
     weights = [space.weights(ref.suggest(f"loop_{i}")) for i in range(n)]
 
-    # In-process loop: driver, torch threads = cores, cold per-process cache (first call builds the model).
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cores)
-    search._CACHE.clear()
-    load = {"before_loop": os.getloadavg()[0]}
-    t0, ends, loop_obj = time.perf_counter(), [], {}
-    for a in weights:
-        loop_obj[tuple(np.round(a, 6))] = search.score(cands, a)[METRIC]
-        ends.append(time.perf_counter())
-    loop = {"mode": "loop", **rates(n, ends, t0, 1), "torch_threads": torch.get_num_threads()}
 
-    # Ray Tune: the real run_search, trials timestamped by the driver-side searcher.
-    TimedRandomSearcher.log.clear()
-    load["before_tune"] = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    out = search.run_search(cfg, cands, 0, str(Path(tmp) / "tune"))
-    t_ret = time.perf_counter()
-    load["after_tune"] = os.getloadavg()[0]
-    log = TimedRandomSearcher.log
-    done = [(t, r) for kind, t, _, r in log if kind == "complete"]
-    first_suggest = min(t for kind, t, _, _ in log if kind == "suggest")
-    tune_r = {"mode": "tune", **rates(len(done), [t for t, _ in done], t0, m),
-              "run_search_seconds": t_ret - t0, "tuner_start_to_first_suggest_s": first_suggest - t0,
-              "torch_threads": f"{int(cfg.search.cpus_per_trial)} per trial x {m}"}
+    def loop_pass() -> dict:  # driver, torch threads = cores, cold cache (the first call builds the model)
+        torch.set_num_threads(cores)
+        search._CACHE.clear()
+        load, t0, ends, obj = os.getloadavg()[0], time.perf_counter(), [], {}
+        for a in weights:
+            obj[tuple(np.round(a, 6))] = search.score(cands, a)[METRIC]
+            ends.append(time.perf_counter())
+        return {"mode": "loop", **rates(n, ends, t0, 1), "torch_threads": cores, "load_1min": load, "obj": obj}
 
-    # Diagnostics: actor reuse, in-trial time (first trial per actor = model build), per-trial overhead.
-    in_trial = [(r.get("pid"), r.get("time_this_iter_s", float("nan"))) for _, r in done]
-    firsts, rest, seen = [], [], set()
-    for pid, s in in_trial:
-        (rest if pid in seen else firsts).append(s)
-        seen.add(pid)
-    steady_trial_s = m / tune_r["rate_steady"]  # wall seconds per trial per slot in steady state
-    diag = {"actors": len(seen), "in_trial_s_first_per_actor": float(np.mean(firsts)),
-            "in_trial_s_mean_rest": float(np.mean(rest)) if rest else float("nan"),
-            "loop_s_per_candidate_steady": 1 / loop["rate_steady"],
-            "slot_wall_s_per_trial_steady": steady_trial_s,
-            "overhead_s_per_trial": steady_trial_s - (float(np.mean(rest)) if rest else float("nan"))}
-    tune_obj = {tuple(np.round([t[f"a_{c}"] for c in cands.coords], 6)): t[METRIC] for t in out.trials}
-    same = set(tune_obj) == set(loop_obj)
-    max_dobj = max(abs(tune_obj[k] - loop_obj[k]) for k in loop_obj) if same else float("nan")
+    def tune_pass(rep: int) -> dict:  # the real run_search, trials timestamped by the driver-side searcher
+        TimedRandomSearcher.log.clear()
+        load, t0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        out = search.run_search(cfg, cands, 0, str(Path(tmp) / f"tune_{rep}"))
+        t_ret, cpu = time.perf_counter(), time.process_time() - cpu0
+        log = TimedRandomSearcher.log
+        done = [(t, r) for kind, t, _, r in log if kind == "complete"]
+        row = {"mode": "tune", **rates(len(done), [t for t, _ in done], t0, m, t_ret), "torch_threads": f"{cfg.search.cpus_per_trial:g} x {m} trials",
+               "load_1min": load, "driver_cpu_s": cpu, "last_trial_to_return_s": t_ret - max(t for t, _ in done),
+               "tuner_start_to_first_suggest_s": min(t for kind, t, _, _ in log if kind == "suggest") - t0}
+        # actor reuse; in-trial seconds (an actor's first trial includes its model build); busy slots
+        pids, secs = [r.get("pid") for _, r in done], [r.get("time_this_iter_s", np.nan) for _, r in done]
+        w0, steady = done[m - 1][0], secs[m:]  # trials completing inside the steady window (starts at w0)
+        busy = sum(min(sec, t - w0) for (t, _), sec in zip(done[m:], steady))  # their compute inside it
+        row.update(actors=len(set(pids)), trials_per_actor=sorted(Counter(pids).values()),
+                   in_trial_s_first_per_actor=float(np.mean([s for i, s in enumerate(secs) if pids[i] not in pids[:i]])),
+                   in_trial_s_steady=float(np.mean(steady)), busy_slots_steady=busy / row["steady_seconds"],
+                   idle_slot_s_per_trial=(m * row["steady_seconds"] - busy) / len(steady),
+                   obj={tuple(np.round([t[f"a_{c}"] for c in cands.coords], 6)): t[METRIC] for t in out.trials})
+        return row
 
+    rows = [row for rep in range(args.repeats) for row in (loop_pass(), tune_pass(rep))]  # alternate the modes
+    def per_call(threads: int, calls: list) -> float:
+        torch.set_num_threads(threads)
+        t = time.perf_counter()
+        for fn in calls:
+            fn()
+        return (time.perf_counter() - t) / len(calls)
+    # score() per candidate (warm) at 1 and at `cores` threads, and the one-time model build
+    probe = {f"score_s_{th}_threads": per_call(th, [lambda a=a: search.score(cands, a) for a in weights[1:5]])
+             for th in sorted({1, cores})}
+    probe["model_build_s"] = per_call(cores, [lambda: (search._CACHE.clear(), search._merged_model(cands))])
+    loop_obj = rows[0]["obj"]
+    same = all(set(r["obj"]) == set(loop_obj) for r in rows)
+    max_dobj = max(abs(r["obj"][k] - loop_obj[k]) for r in rows for k in loop_obj) if same else float("nan")
+    for r in rows:
+        del r["obj"]
+    ratio = lambda key: [t[key] / lp[key] for lp, t in zip(rows[::2], rows[1::2])]
     result = {
-        "headline": "ratio_steady = tune rate_steady / loop rate_steady (one-time per-round setup excluded)",
-        "ratio_steady": tune_r["rate_steady"] / loop["rate_steady"],
-        "ratio_incl_setup": tune_r["rate_incl_setup"] / loop["rate_incl_setup"],
-        "rows": [loop, tune_r], "diagnostics": diag,
-        "same_candidates": same, "max_abs_objective_diff": max_dobj,
+        "headline": "ratio_steady = median over repeats of tune rate_steady / loop rate_steady "
+                    "(one-time per-round setup excluded: Tuner start, actor start, first model build)",
+        "ratio_steady": float(np.median(ratio("rate_steady"))),
+        "ratio_incl_setup": float(np.median(ratio("rate_incl_setup"))),
+        "ratios_steady": ratio("rate_steady"), "ratios_incl_setup": ratio("rate_incl_setup"),
+        "rows": rows, "probe": probe, "same_candidates": same, "max_abs_objective_diff": max_dobj,
         "setup": {"run_dir": str(run_dir), "model_params": int(sum({v.__array_interface__["data"][0]: v.size
                                                                       for v in cands.base_state.values()}.values())),
                   "adapters": list(cands.coords), "eval_tokens_per_candidate": int(eval_tokens),
-                  "eval_tokens_per_domain": ev, "num_candidates": n, "max_concurrent": m,
+                  "eval_tokens_per_domain": ev, "num_candidates": n, "max_concurrent": m, "repeats": args.repeats,
                   "cpus_per_trial": cfg.search.cpus_per_trial, "candidates_from": "seeded random searcher "
                   "(seed = run.seed*1000 + 0, uniform warm start); loop calls its suggest() in-process"},
         "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "torch_threads_loop": loop["torch_threads"], "python": sys.version.split()[0],
-                    "loadavg_1min": load},
+                    "torch_threads_loop": cores, "python": sys.version.split()[0]},
     }
     print(f"\nmachine: {cores} cores ({result['machine']['cpu']}), torch {torch.__version__}; "
-          f"{result['setup']['model_params']} params, {len(cands.coords)} adapters, "
-          f"{eval_tokens} eval tokens/candidate; 1-min load {load}")
-    print(f"{'mode':<6}{'threads':>14}{'cands':>7}{'s (incl)':>10}{'c/s (incl)':>12}{'s (steady)':>12}{'c/s (steady)':>14}")
-    for r in (loop, tune_r):
-        print(f"{r['mode']:<6}{str(r['torch_threads']):>14}{r['candidates']:>7}{r['seconds']:>10.2f}"
-              f"{r['rate_incl_setup']:>12.2f}{r['steady_seconds']:>12.2f}{r['rate_steady']:>14.2f}")
-    print(f"ratio tune/loop: steady {result['ratio_steady']:.3f} (headline), incl. setup "
+          f"{result['setup']['model_params']} params, {len(cands.coords)} adapters, {eval_tokens} eval tokens/candidate")
+    print(f"{'mode':<5}{'threads':>13}{'cands':>6}{'s incl':>8}{'c/s incl':>10}{'s steady':>10}{'c/s steady':>12}{'load':>6}")
+    for r in rows:
+        print(f"{r['mode']:<5}{r['torch_threads']:>13}{r['candidates']:>6}{r['seconds']:>8.2f}{r['rate_incl_setup']:>10.2f}"
+              f"{r['steady_seconds']:>10.2f}{r['rate_steady']:>12.2f}{r['load_1min']:>6.1f}")
+    print(f"ratio tune/loop (median of {args.repeats}): steady {result['ratio_steady']:.3f} (headline), incl. setup "
           f"{result['ratio_incl_setup']:.3f}; same candidates: {same}, max |d objective| {max_dobj:.2e}")
-    print("diagnostics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in diag.items()))
+    fmt = lambda d: ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+    print("probe: " + fmt(probe))
+    for r in rows[1::2]:
+        print("tune: " + fmt({k: v for k, v in r.items() if k not in ("mode", "torch_threads", "candidates")}))
     write_json(args.out, result)
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.out}")
 
 
