@@ -43,6 +43,7 @@ def adapter_plan(current: Mixture, cfg: Config) -> list[tuple[str, dict[str, flo
 
 def _train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seed: int, device) -> dict:
     model = load_checkpoint(base_path).to(device)
+    torch.manual_seed(seed)  # LoRA's A is drawn from torch's global RNG: seed it per adapter
     lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
                       target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
     model = get_peft_model(model, lora)
