@@ -47,7 +47,6 @@ class MixtureController:
         self.final: dict | None = None
         self._boundary_evt: dict[int, asyncio.Event] = {}
         self._push_evt: dict[int, asyncio.Event] = {}
-        self._final_evt = asyncio.Event()
         self.progress: list[dict] = []
 
     def _evt(self, table: dict, k: int) -> asyncio.Event:
@@ -76,7 +75,6 @@ class MixtureController:
     async def report_final(self, info: dict) -> None:
         self.final = info
         self._persist()
-        self._final_evt.set()
 
     # --- driver side ---
     async def wait_boundary(self, round_idx: int) -> dict:

@@ -52,12 +52,9 @@ def init_ray(cfg: Config) -> None:
              logging_level="ERROR")
 
 
-def _prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
-    run_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"config error at run.name: {run_dir} already holds a run (fix: pick another "
-                              "run.name, delete it, or pass --overwrite)")
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Create the run dir preflight validated (it already refused a used one without overwrite)."""
+    if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +111,8 @@ def _round(cfg, k, info, current, shards, shards_ref, run_dir) -> tuple:
 def run(cfg: Config, overwrite: bool = False) -> dict:
     """Run OP-Mix (or a fixed-mixture baseline) end to end; return the summary dict."""
     t_start = time.time()
-    _, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, Ray not started
-    run_dir = _prepare_run_dir(cfg, overwrite)
+    run_dir, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, Ray not started
+    run_dir = _prepare_run_dir(run_dir, overwrite)
     write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
     write_json(run_dir / "data_manifest.json", shard_manifest(shards))
     init_ray(cfg)
