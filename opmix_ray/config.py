@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 class RunSection(_Section):
     name: str = Field("opmix", description="Run name; the run's files go to <storage_path>/<name>.")
-    storage_path: str = Field("./opmix_runs", description="Local dir where run artifacts go.")
+    storage_path: str = Field("./opmix_runs", description="Local or mounted dir, or a pyarrow.fs URI (s3://b/p, gs://b/p) mirrored from a local staging dir.")
     seed: int = Field(0, description="Seed for data splits, sampling, init and the searcher.")
     baseline: Literal["none", "uniform", "natural"] = Field(
         "none", description="'none' runs OP-Mix rounds; 'uniform'/'natural' trains the same budget "

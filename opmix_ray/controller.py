@@ -5,18 +5,17 @@ for the winner; the driver waits on it for checkpoints and pushes winners into i
 the final report rewrite history.json and history.parquet atomically in the run dir, so a reader
 never sees a half-written history and a killed driver loses at most the round in flight.
 
-    ctl = MixtureController.options(name=controller_name(run)).remote(run_dir, mixture)
+    ctl = MixtureController.options(name=controller_name(run)).remote(RunStore(run_dir), mixture)
     ray.get(ctl.get_mixture.remote())
 """
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import ray
 
 from opmix_ray.mixture import Mixture
-from opmix_ray.storage import write_json, write_parquet
+from opmix_ray.storage import RunStore
 
 
 def controller_name(run_name: str) -> str:
@@ -37,8 +36,9 @@ def flatten_record(rec: dict) -> dict:
 
 @ray.remote(num_cpus=0, max_concurrency=64)
 class MixtureController:
-    def __init__(self, run_dir: str, initial: Mixture, meta: dict | None = None):
-        self.run_dir = Path(run_dir)
+    def __init__(self, store: RunStore | str, initial: Mixture, meta: dict | None = None):
+        # a RunStore also mirrors each history write to the run's URI (storage.py)
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
         self.mixture = initial
         self.version = 0
         self.meta = dict(meta or {})
@@ -94,9 +94,9 @@ class MixtureController:
         return {"meta": self.meta, "rounds": self.history, "final": self.final}
 
     def _persist(self) -> None:
-        write_json(self.run_dir / "history.json", {"meta": self.meta, "rounds": self.history, "final": self.final})
+        self.store.write_json("history.json", {"meta": self.meta, "rounds": self.history, "final": self.final})
         rows = [flatten_record(r) for r in self.history]
         if self.final is not None:
             rows.append(flatten_record({"round": -1, **self.final}))  # -1 = end of run
         if rows:
-            write_parquet(self.run_dir / "history.parquet", rows)
+            self.store.write_parquet("history.parquet", rows)

@@ -25,7 +25,7 @@ from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.preflight import preflight
 from opmix_ray.search import build_candidates, run_search
-from opmix_ray.storage import write_json, write_parquet, write_yaml
+from opmix_ray.storage import RunStore, is_uri
 
 
 def _say(msg: str) -> None:
@@ -52,16 +52,23 @@ def init_ray(cfg: Config) -> None:
              logging_level="ERROR")
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Create the run dir preflight validated (it already refused a used one without overwrite)."""
-    if overwrite and run_dir.exists():
+def _prepare_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> RunStore:
+    """Create the run dir preflight validated (it already refused a used one without overwrite).
+    With a URI, run_dir is the local staging dir: a leftover from an earlier run is never wanted
+    there, and the remote run dir is emptied only with overwrite."""
+    uri = cfg.run.storage_path if is_uri(cfg.run.storage_path) else None
+    if (overwrite or uri) and run_dir.exists():
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"config error at run.storage_path: cannot create {run_dir} ({exc.strerror}) "
+        field = "run.storage_path" if not uri else "run.storage_path (its local staging dir, env OPMIX_RAY_STAGING)"
+        raise ConfigError(f"config error at {field}: cannot create {run_dir} ({exc.strerror}) "
                           "(fix: use a writable directory)") from None
-    return run_dir
+    store = RunStore(run_dir, uri, cfg.run.name)
+    if overwrite:
+        store.clear_remote()
+    return store
 
 
 def _wait(ref, main_ref, ctl, seen: list[int]):
@@ -83,7 +90,8 @@ def _initial_mixture(cfg: Config, shards):
     return shards.natural() if kind == "natural" else shards.uniform()
 
 
-def _round(cfg, k, info, current, shards, shards_ref, run_dir) -> tuple:
+def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
+    run_dir = store.local_dir
     t0 = time.time()
     _say(f"round {k}: training {len(adapter_plan(current, cfg))} LoRA adapters on the step-{info['step']} checkpoint")
     dirs = train_adapters(cfg, shards_ref, info["path"], current, k, str(run_dir))
@@ -92,7 +100,11 @@ def _round(cfg, k, info, current, shards, shards_ref, run_dir) -> tuple:
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
     out = run_search(cfg, cands, k, str(run_dir))
-    write_parquet(run_dir / "rounds" / f"round_{k}_trials.parquet", out.trials)
+    store.write_parquet(f"rounds/round_{k}_trials.parquet", out.trials)
+    # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
+    # later still leaves every finished round in the bucket.
+    for rel in (f"main/round_{k}", f"adapters_round_{k}/adapters", f"search_round_{k}"):
+        store.upload_dir(rel)
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
                       for v in shards.val.values())
     flops = round_search_flops(info["n_params"], cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len,
@@ -112,11 +124,12 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Run OP-Mix (or a fixed-mixture baseline) end to end; return the summary dict."""
     t_start = time.time()
     run_dir, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, Ray not started
-    run_dir = _prepare_run_dir(run_dir, overwrite)
-    write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
-    write_json(run_dir / "data_manifest.json", shard_manifest(shards))
+    store = _prepare_run_dir(cfg, run_dir, overwrite)
+    store.write_yaml("config.yaml", cfg.model_dump(mode="json"))
+    store.write_json("data_manifest.json", shard_manifest(shards))
     init_ray(cfg)
-    _say(f"run '{cfg.run.name}' -> {run_dir}; domains {list(shards.domains)}; "
+    staged = f" (staged in {run_dir})" if store.remote else ""
+    _say(f"run '{cfg.run.name}' -> {store.location}{staged}; domains {list(shards.domains)}; "
          f"train tokens {shards.train_tokens()}")
     shards_ref = ray.put(shards)
     current = _initial_mixture(cfg, shards)
@@ -126,23 +139,26 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
             "total_steps": total, "boundaries": boundaries, "baseline": cfg.run.baseline}
     namespace = ray.get_runtime_context().namespace
     ctl = MixtureController.options(name=controller_name(cfg.run.name), namespace=namespace).remote(
-        str(run_dir), current, meta)
+        store, current, meta)
     main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace)
     _say(f"main run: {total} steps, rounds at steps {boundaries}, starting on {current}")
     seen = [0]
     for k in range(len(boundaries)):
         info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
-        current, record = _round(cfg, k, info, current, shards, shards_ref, run_dir)
+        current, record = _round(cfg, k, info, current, shards, shards_ref, store)
         ray.get(ctl.push.remote(k, current.as_dict(), record))
     _wait(main_ref, main_ref, ctl, seen)
     history = ray.get(ctl.get_history.remote())
     final = history["final"]
+    store.upload_dir("main/round_final")
     summary = {"run": cfg.run.name, "run_dir": str(run_dir), "baseline": cfg.run.baseline,
                "final_val_loss": final["val_loss"], "final_val_ppl_mean": mean_perplexity(final["val_loss"]),
                "final_mixture": current.as_dict(), "drawn_last_segment": final["drawn"],
                "main_flops": final["flops"],
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
                "wall_s": time.time() - t_start}
-    write_json(run_dir / "summary.json", summary)
+    if store.remote:  # run_dir stays local (the staging dir): callers read and plot from it
+        summary["run_uri"] = store.location
+    store.write_json("summary.json", summary)  # last: its presence means the run finished
     ray.kill(ctl)
     return summary

@@ -13,27 +13,65 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
+
+from pyarrow.fs import FileSelector
 
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.data.shards import TokenShards, build_shards
+from opmix_ray.storage import is_uri, join, redact, remote_fs, staging_dir
 
 _ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
 
 
 def run_dir_of(cfg: Config) -> Path:
+    """The local dir the run works in: the run dir itself, or a URI run's staging dir."""
+    if is_uri(cfg.run.storage_path):
+        return staging_dir(cfg.run.storage_path, cfg.run.name)
     return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
+def check_remote_storage(cfg: Config, overwrite: bool) -> None:
+    """A pyarrow.fs URI: it parses, a probe object can be written and deleted beside the run
+    dir (so bad credentials or a missing bucket fail here, not after the first round), and
+    <uri>/<name> is empty unless overwrite."""
+    uri, name = cfg.run.storage_path, cfg.run.name
+    shown = redact(uri, query=False)
+    try:
+        fs, root = remote_fs(uri)
+    except (ValueError, OSError, ImportError) as exc:
+        raise ConfigError(f"config error at run.storage_path: '{shown}' is not a URI pyarrow.fs can open "
+                          f"({_first_line(exc)}) (fix: use a directory, s3://bucket/path or gs://bucket/path)") from None
+    probe = f"{root}/.opmix-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"opmix-ray write probe\n")
+        fs.delete_file(probe)
+        used = fs.get_file_info(FileSelector(f"{root}/{name}", allow_not_found=True))
+    except OSError as exc:
+        raise ConfigError(f"config error at run.storage_path: cannot write to '{shown}' ({_first_line(exc)}) "
+                          "(fix: check the bucket exists, the credentials in the environment and the "
+                          "endpoint, or use a directory)") from None
+    if used and not overwrite:
+        raise ConfigError(f"config error at run.name: {redact(join(uri, name), query=False)} already holds a run (fix: pick "
+                          "another run.name, delete it, or pass --overwrite)")
+
+
+def _first_line(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()
+    return (msg[0] if msg else type(exc).__name__)[:300]
 
 
 def check_storage(cfg: Config, overwrite: bool) -> Path:
     """The run dir can be created (or replaced with overwrite) and its storage is writable."""
-    if "://" in cfg.run.storage_path:
-        raise ConfigError(f"config error at run.storage_path: '{cfg.run.storage_path}' is a URI; this "
-                          "version writes to a local or shared (mounted) dir (fix: use a directory path)")
     name = cfg.run.name
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"config error at run.name: '{name}' is not a plain directory name "
                           "(fix: use letters, digits, '-' or '_')")
+    if is_uri(cfg.run.storage_path):
+        check_remote_storage(cfg, overwrite)
+        return run_dir_of(cfg)  # the staging dir is wiped by the engine: no used-dir check here
     run_dir = run_dir_of(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"config error at run.name: {run_dir} is a file, not a run dir "

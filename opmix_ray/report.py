@@ -7,16 +7,22 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from opmix_ray.storage import atomic_write_bytes, read_json
+from opmix_ray.storage import atomic_write_bytes, is_file, join, read_json, redact
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "history.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no history.json (fix: pass the run dir "
+    """history.json and summary.json (None while running) of a run dir or a run's URI
+    (s3://bucket/runs/demo, through pyarrow.fs)."""
+    hist, summ = join(run_dir, "history.json"), join(run_dir, "summary.json")
+    try:
+        found = is_file(hist)
+    except (ValueError, OSError) as exc:  # a URI pyarrow cannot open or reach
+        raise FileNotFoundError(f"cannot read {redact(str(run_dir), query=False)} ({str(exc).splitlines()[0][:200]}) "
+                                "(fix: check the URI, the credentials in the environment and the endpoint)") from None
+    if not found:
+        raise FileNotFoundError(f"{redact(str(run_dir), query=False)} has no history.json (fix: pass the run dir "
                                 "<storage_path>/<run.name> of a finished or running run)")
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
-    return read_json(run_dir / "history.json"), summary
+    return read_json(hist), (read_json(summ) if is_file(summ) else None)
 
 
 def mixture_table(history: dict, baseline: dict | None = None) -> str:

@@ -1,17 +1,76 @@
-"""Artifact writes: every file appears whole or not at all (temp file beside it, then rename)."""
+"""Artifact writes: every file appears whole or not at all, locally and in object storage.
+
+    store = RunStore(local_dir)                        # run.storage_path is a directory
+    store = RunStore(staging_dir, "s3://bucket/runs", "demo")   # ... or a pyarrow.fs URI
+    store.write_json("history.json", obj)              # local file + <uri>/demo/history.json
+    store.upload_dir("main/round_0")                   # a checkpoint dir, after Ray Train wrote it
+
+A local write goes to a temp file beside the target, then renames it. With a URI the run still
+works in a local staging dir (Ray Train/Tune, the adapters and the merge all read local paths) and
+each artifact is mirrored to `<uri>/<run name>/<same relative path>` through pyarrow.fs: an S3 or
+GCS object only becomes visible when its upload completes, so a reader never sees half a file.
+"""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
+STAGING_ENV = "OPMIX_RAY_STAGING"  # where URI runs stage locally (default ~/.cache/opmix-ray/staging)
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def redact(uri: str, query: bool = True) -> str:
+    """The URI without user:secret@ (pyarrow accepts S3 keys there), and without its ?options
+    unless query: safe for messages and files."""
+    scheme, sep, rest = str(uri).partition("://")
+    host, slash, tail = rest.partition("/")
+    out = scheme + sep + host.rpartition("@")[2] + slash + tail if sep else str(uri)
+    return out if query or not sep else out.partition("?")[0]
+
+
+def remote_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a pyarrow.fs URI; query options such as
+    ?endpoint_override=HOST:PORT&scheme=http configure the filesystem, credentials come from the
+    environment (AWS_ACCESS_KEY_ID..., GOOGLE_APPLICATION_CREDENTIALS) as for any AWS/GCS client."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def staging_dir(storage_uri: str, name: str) -> Path:
+    """The local dir a URI run works in: one per (URI, run name), so two runs never share one."""
+    root = Path(os.environ.get(STAGING_ENV) or "~/.cache/opmix-ray/staging").expanduser()
+    return (root / hashlib.sha1(storage_uri.encode()).hexdigest()[:12] / name).resolve()
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    if fs.type_name in ("local", "mock"):  # a plain file system: temp file, then rename
+        tmp = f"{path}.tmp{os.getpid()}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:  # object stores: a PUT / multipart upload is visible only once complete
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    if is_uri(path):
+        fs, p = remote_fs(str(path))
+        parent = p.rsplit("/", 1)[0]
+        fs.create_dir(parent, recursive=True)
+        _put(fs, p, data)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -22,8 +81,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
+    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
 def write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
 def write_yaml(path: str | Path, obj) -> None:
@@ -31,12 +102,98 @@ def write_yaml(path: str | Path, obj) -> None:
 
 
 def write_parquet(path: str | Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, _parquet_bytes(rows))
+
+
+def read_bytes(path: str | Path) -> bytes:
+    if is_uri(path):
+        fs, p = remote_fs(str(path))
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    return Path(path).read_bytes()
+
+
+def is_file(path: str | Path) -> bool:
+    if is_uri(path):
+        fs, p = remote_fs(str(path))
+        return fs.get_file_info(p).type == pafs.FileType.File
+    return Path(path).is_file()
 
 
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
+    return json.loads(read_bytes(path))
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """base/parts..., keeping a URI's ?query (its filesystem options) at the end."""
+    base = str(base)
+    head, sep, query = base.partition("?") if is_uri(base) else (base, "", "")
+    return "/".join([head.rstrip("/"), *parts]) + (sep + query)
+
+
+class RunStore:
+    """A run's artifact store: the local run dir, plus its mirror `<storage_uri>/<name>` if any.
+    Picklable (strings only; the filesystem is rebuilt per process), so the controller actor
+    gets one too."""
+
+    def __init__(self, local_dir: str | Path, storage_uri: str | None = None, name: str | None = None):
+        self.local_dir = Path(local_dir)
+        self.storage_uri = storage_uri
+        self.name = name
+        self._fs = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fs": None}
+
+    @property
+    def remote(self) -> bool:
+        return self.storage_uri is not None
+
+    @property
+    def location(self) -> str:
+        """Where the run's artifacts end up, for messages and summary['run_dir']."""
+        return redact(join(self.storage_uri, self.name)) if self.remote else str(self.local_dir)
+
+    def _remote(self) -> tuple[pafs.FileSystem, str]:
+        if self._fs is None:
+            fs, root = remote_fs(self.storage_uri)
+            self._fs = (fs, f"{root}/{self.name}")
+        return self._fs
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        atomic_write_bytes(self.local_dir / rel, data)
+        if self.remote:
+            fs, root = self._remote()
+            fs.create_dir(f"{root}/{rel}".rsplit("/", 1)[0], recursive=True)
+            _put(fs, f"{root}/{rel}", data)
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, _json_bytes(obj))
+
+    def write_yaml(self, rel: str, obj) -> None:
+        self.write_bytes(rel, yaml.safe_dump(obj, sort_keys=False).encode())
+
+    def write_parquet(self, rel: str, rows: list[dict]) -> None:
+        self.write_bytes(rel, _parquet_bytes(rows))
+
+    def upload_dir(self, rel: str) -> None:
+        """Mirror the local dir `rel` (a checkpoint, the adapters) to the URI; no-op when local.
+        Files are copied one by one, so a reader should wait for summary.json / history.json,
+        which are written after the dirs they point to."""
+        if not self.remote or not (self.local_dir / rel).is_dir():
+            return
+        fs, root = self._remote()
+        pafs.copy_files(str(self.local_dir / rel), f"{root}/{rel}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+
+    def clear_remote(self) -> None:
+        """Delete what is under <uri>/<name> (for --overwrite)."""
+        if self.remote:
+            fs, root = self._remote()
+            fs.delete_dir_contents(root, missing_dir_ok=True)
+
+    def list_remote(self, recursive: bool = True) -> list[str]:
+        """Relative paths of the files under <uri>/<name> (for tests and checks)."""
+        fs, root = self._remote()
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+        return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)

@@ -192,7 +192,7 @@ CASES = [
         (tmp / "afile").write_text("x"), cfg["run"].update(storage_path=str(tmp / "afile" / "runs")),
         ["run", _write(tmp, cfg)])[-1]),
     ("storage-unwritable", "run.storage_path", _with("run", storage_path="/proc/opmix_runs")),
-    ("storage-uri", "run.storage_path", _with("run", storage_path="s3://bucket/runs")),
+    ("storage-uri-unknown-scheme", "run.storage_path", _with("run", storage_path="nosuch://bucket/runs")),
     ("run-name-with-slash", "run.name", _with("run", name="a/b")),
     ("existing-run-dir", "run.name", _existing_run),
     ("bad-ray-address", "ray.address", _with("ray", address="not an address!")),
