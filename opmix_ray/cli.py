@@ -4,6 +4,8 @@
     opmix-ray run CONFIG.yaml [--baseline uniform] [--set search.num_samples=32]
     opmix-ray submit CONFIG.yaml --address http://HEAD:8265 [--runtime-env cluster/runtime_env.yaml] [--no-wait]
     opmix-ray results opmix_runs/demo
+    opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # every method, 3 seeds (~1 h)
+    opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16            # merged adapters vs real training
     opmix-ray data build --out DIR --max-mb-per-domain 2
     opmix-ray config-help
 
@@ -94,7 +96,9 @@ def cmd_run(args) -> int:
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
-    from opmix_ray.engine import run  # after the config is valid: a bad one fails in ~1 s
+    from opmix_ray.engine import (
+        run,  # after the config is valid: a bad one fails in ~1 s
+    )
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
     return 0
@@ -139,6 +143,28 @@ def cmd_results(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    cfg = _load(args.config, _overrides(args.set))
+    from opmix_ray.bench import run_bench
+    result = run_bench(cfg, args.out, overwrite=args.overwrite)
+    from opmix_ray.bench_report import markdown
+    print(markdown(result))
+    print(f"wrote {args.out}/results.json, results.md, ppl_vs_search_flops.png, mixtures.png "
+          f"({result['wall_s']:.0f}s)")
+    return 0
+
+
+def cmd_fidelity(args) -> int:
+    from opmix_ray.fidelity import run_fidelity
+    res = run_fidelity(args.run_dir, args.round, args.mixtures)
+    for name, c in {**res["objectives"], **res["per_domain"]}.items():
+        if c["spearman"] is not None:
+            print(f"{name:>12}: Spearman {c['spearman']:+.3f}  Pearson {c['pearson']:+.3f}")
+    print(f"{res['n']} mixtures, {res['truth_tokens']} truth tokens each, {res['wall_s']:.0f}s; "
+          f"details in {res['run_dir']}/fidelity_round_{res['round']}.json")
+    return 0
+
+
 def cmd_config_help(args) -> int:
     from opmix_ray.config import config_help
     print(config_help())
@@ -180,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--baseline", help="a baseline run dir to compare with")
     s.set_defaults(fn=cmd_results)
+    bn = sub.add_parser("bench", help="every method (OP-Mix and the baselines) on the same budget and seeds")
+    bn.add_argument("config")
+    bn.add_argument("--out", default="bench_runs/default", help="output dir (results.json, results.md, PNGs)")
+    bn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    bn.add_argument("--overwrite", action="store_true", help="replace a finished benchmark in --out")
+    bn.set_defaults(fn=cmd_bench)
+    f = sub.add_parser("fidelity", help="Spearman of merged-adapter scores vs really training on the mixtures")
+    f.add_argument("run_dir", help="a finished OP-Mix run dir")
+    f.add_argument("--round", type=int, default=0, help="which round's checkpoint and adapters")
+    f.add_argument("--mixtures", type=int, default=16, help="how many mixtures to train for real")
+    f.set_defaults(fn=cmd_fidelity)
     c = sub.add_parser("config-help", help="every config field with its default and meaning")
     c.set_defaults(fn=cmd_config_help)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)

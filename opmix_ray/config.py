@@ -45,6 +45,9 @@ class DataSection(_Section):
     max_epochs: dict[str, float] = Field(default_factory=dict, description="Repetition caps: a domain "
                                          "is never drawn past available_tokens * max_epochs.")
     default_max_epochs: float = Field(8.0, gt=0, description="Cap for domains not in max_epochs.")
+    eval_only_domains: list[str] = Field(default_factory=list, description="Held-out target domains: "
+                                         "scored on validation, never trained on and never mixed (as RegMix "
+                                         "targets Pile-CC); name them in search.objective_weights to optimise for them.")
 
     @field_validator("max_epochs")
     @classmethod
@@ -140,6 +143,28 @@ class RayInit(_Section):
                                  "main.cpus_per_worker (the main run idles while a round runs).")
 
 
+class BenchSection(_Section):
+    """`opmix-ray bench` only: every method on the same data, model, main-run budget and seeds."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
+                             "method runs once per seed (data split, init, sampling and search all follow it).")
+    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "opmix"]] = Field(
+        default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "opmix"], min_length=1,
+        description="Methods to compare; regmix/olmix share one proxy swarm per seed.")
+    swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
+    proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
+                                      intermediate_size=192), description="The small model of proxy runs.")
+    proxy_tokens: int = Field(102_400, gt=0, description="Training tokens per proxy run (swarm and DoReMi).")
+    regmix_simulations: int = Field(100_000, gt=0, description="Mixtures the RegMix regressor scores.")
+    regmix_top_k: int = Field(128, gt=0, description="RegMix output = mean of the top-k predicted mixtures.")
+    doremi_eta: float = Field(1.0, gt=0, description="Group DRO step size (DoReMi: 1).")
+    doremi_smoothing: float = Field(1e-3, ge=0, lt=1, description="Mix-in of uniform weights (DoReMi: 1e-3).")
+    oracle_runs: int = Field(16, ge=0, description="Full runs on sampled mixtures (seed of the first run); "
+                             "the best of them says how near-optimal each method is. 0 = no oracle.")
+    fidelity_mixtures: int = Field(16, ge=0, description="Mixtures for the merged-adapter fidelity check "
+                                   "on the first seed's OP-Mix round 0; 0 = skip.")
+    max_concurrent: int = Field(2, ge=1, description="Fixed-mixture runs (Tune trials) in flight.")
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -149,6 +174,7 @@ class Config(_Section):
     adapters: AdaptersSection = Field(default_factory=AdaptersSection)
     search: SearchSection = Field(default_factory=SearchSection)
     ray: RayInit = Field(default_factory=RayInit)
+    bench: BenchSection = Field(default_factory=BenchSection)
 
     @model_validator(mode="after")
     def _cross_checks(self):

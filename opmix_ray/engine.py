@@ -9,6 +9,7 @@ search.py + searchers/, controller.py (push). This file only sequences them.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -152,7 +153,9 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     final = history["final"]
     store.upload_dir("main/round_final")
     summary = {"run": cfg.run.name, "run_dir": str(run_dir), "baseline": cfg.run.baseline,
-               "final_val_loss": final["val_loss"], "final_val_ppl_mean": mean_perplexity(final["val_loss"]),
+               "final_val_loss": final["val_loss"],
+               "final_val_ppl_mean": mean_perplexity({d: final["val_loss"][d] for d in shards.domains}),
+               "final_target_ppl": {d: math.exp(final["val_loss"][d]) for d in shards.eval_only},
                "final_mixture": current.as_dict(), "drawn_last_segment": final["drawn"],
                "main_flops": final["flops"],
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),

@@ -24,7 +24,8 @@ from opmix_ray.controller import controller_name
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import build_model, lm_loss, n_params, pick_device, set_threads
+from opmix_ray.model import build_model, n_params, pick_device, set_threads
+from opmix_ray.training import make_optimizer, train_step
 
 
 def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[int]]:
@@ -39,16 +40,6 @@ def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[in
 
 def checkpoint_path(run_dir: str, round_idx: int | str) -> str:
     return os.path.join(run_dir, "main", f"round_{round_idx}")
-
-
-def _lr_lambda(cfg: Config, total: int):
-    warm = cfg.main.warmup_steps
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-    return f
 
 
 def _report_checkpoint(model, name: str, metrics: dict) -> None:
@@ -74,9 +65,7 @@ def main_loop(loop_cfg: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     total, boundaries = steps_and_boundaries(cfg, world)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.main.lr, weight_decay=cfg.main.weight_decay,
-                            betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    opt, sched = make_optimizer(model, cfg.main, total)
     _, weights = ray.get(ctl.get_mixture.remote())
     sampler = MixtureSampler(shards.train, Mixture.from_dict(weights, shards.domains), shards.seq_len,
                              shards.cap_tokens(cfg), seed=cfg.run.seed * 1000 + rank)
@@ -98,13 +87,7 @@ def main_loop(loop_cfg: dict) -> None:
             weights = ray.get(ctl.wait_push.remote(k))
             sampler.set_mixture(Mixture.from_dict(weights, shards.domains))
         batch, _ = sampler.next_batch(cfg.main.batch_size)
-        loss = lm_loss(model, torch.as_tensor(batch, device=device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(train_step(model, opt, sched, batch, device))
         if rank == 0 and step % 25 == 0:
             ctl.report_progress.remote({"step": step, "total": total, "loss": float(np.mean(losses[-25:])),
                                         "elapsed_s": time.time() - t0})

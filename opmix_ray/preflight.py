@@ -137,10 +137,11 @@ def model_vocab(cfg: Config) -> int | None:
 def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> None:
     for field, keys in (("search.objective_weights", cfg.search.objective_weights or {}),
                         ("data.max_epochs", cfg.data.max_epochs)):
-        unknown = sorted(set(keys) - set(shards.domains))
+        known = set(shards.domains) | (set(shards.eval_only) if field.startswith("search") else set())
+        unknown = sorted(set(keys) - known)
         if unknown:
             raise ConfigError(f"config error at {field}: unknown domains {unknown}; the run's domains are "
-                              f"{list(shards.domains)} (fix: use those names)")
+                              f"{sorted(known)} (fix: use those names)")
     if vocab is not None and vocab < shards.vocab_size:
         raise ConfigError(f"config error at model.path: the checkpoint's vocab ({vocab}) is smaller than "
                           f"data.tokenizer's ({shards.vocab_size}) (fix: use the tokenizer the model was "

@@ -26,6 +26,7 @@ from opmix_ray.model import load_checkpoint, set_threads
 from opmix_ray.searchers import METRIC, MODE, create_searcher
 from search_spaces import SimplexSpace
 
+TRIAL_RETRIES = 2  # reruns of a trial whose process died, before it counts as failed
 _CACHE: dict = {}  # per trial-actor process: round key -> MergedModel (reuse_actors=True keeps it)
 
 
@@ -50,7 +51,12 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     stacked = stack_deltas([load_lora_delta(adapter_dirs[c]) for c in coords])
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.val, current,
-                      cfg.search.objective_weights, cfg.search.eval_tokens_per_domain)
+                      objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain)
+
+
+def objective_weights(cfg: Config, shards) -> dict[str, float]:
+    """The configured objective, or the mean over the training domains (never eval-only ones)."""
+    return dict(cfg.search.objective_weights or {d: 1.0 for d in shards.domains})
 
 
 def candidate_mixture(c: Candidates, a: np.ndarray) -> Mixture:
@@ -106,7 +112,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     # whose __init__ does not take it is built without it (searchers/__init__.py CONTEXT_KWARGS).
     searcher = create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed * 1000 + round_idx,
                                points_to_evaluate=[uniform] if cfg.search.warm_start else None,
-                               objective_weights=cfg.search.objective_weights, **cfg.search.searcher_options)
+                               objective_weights=candidates.objective_weights, **cfg.search.searcher_options)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
@@ -114,7 +120,11 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
                                     num_samples=cfg.search.num_samples),
-        run_config=tune.RunConfig(storage_path=run_dir, name=f"search_round_{round_idx}", verbose=0),
+        # A trial whose worker dies (OOM kill, node lost, kill -9) is rerun on a fresh actor: a
+        # trial is one merge + one eval, so a retry is cheap and the candidate is not lost. A NaN
+        # objective is no error and is not retried: the searcher records it failed (base.py).
+        run_config=tune.RunConfig(storage_path=run_dir, name=f"search_round_{round_idx}", verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
     )
     grid = tuner.fit()
     trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
@@ -126,5 +136,5 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     weights = {k: best[f"a_{k}"] for k in candidates.coords}
     mixture = Mixture.normalised(doms, [best[f"mix_{d}"] for d in doms], candidates.current.data_hash)
     keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
-    return SearchOutcome(mixture, weights, float(best[METRIC]), {d: best[f"loss_{d}"] for d in doms},
+    return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
                          len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials])

@@ -40,12 +40,13 @@ class TokenShards:
     tokenizer_hash: str
     data_hash: str
     source_hashes: dict[str, str] = field(default_factory=dict)
+    eval_only: tuple[str, ...] = ()  # held-out target domains: in `val`, never in `train` or a mixture
 
     def train_tokens(self) -> dict[str, int]:
         return {d: int(len(self.train[d])) for d in self.domains}
 
     def val_tokens(self) -> dict[str, int]:
-        return {d: int(self.val[d].shape[0] * self.seq_len) for d in self.domains}
+        return {d: int(self.val[d].shape[0] * self.seq_len) for d in self.val}
 
     def uniform(self) -> Mixture:
         return Mixture.uniform(self.domains, self.data_hash)
@@ -63,7 +64,16 @@ def resolve_data_paths(cfg: Config) -> tuple[Path, tuple[str, ...], Path]:
     root = Path(cfg.data.path).expanduser() if cfg.data.path else BUNDLED_DIR
     if not root.is_dir():
         raise DataError(f"data.path={root} is not a directory (fix: point it at a dir of <domain>.parquet)")
-    domains = tuple(cfg.data.domains) if cfg.data.domains else tuple(sorted(p.stem for p in root.glob("*.parquet")))
+    held = cfg.data.eval_only_domains
+    domains = tuple(cfg.data.domains) if cfg.data.domains else \
+        tuple(sorted(p.stem for p in root.glob("*.parquet") if p.stem not in held))
+    if set(held) & set(domains):
+        raise DataError(f"data.eval_only_domains: {sorted(set(held) & set(domains))} are also training domains "
+                        "(fix: remove them from data.domains or from data.eval_only_domains)")
+    for d in held:
+        if not (root / f"{d}.parquet").is_file():
+            raise DataError(f"data.eval_only_domains: {root / (d + '.parquet')} does not exist (fix: create it "
+                            f"or remove '{d}')")
     if len(domains) < 2:
         raise DataError(f"data.domains: found {list(domains)} in {root}; mixing needs >= 2 "
                         "(fix: add <domain>.parquet files or list data.domains)")
@@ -150,7 +160,7 @@ def build_shards(cfg: Config) -> TokenShards:
     n_val_seq = max(1, cfg.data.val_tokens_per_domain // seq)
     dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
     train, val, src = {}, {}, {}
-    for i, d in enumerate(domains):
+    for i, d in enumerate(domains + tuple(cfg.data.eval_only_domains)):
         path = root / f"{d}.parquet"
         src[d] = hashlib.sha256(path.read_bytes()).hexdigest()
         docs = _read_docs(path, cfg.data.text_column, tok)
@@ -160,14 +170,18 @@ def build_shards(cfg: Config) -> TokenShards:
             raise DataError(f"data.domains: domain '{d}' has {len(tr) + len(va)} tokens, too few for "
                             f"{cfg.data.val_tokens_per_domain} val tokens plus training "
                             "(fix: lower data.val_tokens_per_domain or add text)")
-        train[d] = tr.astype(dtype)
+        if d in domains:
+            train[d] = tr.astype(dtype)
         val[d] = va[: n_val_seq * (seq + 1)].reshape(n_val_seq, seq + 1).astype(dtype)
     data_hash = content_hash(domains, tok_hash, [src[d] for d in domains], seq,
-                             cfg.data.val_tokens_per_domain, cfg.run.seed, cfg.data.text_column)
-    return TokenShards(domains, train, val, seq, tok.get_vocab_size(), eos, tok_hash, data_hash, src)
+                             cfg.data.val_tokens_per_domain, cfg.run.seed, cfg.data.text_column,
+                             *(["eval_only", *cfg.data.eval_only_domains, *(src[d] for d in cfg.data.eval_only_domains)]
+                               if cfg.data.eval_only_domains else []))
+    return TokenShards(domains, train, val, seq, tok.get_vocab_size(), eos, tok_hash, data_hash, src,
+                       tuple(cfg.data.eval_only_domains))
 
 
 def shard_manifest(sh: TokenShards) -> dict:
     return {"domains": list(sh.domains), "data_hash": sh.data_hash, "tokenizer_hash": sh.tokenizer_hash,
             "seq_len": sh.seq_len, "vocab_size": sh.vocab_size, "train_tokens": sh.train_tokens(),
-            "val_tokens": sh.val_tokens(), "source_sha256": sh.source_hashes}
+            "val_tokens": sh.val_tokens(), "source_sha256": sh.source_hashes, "eval_only": list(sh.eval_only)}

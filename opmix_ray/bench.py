@@ -1,0 +1,171 @@
+"""`opmix-ray bench CONFIG`: every method on the same data, model, main-run budget and seeds.
+
+    opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # ~1 h on 2 cores
+
+Objectives: "mean" (mean val loss over the training domains) and, when data.eval_only_domains is
+set, "target" (mean val loss over those held-out domains, which no method trains on).
+Per seed, in order:
+  1. the proxy swarm (Tune trials) and the RegMix / Olmix fits on it, per objective;
+  2. DoReMi (reference + Group DRO proxy, one Ray task);
+  3. OP-Mix: one real engine run per objective (Ray Train main run, adapters, Tune search);
+then one Tune run trains every baseline's mixture for the full main-run budget, plus the oracle
+(bench.oracle_runs full runs on sampled mixtures, first seed), and the fidelity check.
+Everything lands in OUT: rows.json (one row per method x objective x seed), results.md, PNGs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from opmix_ray.baselines import (
+    OBJECTIVE_FREE,
+    BaselineContext,
+    propose,
+    usage_upper_bounds,
+)
+from opmix_ray.config import Config, ConfigError
+from opmix_ray.storage import read_json, write_json
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def objectives(shards) -> dict[str, dict[str, float]]:
+    out = {"mean": {d: 1.0 for d in shards.domains}}
+    if shards.eval_only:
+        out["target"] = {d: 1.0 for d in shards.eval_only}
+    return out
+
+
+def seed_config(cfg: Config, seed: int, out_dir: Path) -> Config:
+    c = cfg.model_copy(deep=True)
+    c.run.seed, c.run.storage_path, c.run.baseline = seed, str(out_dir / "runs"), "none"
+    return c
+
+
+def metrics(val_loss: dict[str, float], shards) -> dict:
+    """Per-domain perplexities, their mean and worst over training domains, and the target's."""
+    ppl = {d: math.exp(v) for d, v in val_loss.items()}
+    train = [ppl[d] for d in shards.domains]
+    tgt = [ppl[d] for d in shards.eval_only]
+    return {"ppl": ppl, "mean_ppl": float(np.mean(train)), "worst_ppl": float(max(train)),
+            "target_ppl": float(np.mean(tgt)) if tgt else None, "val_loss": val_loss}
+
+
+def _proposals(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
+    ctx = BaselineContext(cfg, shards, str(out_dir / f"seed_{seed}"))
+    rows, objs = [], objectives(shards)
+    for m in [m for m in cfg.bench.methods if m != "opmix"]:
+        for name, obj in objs.items():
+            if m in OBJECTIVE_FREE and name != "mean":
+                continue  # one mixture serves every objective
+            _say(f"seed {seed}: {m}{'' if m in OBJECTIVE_FREE else f' ({name})'}")
+            res = propose(m, ctx, obj)
+            rows.append({"method": m, "objective": "any" if m in OBJECTIVE_FREE else name, "seed": seed,
+                         "mixture": res.mixture.as_dict(), "search_flops": res.search_flops,
+                         "search_wall_s": res.search_wall_s, "info": res.info})
+    return rows
+
+
+def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
+    from opmix_ray.engine import run
+    rows = []
+    for name, obj in objectives(shards).items():
+        c = seed_config(cfg, seed, out_dir)
+        c.run.name, c.search.objective_weights = f"opmix-{name}-s{seed}", obj
+        _say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
+        s = run(c, overwrite=True)
+        hist = read_json(Path(s["run_dir"]) / "history.json")
+        wall = sum(r["wall_s"]["adapters"] + r["wall_s"]["search"] for r in hist["rounds"])
+        rows.append({"method": "opmix", "objective": name, "seed": seed, "mixture": s["final_mixture"],
+                     "search_flops": s["search_flops"], "search_wall_s": wall, "main_flops": s["main_flops"],
+                     "run_dir": s["run_dir"], "rounds": [r["weights"] for r in hist["rounds"]],
+                     **metrics(s["final_val_loss"], shards)})
+    return rows
+
+
+def _oracle_mixtures(cfg: Config, shards, n: int) -> np.ndarray:
+    """Dirichlet(1) mixtures within the usage bounds, plus uniform and natural among them."""
+    rng, upper = np.random.default_rng([cfg.run.seed, 99]), usage_upper_bounds(cfg, shards)
+    out = [shards.uniform().as_array(), shards.natural().as_array()]
+    while len(out) < n:
+        w = rng.dirichlet(np.ones(len(shards.domains)))
+        if np.all(w <= upper + 1e-12):
+            out.append(w)
+    return np.array(out[:n])
+
+
+def _full_job(cfg: Config, seed: int, shards, weights, **labels) -> dict:
+    return {"weights": dict(zip(shards.domains, map(float, weights))), "model": cfg.model.model_dump(),
+            "main": cfg.main.model_dump(), "tokens": cfg.main.total_tokens, "seed": seed,
+            "caps": shards.cap_tokens(cfg), **labels}
+
+
+def _train_fixed_rows(cfg: Config, rows: list[dict], shards_by_seed: dict, out_dir: Path) -> list[dict]:
+    from opmix_ray.training import run_fixed_jobs
+    jobs = [_full_job(cfg, r["seed"], shards_by_seed[r["seed"]], list(r["mixture"].values()), row=i)
+            for i, r in enumerate(rows)]
+    first = cfg.bench.seeds[0]
+    if cfg.bench.oracle_runs:
+        sh = shards_by_seed[first]
+        jobs += [_full_job(cfg, first, sh, w, oracle=j) for j, w in enumerate(_oracle_mixtures(cfg, sh, cfg.bench.oracle_runs))]
+    _say(f"training {len(jobs)} fixed-mixture full runs ({cfg.main.total_tokens} tokens each) as Tune trials")
+    done = run_fixed_jobs(jobs, shards_by_seed, str(out_dir / "tune"), "full_runs", cfg.bench.max_concurrent)
+    oracle = []
+    for job, res in zip(jobs, done):
+        sh = shards_by_seed[job["seed"]]
+        m = {**metrics(res["val_loss"], sh), "main_flops": 6.0 * res["n_params"] * cfg.main.total_tokens,
+             "main_wall_s": res["wall_s"], "drawn": res["drawn"]}
+        if "row" in job:
+            rows[job["row"]].update(m)
+        else:
+            oracle.append({"method": "oracle-run", "objective": "any", "seed": job["seed"],
+                           "mixture": job["weights"], "search_flops": 0.0, "search_wall_s": 0.0, **m})
+    return oracle
+
+
+def run_bench(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
+    """Run the whole benchmark; returns {rows, oracle, fidelity, wall_s} (also in OUT/results.json)."""
+    from opmix_ray.bench_report import write_report
+    from opmix_ray.data.shards import build_shards
+    from opmix_ray.engine import init_ray
+    from opmix_ray.preflight import check_against_data, check_searcher
+    t0, out = time.time(), Path(out_dir).expanduser().resolve()
+    if (out / "results.json").exists() and not overwrite:
+        raise ConfigError(f"config error at --out: {out} holds a finished benchmark (fix: pass --overwrite "
+                          "or another --out)")
+    check_searcher(cfg)
+    shards_by_seed = {}
+    for s in cfg.bench.seeds:  # every seed's data first: bad input fails before any compute
+        sc = seed_config(cfg, s, out)
+        shards_by_seed[s] = build_shards(sc)
+        check_against_data(sc, shards_by_seed[s], None)
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    rows: list[dict] = []
+    for s in cfg.bench.seeds:
+        sc, sh = seed_config(cfg, s, out), shards_by_seed[s]
+        rows += _proposals(sc, s, sh, out)
+        if "opmix" in cfg.bench.methods:
+            rows += _opmix_rows(sc, s, sh, out)
+        write_json(out / "rows_partial.json", rows)  # a crash later still leaves the proposals
+    fixed = [r for r in rows if r["method"] != "opmix"]
+    oracle = _train_fixed_rows(cfg, fixed, shards_by_seed, out)
+    fidelity = None
+    first_opmix = next((r for r in rows if r["method"] == "opmix"), None)
+    if cfg.bench.fidelity_mixtures and first_opmix:
+        from opmix_ray.fidelity import run_fidelity
+        _say(f"fidelity: {cfg.bench.fidelity_mixtures} mixtures on {first_opmix['run_dir']} round 0")
+        fidelity = run_fidelity(first_opmix["run_dir"], 0, cfg.bench.fidelity_mixtures)
+    result = {"rows": rows, "oracle": oracle, "fidelity": fidelity, "wall_s": time.time() - t0,
+              "domains": list(shards_by_seed[cfg.bench.seeds[0]].domains),
+              "eval_only": list(shards_by_seed[cfg.bench.seeds[0]].eval_only),
+              "config": cfg.model_dump(mode="json")}
+    write_json(out / "results.json", result)
+    (out / "rows_partial.json").unlink(missing_ok=True)
+    write_report(result, out)
+    return result

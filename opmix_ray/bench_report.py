@@ -1,0 +1,148 @@
+"""The benchmark's table and plots, from OUT/results.json (bench.py writes it).
+
+    python -m opmix_ray.bench_report bench_runs/default     # re-render from a finished benchmark
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from opmix_ray.storage import atomic_write_bytes, read_json
+
+
+def label(row: dict) -> str:
+    return row["method"] if row["objective"] == "any" else f"{row['method']} ({row['objective']})"
+
+
+def _ms(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.2f} ± {np.std(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def summarise(result: dict) -> list[dict]:
+    """One line per method (x objective): means and spreads over seeds."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in result["rows"]:
+        groups[label(r)].append(r)
+    oracle = result.get("oracle") or []
+    if oracle:
+        groups["oracle (mean)"] = [min(oracle, key=lambda r: r["mean_ppl"])]
+        if result["eval_only"]:
+            groups["oracle (target)"] = [min(oracle, key=lambda r: r["target_ppl"])]
+    out = []
+    for name, rs in groups.items():
+        main = [r.get("main_flops", 0.0) for r in rs]
+        search = [r["search_flops"] for r in rs]
+        out.append({"label": name, "n_seeds": len(rs), "mean_ppl": [r["mean_ppl"] for r in rs],
+                    "worst_ppl": [r["worst_ppl"] for r in rs], "target_ppl": [r["target_ppl"] for r in rs],
+                    "ppl": {d: float(np.mean([r["ppl"][d] for r in rs])) for d in rs[0]["ppl"]},
+                    "search_flops": float(np.mean(search)), "total_flops": float(np.mean(search) + np.mean(main)),
+                    "search_wall_s": float(np.mean([r["search_wall_s"] for r in rs])),
+                    "mixture": {d: float(np.mean([r["mixture"][d] for r in rs])) for d in rs[0]["mixture"]}})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    summ = summarise(result)
+    doms = result["domains"] + result["eval_only"]
+    head = ["method", "seeds", "mean ppl", "worst ppl", "target ppl"] + doms + ["search FLOPs", "total FLOPs", "search s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summ:
+        cells = [s["label"], str(s["n_seeds"]), _ms(s["mean_ppl"]), _ms(s["worst_ppl"]), _ms(s["target_ppl"])]
+        cells += [f"{s['ppl'].get(d, float('nan')):.2f}" for d in doms]
+        cells += [f"{s['search_flops']:.3g}", f"{s['total_flops']:.3g}", f"{s['search_wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mixtures (mean over seeds):", "", "| method | " + " | ".join(result["domains"]) + " |",
+              "|" + "---|" * (len(result["domains"]) + 1)]
+    for s in summ:
+        if s["label"].startswith("oracle") or s["label"] == "oracle-run":
+            continue
+        lines.append(f"| {s['label']} | " + " | ".join(f"{s['mixture'][d]:.3f}" for d in result["domains"]) + " |")
+    lines += ["", *per_seed_comparisons(result)]
+    fid = result.get("fidelity")
+    if fid:
+        lines += ["", f"Fidelity (round {fid['round']}, {fid['n']} mixtures, {fid['truth_tokens']} truth tokens each): "
+                  + "; ".join(f"{k} Spearman {v['spearman']:.3f} / Pearson {v['pearson']:.3f}"
+                              for k, v in fid["objectives"].items() if v["spearman"] is not None)]
+    cv = [(label(r), r["seed"], r["info"]["cv_spearman"]) for r in result["rows"]
+          if "cv_spearman" in (r.get("info") or {})]
+    if cv:
+        lines += ["RegMix regressor 5-fold CV Spearman on the swarm: "
+                  + "; ".join(f"{n} seed {s}: {c:.3f}" for n, s, c in cv)]
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_comparisons(result: dict) -> list[str]:
+    """OP-Mix against each other method, seed by seed (relative perplexity change; < 0 = OP-Mix better)."""
+    by = {(label(r), r["seed"]): r for r in result["rows"]}
+    out = []
+    for obj, key in (("mean", "mean_ppl"), ("target", "target_ppl")):
+        op = {s: r for (lab, s), r in by.items() if lab == f"opmix ({obj})"}
+        if not op:
+            continue
+        others = sorted({lab for lab, _ in by if not lab.startswith("opmix")})
+        for lab in others:
+            rel = [100.0 * (op[s][key] / by[(lab, s)][key] - 1) for s in sorted(op) if (lab, s) in by and by[(lab, s)].get(key)]
+            if rel:
+                out.append(f"- opmix ({obj}) vs {lab}, {key}: " + ", ".join(f"{x:+.2f}%" for x in rel) + " by seed")
+    return out
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = summarise(result)
+    paths = []
+    fig, axes = plt.subplots(1, 2 if result["eval_only"] else 1, figsize=(11, 4.2), squeeze=False)
+    for ax, key in zip(axes[0], ["mean_ppl", "target_ppl"]):
+        for s in summ:
+            ys = [y for y in s[key] if y is not None]
+            if ys:
+                ax.errorbar(max(s["search_flops"], 1e9), np.mean(ys), yerr=np.std(ys), fmt="o", capsize=3)
+                ax.annotate(s["label"], (max(s["search_flops"], 1e9), np.mean(ys)), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("search FLOPs (0 shown at 1e9)")
+        ax.set_ylabel(key.replace("_", " "))
+    fig.tight_layout()
+    paths.append(_save(fig, out / "ppl_vs_search_flops.png"))
+    rows = [s for s in summ if not s["label"].startswith("oracle")]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    bottom = np.zeros(len(rows))
+    for d in result["domains"]:
+        vals = np.array([s["mixture"][d] for s in rows])
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=d)
+        bottom += vals
+    ax.set_xticks(range(len(rows)), [s["label"] for s in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("token share (mean over seeds)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    paths.append(_save(fig, out / "mixtures.png"))
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_report(result: dict, out: Path) -> str:
+    text = markdown(result)
+    atomic_write_bytes(Path(out) / "results.md", text.encode())
+    plot(result, Path(out))
+    return text
+
+
+if __name__ == "__main__":
+    d = Path(sys.argv[1])
+    print(write_report(read_json(d / "results.json"), d))

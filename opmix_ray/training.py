@@ -1,0 +1,121 @@
+"""Training steps shared by the main run and every fixed-mixture run (baselines, oracle, proxies,
+fidelity truths), so a baseline trains exactly as the main run would on its mixture.
+
+    out = train_fixed(cfg.model, cfg.main, shards, mixture, tokens=409_600, seed=0)
+
+Fixed-mixture runs go through Ray Tune as trials (`run_fixed_jobs`): a swarm of proxies, the
+baselines' full runs and the oracle are all just lists of jobs.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from opmix_ray.config import MainSection, ModelSection
+from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.evaluate import domain_losses
+from opmix_ray.mixture import Mixture
+from opmix_ray.model import build_model, lm_loss, load_checkpoint, n_params
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup, then cosine decay to 10% of the peak over `total` steps."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def make_optimizer(model, main: MainSection, total: int, start_step: int = 0):
+    """AdamW (betas 0.9/0.95) and the schedule; start_step resumes the schedule mid-run."""
+    opt = torch.optim.AdamW(model.parameters(), lr=main.lr, weight_decay=main.weight_decay, betas=(0.9, 0.95))
+    f = lr_lambda(main.warmup_steps, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: f(s + start_step))
+    return opt, sched
+
+
+def optimizer_step(model, opt, sched, loss: torch.Tensor) -> float:
+    """Backward, clip to norm 1, step, advance the schedule."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def train_step(model, opt, sched, batch: np.ndarray, device="cpu") -> float:
+    """One optimizer step on the mean next-token loss of windows [B, seq_len + 1]."""
+    return optimizer_step(model, opt, sched, lm_loss(model, torch.as_tensor(batch, device=device)))
+
+
+def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mixture, tokens: int,
+                seed: int, caps: dict[str, float] | None = None, init_path: str | None = None,
+                schedule: tuple[int, int] | None = None, eval_tokens: int | None = None) -> dict:
+    """Train on one fixed mixture for `tokens` tokens; return final per-domain val loss and FLOPs.
+
+    From scratch (seeded exactly as the main run: model seed, sampler seed*1000) unless init_path
+    names a checkpoint; schedule=(start_step, total_steps) continues a main run's lr schedule.
+    """
+    t0 = time.time()
+    model = load_checkpoint(init_path) if init_path else build_model(model_cfg, shards.vocab_size, shards.seq_len, seed)
+    steps = max(1, tokens // (main.batch_size * shards.seq_len))
+    start, total = schedule or (0, steps)
+    opt, sched = make_optimizer(model, main, total, start)
+    sampler = MixtureSampler(shards.train, mixture, shards.seq_len, caps, seed=seed * 1000)
+    model.train()
+    for _ in range(steps):
+        batch, _ = sampler.next_batch(main.batch_size)
+        train_step(model, opt, sched, batch)
+    val = domain_losses(model, shards.val, max_tokens=eval_tokens)
+    n, t = n_params(model), steps * main.batch_size * shards.seq_len
+    eval_t = sum(min(v.shape[0], (eval_tokens or 10**12) // shards.seq_len) * shards.seq_len for v in shards.val.values())
+    return {"val_loss": val, "drawn": {d: sampler.drawn_total[d] / t for d in sampler.domains},
+            "n_params": n, "tokens": t, "flops": 6.0 * n * t + 2.0 * n * eval_t, "wall_s": time.time() - t0}
+
+
+def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
+    from opmix_ray.model import set_threads
+    set_threads(1)
+    job = jobs[config["job"]]
+    if isinstance(shards, dict):  # several seeds' data in one Tune run: the job's seed picks its shards
+        shards = shards[job["seed"]]
+    mixture = Mixture.from_dict(job["weights"], shards.domains)
+    out = train_fixed(ModelSection(**job["model"]), MainSection(**job["main"]), shards, mixture, job["tokens"],
+                      job["seed"], job.get("caps"), job.get("init_path"), job.get("schedule"), job.get("eval_tokens"))
+    return {"job": config["job"], "flops": out["flops"], "wall_s": out["wall_s"], "n_params": out["n_params"],
+            **{f"loss_{d}": v for d, v in out["val_loss"].items()},
+            **{f"drawn_{d}": v for d, v in out["drawn"].items()}}
+
+
+def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_concurrent: int = 2) -> list[dict]:
+    """Run fixed-mixture training jobs as Ray Tune trials; returns one row per job, in job order.
+
+    `shards` is one TokenShards, or {seed: TokenShards} when the jobs span seeds.
+    A job: {weights, model (ModelSection dict), main (MainSection dict), tokens, seed, caps?,
+    init_path?, schedule?, eval_tokens?, ...labels}. Extra keys are copied into the row.
+    """
+    from ray import tune
+    trainable = tune.with_resources(tune.with_parameters(_fixed_trainable, jobs=jobs, shards=shards), {"cpu": 1})
+    tuner = tune.Tuner(
+        trainable, param_space={"job": tune.grid_search(list(range(len(jobs))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0))
+    results = tuner.fit()
+    rows: list[dict | None] = [None] * len(jobs)
+    for r in results:
+        if r.error or not r.metrics or "job" not in r.metrics:
+            continue
+        m = r.metrics
+        rows[m["job"]] = {**{k: v for k, v in jobs[m["job"]].items() if k not in ("model", "main", "caps")},
+                          "val_loss": {k[5:]: v for k, v in m.items() if k.startswith("loss_")},
+                          "drawn": {k[6:]: v for k, v in m.items() if k.startswith("drawn_")},
+                          "flops": m["flops"], "wall_s": m["wall_s"], "n_params": m["n_params"]}
+    missing = [i for i, r in enumerate(rows) if r is None]
+    if missing:
+        raise RuntimeError(f"fixed-mixture runs {missing} of '{name}' failed; see {storage_path}/{name}")
+    return rows
