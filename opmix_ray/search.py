@@ -92,6 +92,16 @@ def merged_trial(config: dict, candidates: Candidates, cpus: float) -> None:
     tune.report({**score(candidates, a), "node_id": ray.get_runtime_context().get_node_id()})
 
 
+class _RetryCounter(tune.Callback):
+    """Counts trial reruns after a worker died, so a round's record can say how many it took."""
+
+    def __init__(self):
+        self.n = 0
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.n += 1
+
+
 @dataclass
 class SearchOutcome:
     mixture: Mixture
@@ -102,6 +112,7 @@ class SearchOutcome:
     n_failed: int
     wall_s: float
     trials: list[dict]
+    n_retried: int = 0  # trial reruns after a worker died (FailureConfig)
 
 
 def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str) -> SearchOutcome:
@@ -116,6 +127,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
+    retries = _RetryCounter()
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
@@ -124,7 +136,8 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         # trial is one merge + one eval, so a retry is cheap and the candidate is not lost. A NaN
         # objective is no error and is not retried: the searcher records it failed (base.py).
         run_config=tune.RunConfig(storage_path=run_dir, name=f"search_round_{round_idx}", verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                  callbacks=[retries]),
     )
     grid = tuner.fit()
     trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
@@ -137,4 +150,5 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     mixture = Mixture.normalised(doms, [best[f"mix_{d}"] for d in doms], candidates.current.data_hash)
     keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
-                         len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials])
+                         len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials],
+                         retries.n)

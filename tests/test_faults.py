@@ -1,0 +1,128 @@
+"""Fault tolerance of a round's search, through the real Ray Tune search in opmix_ray/search.py.
+
+- a candidate whose merged model scores NaN is recorded failed and the search goes on;
+- a trial worker killed with SIGKILL mid-search is rerun (FailureConfig), no candidate is lost.
+
+The candidates are synthetic (a small Llama, hand-made LoRA deltas, random val windows) so each
+test costs one Tune run, not a whole OP-Mix run; everything else is the production code path.
+"""
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+
+from opmix_ray.config import ModelSection, load_config
+from opmix_ray.engine import init_ray
+from opmix_ray.mixture import Mixture
+from opmix_ray.model import build_model
+from opmix_ray.search import TRIAL_RETRIES, Candidates, run_search
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs", "tiny.yaml")
+DOMAINS = ("a", "b")
+COORDS = ("old", "a", "b")
+MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+
+
+def _cfg(tmp, **search):
+    return load_config(TINY, {"run": {"storage_path": str(tmp)},
+                              "search": {"warm_start": False, "max_concurrent": 2, **search}})
+
+
+def _candidates(key: str, n_val: int, poison: str | None = None, hidden: int = 32) -> Candidates:
+    """Candidates over {old, a, b}; `poison`'s delta is 1e38 everywhere, so any merge that gives it
+    weight > 0 overflows to a NaN loss, while one that gives it exactly 0 is untouched."""
+    model = build_model(ModelSection(hidden_size=hidden, num_layers=2, num_heads=2, intermediate_size=2 * hidden),
+                        vocab_size=128, seq_len=16, seed=0)
+    shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in MODULES}
+    rng = np.random.default_rng(0)
+    stacked = {m: np.stack([np.full(s, 1e38, np.float32) if c == poison else
+                            rng.normal(0, 0.02, s).astype(np.float32) for c in COORDS]) for m, s in shapes.items()}
+    val = {d: rng.integers(0, 128, size=(n_val, 17)).astype(np.int32) for d in DOMAINS}
+    base = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return Candidates(key, COORDS, model.config.to_dict(), base, stacked, val, Mixture.uniform(DOMAINS),
+                      None, None)
+
+
+@pytest.fixture
+def tune_grids(monkeypatch) -> list:
+    """The ResultGrid of every Tuner.fit in the test (a wrapper: fit itself runs unchanged)."""
+    from ray import tune
+    grids, fit = [], tune.Tuner.fit
+
+    def spy(self):
+        grids.append(fit(self))
+        return grids[-1]
+    monkeypatch.setattr(tune.Tuner, "fit", spy)
+    return grids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(tmp_path_factory):
+    ray.shutdown()
+    init_ray(_cfg(tmp_path_factory.mktemp("x")))
+    yield
+    ray.shutdown()
+
+
+def test_nan_objective_is_recorded_failed_and_search_goes_on(tmp_path, tune_grids):
+    # The lattice at resolution 2 over {old, a, b}: 6 points, 3 with b = 0 (finite) and 3 with
+    # b > 0 (NaN). num_samples = 6 runs every point once.
+    cfg = _cfg(tmp_path, searcher="grid", searcher_options={"resolution": 2}, num_samples=6)
+    out = run_search(cfg, _candidates("nan", n_val=8, poison="b"), 0, str(tmp_path))
+    assert out.n_trials == 6 and out.n_failed == 3 and len(out.trials) == 3
+    assert np.isfinite(out.objective) and out.weights["b"] == 0.0 and out.n_retried == 0  # NaN is no crash
+    assert all(np.isfinite(t["objective"]) and t["a_b"] == 0.0 for t in out.trials)
+    # the 3 poisoned candidates really ran and reported a NaN objective (a result, not a crash)
+    (grid,) = tune_grids
+    assert len(grid) == 6 and not grid.errors
+    nan = [r.metrics for r in grid if not np.isfinite(r.metrics["objective"])]
+    assert len(nan) == 3 and all(m["a_b"] > 0 for m in nan)
+
+
+def _implicit_func_pids() -> list[int]:
+    """Our own Tune function-trainable actor processes (Ray titles them ray::ImplicitFunc...)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline() and p.cmdline()[0].startswith("ray::ImplicitFunc"):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_sigkill_of_a_trial_worker_is_retried_and_nothing_is_lost(tmp_path, tune_grids):
+    cfg = _cfg(tmp_path, searcher="random", num_samples=6)
+    # enough validation windows that a trial runs for a while, so the kill lands mid-search
+    cands = _candidates("kill", n_val=400, hidden=64)
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pids = _implicit_func_pids()
+            if pids:
+                time.sleep(1.0)  # let it start scoring
+                if pids[0] in _implicit_func_pids():
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    out = run_search(cfg, cands, 0, str(tmp_path))
+    t.join(timeout=5)
+    assert killed, "no trial worker was found to kill"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    # every candidate has its result: the killed trial was rerun, not dropped or counted failed
+    assert out.n_retried >= 1, "the kill did not cost a trial: it did not test anything"
+    assert out.n_trials == 6 and out.n_failed == 0 and len(out.trials) == 6, (out.n_trials, out.n_failed)
+    assert len({tuple(round(t[f"a_{c}"], 12) for c in COORDS) for t in out.trials}) == 6
+    (grid,) = tune_grids
+    assert len(grid) == 6 and not grid.errors and TRIAL_RETRIES >= 1
