@@ -34,7 +34,10 @@ def adapter_plan(current: Mixture, cfg: Config) -> list[tuple[str, dict[str, flo
     """[(adapter name, probe mixture)]: 'old' on p, then each domain on share*d + (1-share)*p."""
     plan = [("old", current.as_dict())] if cfg.adapters.include_old else []
     share = cfg.adapters.probe_domain_share
+    own = cfg.adapters.domains
     for i, d in enumerate(current.domains):
+        if own is not None and d not in own:
+            continue  # collapsed into 'old'
         w = (1.0 - share) * current.as_array()
         w[i] += share
         plan.append((d, Mixture.normalised(current.domains, w).as_dict()))

@@ -6,6 +6,7 @@
     opmix-ray results opmix_runs/demo
     opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # every method, 3 seeds (~1 h)
     opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16            # merged adapters vs real training
+    opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default   # domains in stages
     opmix-ray data build --out DIR --max-mb-per-domain 2
     opmix-ray config-help
 
@@ -165,6 +166,16 @@ def cmd_fidelity(args) -> int:
     return 0
 
 
+def cmd_continual(args) -> int:
+    cfg = _load(args.config, _overrides(args.set))
+    from opmix_ray.continual import run_continual
+    result = run_continual(cfg, args.out, overwrite=args.overwrite)
+    from opmix_ray.continual import markdown
+    print(markdown(result))
+    print(f"wrote {args.out}/results.json and results.md ({result['wall_s']:.0f}s)")
+    return 0
+
+
 def cmd_config_help(args) -> int:
     from opmix_ray.config import config_help
     print(config_help())
@@ -217,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--round", type=int, default=0, help="which round's checkpoint and adapters")
     f.add_argument("--mixtures", type=int, default=16, help="how many mixtures to train for real")
     f.set_defaults(fn=cmd_fidelity)
+    ct = sub.add_parser("continual", help="continual midtraining: domains arrive in stages (schedule:)")
+    ct.add_argument("config")
+    ct.add_argument("--out", default="continual_runs/default", help="output dir (results.json, results.md)")
+    ct.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    ct.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    ct.set_defaults(fn=cmd_continual)
     c = sub.add_parser("config-help", help="every config field with its default and meaning")
     c.set_defaults(fn=cmd_config_help)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)

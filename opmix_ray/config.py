@@ -89,7 +89,9 @@ class RoundsSection(_Section):
                                   "mixture before the first round (paper: 0.2).")
     num_rounds: int = Field(2, ge=0, description="Rounds of adapters -> search -> push, evenly spaced "
                             "over the tokens after the prefix.")
-    initial: Literal["uniform", "natural"] = Field("uniform", description="Mixture for the prefix.")
+    initial: Literal["uniform", "natural"] | dict[str, float] = Field(
+        "uniform", description="Mixture for the prefix: uniform, natural, or explicit weights per domain "
+        "(zeros allowed: a domain that has not arrived yet; `opmix-ray continual` sets this per stage).")
 
 
 class AdaptersSection(_Section):
@@ -105,6 +107,9 @@ class AdaptersSection(_Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Linear layers that get LoRA adapters.")
+    domains: list[str] | None = Field(None, description="Domains that get their own adapter; null = every "
+                                      "domain. The others move only with 'old' (the collapse on a domain-set "
+                                      "change: adapters for the affected domains plus one on the old mixture).")
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers training adapters side by "
                                     "side; null = as many as free CPUs allow.")
 
@@ -165,6 +170,23 @@ class BenchSection(_Section):
     max_concurrent: int = Field(2, ge=1, description="Fixed-mixture runs (Tune trials) in flight.")
 
 
+class Stage(_Section):
+    add: list[str] = Field(min_length=1, description="Domains that arrive at this stage.")
+    tokens: int = Field(gt=0, description="Training tokens in this stage.")
+
+
+class ScheduleSection(_Section):
+    """`opmix-ray continual` only: domains arriving in stages (continual midtraining)."""
+    stages: list[Stage] = Field(default_factory=list, description="Stage 0 pretrains (uniform over its "
+                                "domains, shared by every method); each later stage adds domains.")
+    methods: list[Literal["opmix", "opmix-recompute", "naive", "replay", "retrain"]] = Field(
+        default_factory=lambda: ["opmix", "opmix-recompute", "naive", "replay", "retrain"], min_length=1,
+        description="opmix: adapters for the new domains + old, search over {old, new} (mixture reuse); "
+        "opmix-recompute: adapters for every seen domain; naive: 100% new; replay: new + replay_share old; "
+        "retrain: the stage-0 checkpoint retrained on everything seen so far.")
+    replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -175,6 +197,7 @@ class Config(_Section):
     search: SearchSection = Field(default_factory=SearchSection)
     ray: RayInit = Field(default_factory=RayInit)
     bench: BenchSection = Field(default_factory=BenchSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
 
     @model_validator(mode="after")
     def _cross_checks(self):

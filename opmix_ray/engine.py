@@ -24,6 +24,7 @@ from opmix_ray.controller import MixtureController, controller_name
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
+from opmix_ray.mixture import Mixture
 from opmix_ray.preflight import preflight
 from opmix_ray.search import build_candidates, run_search
 from opmix_ray.storage import RunStore, is_uri
@@ -88,6 +89,8 @@ def _wait(ref, main_ref, ctl, seen: list[int]):
 
 def _initial_mixture(cfg: Config, shards):
     kind = cfg.run.baseline if cfg.run.baseline != "none" else cfg.rounds.initial
+    if isinstance(kind, dict):
+        return Mixture.from_dict(kind, shards.domains, shards.data_hash)
     return shards.natural() if kind == "natural" else shards.uniform()
 
 

@@ -20,6 +20,7 @@ from pyarrow.fs import FileSelector
 
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.data.shards import TokenShards, build_shards
+from opmix_ray.mixture import Mixture, MixtureError
 from opmix_ray.storage import is_uri, join, redact, remote_fs, staging_dir
 
 _ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
@@ -142,6 +143,20 @@ def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> N
         if unknown:
             raise ConfigError(f"config error at {field}: unknown domains {unknown}; the run's domains are "
                               f"{sorted(known)} (fix: use those names)")
+    own = cfg.adapters.domains
+    if own is not None:
+        unknown = sorted(set(own) - set(shards.domains))
+        if unknown or not own:
+            raise ConfigError(f"config error at adapters.domains: {unknown or own} are not among the run's domains "
+                              f"{list(shards.domains)} (fix: list some of those, or null for all)")
+        if not cfg.adapters.include_old:
+            raise ConfigError("config error at adapters.domains: a subset needs the 'old' adapter to move the "
+                              "other domains (fix: set adapters.include_old: true, or adapters.domains: null)")
+    if isinstance(cfg.rounds.initial, dict):
+        try:
+            Mixture.from_dict(cfg.rounds.initial, shards.domains)
+        except MixtureError as exc:
+            raise ConfigError(f"config error at rounds.initial: {exc}") from None
     if vocab is not None and vocab < shards.vocab_size:
         raise ConfigError(f"config error at model.path: the checkpoint's vocab ({vocab}) is smaller than "
                           f"data.tokenizer's ({shards.vocab_size}) (fix: use the tokenizer the model was "

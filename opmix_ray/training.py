@@ -18,7 +18,7 @@ from opmix_ray.config import MainSection, ModelSection
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import build_model, lm_loss, load_checkpoint, n_params
+from opmix_ray.model import build_model, lm_loss, load_checkpoint, n_params, save_checkpoint
 
 
 def lr_lambda(warmup: int, total: int):
@@ -55,7 +55,8 @@ def train_step(model, opt, sched, batch: np.ndarray, device="cpu") -> float:
 
 def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mixture, tokens: int,
                 seed: int, caps: dict[str, float] | None = None, init_path: str | None = None,
-                schedule: tuple[int, int] | None = None, eval_tokens: int | None = None) -> dict:
+                schedule: tuple[int, int] | None = None, eval_tokens: int | None = None,
+                save_path: str | None = None) -> dict:
     """Train on one fixed mixture for `tokens` tokens; return final per-domain val loss and FLOPs.
 
     From scratch (seeded exactly as the main run: model seed, sampler seed*1000) unless init_path
@@ -72,6 +73,8 @@ def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mix
         batch, _ = sampler.next_batch(main.batch_size)
         train_step(model, opt, sched, batch)
     val = domain_losses(model, shards.val, max_tokens=eval_tokens)
+    if save_path:
+        save_checkpoint(model, save_path)
     n, t = n_params(model), steps * main.batch_size * shards.seq_len
     eval_t = sum(min(v.shape[0], (eval_tokens or 10**12) // shards.seq_len) * shards.seq_len for v in shards.val.values())
     return {"val_loss": val, "drawn": {d: sampler.drawn_total[d] / t for d in sampler.domains},
@@ -86,7 +89,8 @@ def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
         shards = shards[job["seed"]]
     mixture = Mixture.from_dict(job["weights"], shards.domains)
     out = train_fixed(ModelSection(**job["model"]), MainSection(**job["main"]), shards, mixture, job["tokens"],
-                      job["seed"], job.get("caps"), job.get("init_path"), job.get("schedule"), job.get("eval_tokens"))
+                      job["seed"], job.get("caps"), job.get("init_path"), job.get("schedule"), job.get("eval_tokens"),
+                      job.get("save_path"))
     return {"job": config["job"], "flops": out["flops"], "wall_s": out["wall_s"], "n_params": out["n_params"],
             **{f"loss_{d}": v for d, v in out["val_loss"].items()},
             **{f"drawn_{d}": v for d, v in out["drawn"].items()}}
@@ -97,7 +101,7 @@ def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_c
 
     `shards` is one TokenShards, or {seed: TokenShards} when the jobs span seeds.
     A job: {weights, model (ModelSection dict), main (MainSection dict), tokens, seed, caps?,
-    init_path?, schedule?, eval_tokens?, ...labels}. Extra keys are copied into the row.
+    init_path?, schedule?, eval_tokens?, save_path? (write the final HF checkpoint), ...labels}. Extra keys are copied into the row.
     """
     from ray import tune
     trainable = tune.with_resources(tune.with_parameters(_fixed_trainable, jobs=jobs, shards=shards), {"cpu": 1})

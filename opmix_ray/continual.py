@@ -1,0 +1,178 @@
+"""`opmix-ray continual CONFIG`: continual midtraining, domains arriving in stages.
+
+    opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default   # ~25 min, 2 cores
+
+Stage 0 pretrains one model (uniform over its domains, from scratch or model.path); every method
+starts from that checkpoint. At each later stage new domains arrive and each method trains
+`tokens` more from its own previous checkpoint:
+
+| method          | stage mixture                                                               |
+|-----------------|-----------------------------------------------------------------------------|
+| opmix           | OP-Mix on the live checkpoint with the old domains collapsed: adapters only  |
+|                 | for the new domains plus one on the old mixture, search over {old, new}      |
+|                 | (mixture reuse); a real engine run (Ray Train + adapters + Tune)             |
+| opmix-recompute | the same, with an adapter for every domain seen so far (full recomputation) |
+| naive           | 100% new data                                                               |
+| replay          | new data plus replay_share of the old domains (uniform over them)            |
+| retrain         | the stage-0 checkpoint retrained on every domain seen so far (uniform), for  |
+|                 | all tokens of stages 1..s                                                   |
+
+Metric: mean val loss over every domain seen so far (forgetting included) and FLOPs, per stage.
+Fixed-mixture stages run as Tune trials (training.run_fixed_jobs) and restart AdamW with warmup at
+each stage, as the engine's stage runs do.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from opmix_ray.config import Config, ConfigError
+from opmix_ray.storage import atomic_write_bytes, write_json
+
+FIXED = ("naive", "replay", "retrain")
+
+
+def _say(msg: str) -> None:
+    print(f"[continual {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def check_schedule(cfg: Config) -> list[list[str]]:
+    """Domains seen after each stage; one-line errors for a bad schedule."""
+    stages = cfg.schedule.stages
+    if len(stages) < 2:
+        raise ConfigError("config error at schedule.stages: needs a pretraining stage and at least one more "
+                          "(fix: list stages, each with add: [...] and tokens: N)")
+    seen, out = [], []
+    for i, st in enumerate(stages):
+        again = sorted(set(st.add) & set(seen))
+        if again:
+            raise ConfigError(f"config error at schedule.stages.{i}.add: {again} arrived in an earlier stage "
+                              "(fix: add each domain once)")
+        seen = seen + list(st.add)
+        out.append(list(seen))
+    return out
+
+
+def _weights(domains, parts: dict[str, float]) -> dict[str, float]:
+    total = sum(parts.values())
+    return {d: parts.get(d, 0.0) / total for d in domains}
+
+
+def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage) -> dict:
+    return {"weights": weights, "model": cfg.model.model_dump(), "main": cfg.main.model_dump(),
+            "tokens": tokens, "seed": cfg.run.seed, "caps": shards.cap_tokens(cfg), "init_path": init,
+            "save_path": save, "method": method, "stage": stage}
+
+
+def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
+    from opmix_ray.engine import run
+    c = cfg.model_copy(deep=True)
+    c.run.name, c.run.storage_path, c.run.baseline = f"{method}-stage{stage}", str(out / "runs"), "none"
+    c.model.path = init
+    c.main.total_tokens = cfg.schedule.stages[stage].tokens
+    c.rounds.uniform_prefix, c.rounds.initial = 0.0, prev_mix  # the round at step 0 picks the stage's mixture
+    c.adapters.domains = list(new) if method == "opmix" else list(seen)
+    c.adapters.include_old = True
+    c.search.objective_weights = {d: 1.0 for d in seen}
+    s = run(c, overwrite=True)
+    return {"val_loss": s["final_val_loss"], "mixture": s["final_mixture"], "main_flops": s["main_flops"],
+            "search_flops": s["search_flops"], "ckpt": str(Path(s["run_dir"]) / "main" / "round_final"),
+            "wall_s": s["wall_s"]}
+
+
+def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
+    from opmix_ray.data.shards import build_shards
+    from opmix_ray.engine import init_ray
+    from opmix_ray.preflight import check_against_data
+    from opmix_ray.training import run_fixed_jobs
+    t0, out = time.time(), Path(out_dir).expanduser().resolve()
+    seen_by_stage = check_schedule(cfg)
+    if (out / "results.json").exists() and not overwrite:
+        raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.domains = seen_by_stage[-1]
+    shards = build_shards(cfg)
+    check_against_data(cfg, shards, None)
+    doms, methods = shards.domains, cfg.schedule.methods
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    st0 = cfg.schedule.stages[0]
+    _say(f"stage 0: pretraining on {st0.add} for {st0.tokens} tokens")
+    pre = run_fixed_jobs([_fixed_job(cfg, shards, "pretrain", _weights(doms, dict.fromkeys(st0.add, 1.0)), st0.tokens,
+                                     cfg.model.path, str(out / "stage_0" / "pretrained"), 0)],
+                         shards, str(out / "tune"), "stage_0", 1)[0]
+    ckpt = dict.fromkeys(methods, str(out / "stage_0" / "pretrained"))
+    mix = dict.fromkeys(methods, _weights(doms, dict.fromkeys(st0.add, 1.0)))
+    flops = {m: {"main": 6.0 * pre["n_params"] * st0.tokens, "search": 0.0} for m in methods}
+    rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m], **_score(pre["val_loss"], st0.add)}
+            for m in methods]
+    for s in range(1, len(seen_by_stage)):
+        seen, new, T = seen_by_stage[s], cfg.schedule.stages[s].add, cfg.schedule.stages[s].tokens
+        old = [d for d in seen if d not in new]
+        r = cfg.schedule.replay_share
+        plans = {"naive": (_weights(doms, dict.fromkeys(new, 1.0)), T, ckpt.get("naive")),
+                 "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}),
+                            T, ckpt.get("replay")),
+                 "retrain": (_weights(doms, dict.fromkeys(seen, 1.0)),
+                             sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), str(out / "stage_0" / "pretrained"))}
+        jobs = [_fixed_job(cfg, shards, m, w, tok, init, str(out / f"stage_{s}" / m), s)
+                for m, (w, tok, init) in plans.items() if m in methods]
+        results = {}
+        if jobs:
+            _say(f"stage {s}: +{new}; {', '.join(j['method'] for j in jobs)} as Tune trials")
+            for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
+                results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "ckpt": j["save_path"],
+                                        "main_flops": 6.0 * res["n_params"] * j["tokens"], "search_flops": 0.0,
+                                        "wall_s": res["wall_s"]}
+        for m in [m for m in methods if m.startswith("opmix")]:
+            _say(f"stage {s}: {m} (adapters for {new if m == 'opmix' else seen} + old)")
+            results[m] = _opmix_stage(cfg, m, s, seen, new, mix[m], ckpt[m], out)
+        for m, res in results.items():
+            ckpt[m], mix[m] = res["ckpt"], res["mixture"]
+            flops[m]["main"] += res["main_flops"]
+            flops[m]["search"] += res["search_flops"]
+            rows.append({"method": m, "stage": s, "val_loss": res["val_loss"], "mixture": res["mixture"],
+                         "stage_search_flops": res["search_flops"], "flops_so_far": dict(flops[m]),
+                         "wall_s": res["wall_s"], **_score(res["val_loss"], seen)})
+            _say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}")
+        write_json(out / "rows_partial.json", rows)
+    result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage, "wall_s": time.time() - t0,
+              "config": cfg.model_dump(mode="json")}
+    write_json(out / "results.json", result)
+    (out / "rows_partial.json").unlink(missing_ok=True)
+    atomic_write_bytes(out / "results.md", markdown(result).encode())
+    return result
+
+
+def _score(val_loss: dict[str, float], seen) -> dict:
+    return {"mean_loss": float(np.mean([val_loss[d] for d in seen])),
+            "mean_ppl": float(np.mean([math.exp(val_loss[d]) for d in seen]))}
+
+
+def markdown(result: dict) -> str:
+    rows, seen = result["rows"], result["seen_by_stage"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    S = len(seen)
+    head = ["method"] + [f"stage {s} (+{','.join(seen[s][len(seen[s - 1]):]) if s else ','.join(seen[0])})"
+                         for s in range(S)] + ["final mean ppl", "search FLOPs", "total FLOPs"]
+    lines = ["Mean val loss over every domain seen so far, after each stage:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        by = {r["stage"]: r for r in rows if r["method"] == m}
+        f = result["flops"][m]
+        lines.append(f"| {m} | " + " | ".join(f"{by[s]['mean_loss']:.4f}" if s in by else "-" for s in range(S))
+                     + f" | {by[S - 1]['mean_ppl']:.2f} | {f['search']:.3g} | {f['main'] + f['search']:.3g} |")
+    last = {r["method"]: r for r in rows if r["stage"] == S - 1}
+    lines += ["", "Final per-domain val loss:", "", "| method | " + " | ".join(seen[-1]) + " |",
+              "|" + "---|" * (len(seen[-1]) + 1)]
+    for m, r in last.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r['val_loss'][d]:.4f}" for d in seen[-1]) + " |")
+    lines += ["", "Stage mixtures (token shares):", ""]
+    for r in rows:
+        if r["stage"] > 0:
+            mix = ", ".join(f"{d} {w:.2f}" for d, w in r["mixture"].items() if w > 0.005)
+            lines.append(f"- stage {r['stage']} {r['method']}: {mix}")
+    return "\n".join(lines) + "\n"
