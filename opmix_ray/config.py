@@ -89,6 +89,11 @@ class RoundsSection(_Section):
                                   "mixture before the first round (paper: 0.2).")
     num_rounds: int = Field(2, ge=0, description="Rounds of adapters -> search -> push, evenly spaced "
                             "over the tokens after the prefix.")
+    mode: Literal["sync", "async"] = Field("sync", description="sync: the main run waits at each boundary "
+                                           "for the round's winner. async: it keeps training on the current "
+                                           "mixture while the round runs on the boundary's checkpoint, and "
+                                           "switches at the first step after the push (it waits only if a "
+                                           "round is still running at the next boundary).")
     initial: Literal["uniform", "natural"] | dict[str, float] = Field(
         "uniform", description="Mixture for the prefix: uniform, natural, or explicit weights per domain "
         "(zeros allowed: a domain that has not arrived yet; `opmix-ray continual` sets this per stage).")

@@ -61,6 +61,10 @@ class MixtureController:
         self.boundaries[round_idx] = info
         self._evt(self._boundary_evt, round_idx).set()
 
+    async def reached(self) -> dict:
+        """Boundaries the main run has reported so far, and whether it has finished."""
+        return {"boundaries": sorted(self.boundaries), "final": self.final is not None}
+
     async def wait_push(self, round_idx: int) -> dict[str, float]:
         """Block until the driver pushes round `round_idx`'s winner; return its weights."""
         await self._evt(self._push_evt, round_idx).wait()

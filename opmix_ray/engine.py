@@ -87,6 +87,15 @@ def _wait(ref, main_ref, ctl, seen: list[int]):
             raise RuntimeError("the main run ended before reaching the next round boundary")
 
 
+def _latest_boundary(ctl, k: int, n: int) -> int | None:
+    """async: the newest boundary already reached (>= k), k if none yet, None once the run ended."""
+    reached = ray.get(ctl.reached.remote())
+    if reached["final"]:
+        return None
+    later = [j for j in reached["boundaries"] if k <= j < n]
+    return max(later) if later else k
+
+
 def _initial_mixture(cfg: Config, shards):
     kind = cfg.run.baseline if cfg.run.baseline != "none" else cfg.rounds.initial
     if isinstance(kind, dict):
@@ -147,10 +156,16 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace)
     _say(f"main run: {total} steps, rounds at steps {boundaries}, starting on {current}")
     seen = [0]
-    for k in range(len(boundaries)):
+    k = 0
+    while k < len(boundaries):
+        if cfg.rounds.mode == "async":
+            k = _latest_boundary(ctl, k, len(boundaries))  # skip snapshots a long round overtook
+            if k is None:
+                break  # the main run ended while the last round ran
         info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
         current, record = _round(cfg, k, info, current, shards, shards_ref, store)
         ray.get(ctl.push.remote(k, current.as_dict(), record))
+        k += 1
     _wait(main_ref, main_ref, ctl, seen)
     history = ray.get(ctl.get_history.remote())
     final = history["final"]
@@ -160,7 +175,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
                "final_val_ppl_mean": mean_perplexity({d: final["val_loss"][d] for d in shards.domains}),
                "final_target_ppl": {d: math.exp(final["val_loss"][d]) for d in shards.eval_only},
                "final_mixture": current.as_dict(), "drawn_last_segment": final["drawn"],
-               "main_flops": final["flops"],
+               "main_flops": final["flops"], "rounds_mode": cfg.rounds.mode,
+               "main_stall_s": sum(final.get("stall_s", {}).values()), "applied_step": final.get("applied_step", {}),
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
                "wall_s": time.time() - t_start}
     if store.remote:  # run_dir stays local (the staging dir): callers read and plot from it

@@ -71,26 +71,65 @@ def main_loop(loop_cfg: dict) -> None:
                              shards.cap_tokens(cfg), seed=cfg.run.seed * 1000 + rank)
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
+    push = _PushTracker(ctl, sampler, shards.domains, cfg.rounds.mode)
     for step in range(total + 1):
+        push.poll(step)
         if step in boundaries or step == total:
             k = boundaries.index(step) if step in boundaries else "final"
             val = domain_losses(model, shards.val, batch_size=32, device=device)
             info = {"step": step, "tokens": step * tokens_per_step, "train_loss": float(np.mean(losses[-50:] or [math.nan])),
                     "val_loss": val, "drawn": sampler.segment_fractions(), "mixture": sampler.mixture.as_dict(),
                     "epochs": sampler.epochs(), "n_params": n_par, "flops": 6.0 * n_par * step * tokens_per_step,
-                    "wall_s": time.time() - t0, "path": checkpoint_path(loop_cfg["run_dir"], k)}
+                    "wall_s": time.time() - t0, "path": checkpoint_path(loop_cfg["run_dir"], k),
+                    "stall_s": dict(push.stall_s), "applied_step": dict(push.applied_step)}
             _report_checkpoint(model, f"round_{k}", {"step": step, "mean_val_loss": float(np.mean(list(val.values())))})
             if rank == 0:
                 ray.get(ctl.report_final.remote(info) if k == "final" else ctl.report_boundary.remote(k, info))
             if k == "final":
                 break
-            weights = ray.get(ctl.wait_push.remote(k))
-            sampler.set_mixture(Mixture.from_dict(weights, shards.domains))
+            push.expect(k, step)
         batch, _ = sampler.next_batch(cfg.main.batch_size)
         losses.append(train_step(model, opt, sched, batch, device))
         if rank == 0 and step % 25 == 0:
             ctl.report_progress.remote({"step": step, "total": total, "loss": float(np.mean(losses[-25:])),
                                         "elapsed_s": time.time() - t0})
+
+
+class _PushTracker:
+    """Applies pushed winners to the sampler and records how long the main run stood still.
+
+    sync: the main run waits at each boundary for that round's winner. async: it never waits; it
+    keeps training on the current mixture and switches at the first step after a push arrives.
+    A round still running at the next boundary just continues (the driver starts the next round on
+    the newer checkpoint when it is free), and a round that ends after the main run is recorded
+    but never applied."""
+
+    def __init__(self, ctl, sampler, domains, mode: str):
+        self.ctl, self.sampler, self.domains, self.mode = ctl, sampler, domains, mode
+        self.pending: list[tuple[int, object]] = []  # (round, ObjectRef of its winner), oldest first
+        self.stall_s: dict[str, float] = {}
+        self.applied_step: dict[str, int] = {}
+
+    def expect(self, k: int, step: int) -> None:
+        self.pending.append((k, self.ctl.wait_push.remote(k)))
+        self.stall_s[str(k)] = 0.0
+        if self.mode == "sync":
+            t = time.time()
+            ray.wait([self.pending[-1][1]])
+            self.stall_s[str(k)] = time.time() - t
+            self.poll(step)
+
+    def poll(self, step: int) -> None:
+        if not self.pending:
+            return
+        ready, _ = ray.wait([ref for _, ref in self.pending], num_returns=len(self.pending), timeout=0)
+        if ready:
+            # the newest pushed round wins; older ones still pending were overtaken (never pushed)
+            i = max(j for j, (_, ref) in enumerate(self.pending) if ref in ready)
+            k, ref = self.pending[i]
+            self.sampler.set_mixture(Mixture.from_dict(ray.get(ref), self.domains))
+            self.applied_step[str(k)] = step
+            self.pending = self.pending[i + 1:]
 
 
 @ray.remote(num_cpus=0)
