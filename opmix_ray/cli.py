@@ -3,6 +3,7 @@
     opmix-ray demo                         # real OP-Mix run on the bundled data + uniform baseline
     opmix-ray run CONFIG.yaml [--baseline uniform] [--set search.num_samples=32]
     opmix-ray submit CONFIG.yaml --address http://HEAD:8265 [--runtime-env cluster/runtime_env.yaml] [--no-wait]
+    opmix-ray resume opmix_runs/demo       # continue a run whose driver died (kill -9, lost node)
     opmix-ray results opmix_runs/demo
     opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # every method, 3 seeds (~1 h)
     opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16            # merged adapters vs real training
@@ -101,6 +102,16 @@ def cmd_run(args) -> int:
         run,  # after the config is valid: a bad one fails in ~1 s
     )
     summary = run(cfg, overwrite=args.overwrite)
+    _print_run(summary)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from opmix_ray.resume import resume
+    summary = resume(args.run_dir)
+    if summary.get("already_finished"):
+        print(f"run {summary['run_dir']} had already finished (summary.json); nothing to resume")
+        return 0
     _print_run(summary)
     return 0
 
@@ -213,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--overwrite", action="store_true", help="replace an existing run dir of the same name")
     j.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
     j.set_defaults(fn=cmd_submit)
+    rs = sub.add_parser("resume", help="continue a run whose driver died, from its last completed round")
+    rs.add_argument("run_dir", help="the run's dir, e.g. opmix_runs/NAME")
+    rs.set_defaults(fn=cmd_resume)
     s = sub.add_parser("results", help="print a run's mixture table")
     s.add_argument("path")
     s.add_argument("--baseline", help="a baseline run dir to compare with")

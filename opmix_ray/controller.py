@@ -36,13 +36,16 @@ def flatten_record(rec: dict) -> dict:
 
 @ray.remote(num_cpus=0, max_concurrency=64)
 class MixtureController:
-    def __init__(self, store: RunStore | str, initial: Mixture, meta: dict | None = None):
+    def __init__(self, store: RunStore | str, initial: Mixture, meta: dict | None = None,
+                 history: list[dict] | None = None):
+        """history: the rounds a resumed run already pushed (opmix-ray resume); they are kept as
+        saved and count as pushed, and `initial` must be the last one's winner."""
         # a RunStore also mirrors each history write to the run's URI (storage.py)
         self.store = store if isinstance(store, RunStore) else RunStore(store)
         self.mixture = initial
-        self.version = 0
         self.meta = dict(meta or {})
-        self.history: list[dict] = []
+        self.history: list[dict] = [dict(r) for r in history or []]
+        self.version = self.history[-1]["mixture_version"] if self.history else 0
         self.boundaries: dict[int, dict] = {}
         self.final: dict | None = None
         self._boundary_evt: dict[int, asyncio.Event] = {}

@@ -144,19 +144,30 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     staged = f" (staged in {run_dir})" if store.remote else ""
     _say(f"run '{cfg.run.name}' -> {store.location}{staged}; domains {list(shards.domains)}; "
          f"train tokens {shards.train_tokens()}")
-    shards_ref = ray.put(shards)
     current = _initial_mixture(cfg, shards)
     total, boundaries = steps_and_boundaries(cfg)
     meta = {"run": cfg.run.name, "domains": list(shards.domains), "data_hash": shards.data_hash,
             "tokenizer_hash": shards.tokenizer_hash, "initial_mixture": current.as_dict(),
             "total_steps": total, "boundaries": boundaries, "baseline": cfg.run.baseline}
+    return drive(cfg, store, shards, current, meta, t_start)
+
+
+def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_start: float,
+          rounds: list[dict] | None = None, resume: dict | None = None) -> dict:
+    """Start the controller and the main run, run rounds from the first one not in `rounds` (the
+    rounds a resumed run already pushed; resume.py), then write the summary. Ray must be up."""
+    run_dir = store.local_dir
+    shards_ref = ray.put(shards)
+    total, boundaries = meta["total_steps"], meta["boundaries"]
     namespace = ray.get_runtime_context().namespace
     ctl = MixtureController.options(name=controller_name(cfg.run.name), namespace=namespace).remote(
-        store, current, meta)
-    main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace)
-    _say(f"main run: {total} steps, rounds at steps {boundaries}, starting on {current}")
+        store, current, meta, rounds)
+    main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace, resume=resume)
     seen = [0]
-    k = 0
+    k = max((r["round"] for r in rounds or []), default=-1) + 1
+    _say(f"main run: {total} steps, rounds at steps {boundaries}, " +
+         (f"resumed at round {resume['round']}'s checkpoint, " if resume else "") +
+         f"{'starting' if k == 0 else f'from round {k} on'} on {current}")
     while k < len(boundaries):
         if cfg.rounds.mode == "async":
             k = _latest_boundary(ctl, k, len(boundaries))  # skip snapshots a long round overtook
@@ -167,10 +178,16 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         ray.get(ctl.push.remote(k, current.as_dict(), record))
         k += 1
     _wait(main_ref, main_ref, ctl, seen)
-    history = ray.get(ctl.get_history.remote())
+    summary = finish(cfg, store, shards, ray.get(ctl.get_history.remote()), current, t_start)
+    ray.kill(ctl)
+    return summary
+
+
+def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture, t_start: float) -> dict:
+    """Write summary.json from the history of a run whose main run has ended; return it."""
     final = history["final"]
     store.upload_dir("main/round_final")
-    summary = {"run": cfg.run.name, "run_dir": str(run_dir), "baseline": cfg.run.baseline,
+    summary = {"run": cfg.run.name, "run_dir": str(store.local_dir), "baseline": cfg.run.baseline,
                "final_val_loss": final["val_loss"],
                "final_val_ppl_mean": mean_perplexity({d: final["val_loss"][d] for d in shards.domains}),
                "final_target_ppl": {d: math.exp(final["val_loss"][d]) for d in shards.eval_only},
@@ -182,5 +199,4 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     if store.remote:  # run_dir stays local (the staging dir): callers read and plot from it
         summary["run_uri"] = store.location
     store.write_json("summary.json", summary)  # last: its presence means the run finished
-    ray.kill(ctl)
     return summary

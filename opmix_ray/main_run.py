@@ -7,6 +7,7 @@ trains on it: the run continues on the new mixture without a restart.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -24,8 +25,12 @@ from opmix_ray.controller import controller_name
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import build_model, n_params, pick_device, set_threads
+from opmix_ray.model import build_model, load_checkpoint, n_params, pick_device, set_threads
+from opmix_ray.storage import atomic_write_bytes
 from opmix_ray.training import make_optimizer, train_step
+
+STATE_JSON = "train_state.json"  # written last, after the checkpoint dir is persisted: a resumable round
+STATE_TENSORS = "train_state.safetensors"
 
 
 def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[int]]:
@@ -42,18 +47,67 @@ def checkpoint_path(run_dir: str, round_idx: int | str) -> str:
     return os.path.join(run_dir, "main", f"round_{round_idx}")
 
 
-def _report_checkpoint(model, name: str, metrics: dict) -> None:
+def _report_checkpoint(model, name: str, metrics: dict, state: tuple[dict, dict] | None = None,
+                       final_dir: str | None = None) -> None:
+    """Rank 0 reports the HF checkpoint (plus the resume tensors) and, once Ray Train has persisted
+    it, writes the resume JSON into it atomically: that file's presence means the dir is whole."""
     with tempfile.TemporaryDirectory() as tmp:
         unwrapped = model.module if hasattr(model, "module") else model
         if ray.train.get_context().get_world_rank() == 0:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
+            if state is not None:
+                from safetensors.torch import save_file
+                save_file(state[1], os.path.join(tmp, STATE_TENSORS))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            if state is not None and final_dir:
+                atomic_write_bytes(os.path.join(final_dir, STATE_JSON), json.dumps(state[0]).encode())
         else:
             ray.train.report(metrics)
 
 
+def _train_state(opt, sched, sampler, extra: dict) -> tuple[dict, dict]:
+    """Everything beyond the weights that the next steps depend on, as (JSON, tensors): AdamW
+    moments and step counts, the LR schedule position, the sampler's streams, the torch RNG."""
+    tensors, scalars = {}, {}
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for key, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{key}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = v
+    meta, arrays = sampler.get_state()
+    tensors.update({k: torch.from_numpy(v) for k, v in arrays.items()})
+    tensors["torch_rng"] = torch.get_rng_state()
+    sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}  # the lambda is rebuilt
+    return {"optimizer": {"param_groups": sd["param_groups"], "scalars": scalars}, "scheduler": sched_sd,
+            "sampler": meta, **extra}, tensors
+
+
+def load_train_state(path: str, opt, sched, sampler) -> dict:
+    """Restore what _train_state saved in checkpoint dir `path`; returns its JSON (step, info...)."""
+    from safetensors.torch import load_file
+    with open(os.path.join(path, STATE_JSON)) as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(path, STATE_TENSORS))
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for key, v in meta["optimizer"]["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+    sampler.set_state(meta["sampler"], {k: t.numpy() for k, t in tensors.items() if k.startswith("sampler.")})
+    torch.set_rng_state(tensors["torch_rng"])
+    return meta
+
+
 def main_loop(loop_cfg: dict) -> None:
-    """Ray Train worker loop (one per worker)."""
+    """Ray Train worker loop (one per worker). loop_cfg["resume"] = {"round": k, "weights": pushed
+    winner or None} restarts from main/round_k with its saved state (opmix_ray/resume.py)."""
     cfg = Config.model_validate(loop_cfg["config"])
     shards = ray.get(loop_cfg["shards_ref"])
     ctl = ray.get_actor(controller_name(cfg.run.name), namespace=loop_cfg["namespace"])
@@ -61,7 +115,14 @@ def main_loop(loop_cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(cfg.main.cpus_per_worker)
     device, dtype = pick_device(cfg.model.device)
-    model = build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed).to(device)
+    resume = loop_cfg.get("resume")
+    if resume and world > 1:  # only rank 0's sampler state is saved (the engine runs one worker)
+        raise RuntimeError("resume supports a single-worker main run (fix: start a new run)")
+    if resume:
+        model = load_checkpoint(checkpoint_path(loop_cfg["run_dir"], resume["round"])).to(device)
+        model.train()
+    else:
+        model = build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed).to(device)
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     total, boundaries = steps_and_boundaries(cfg, world)
@@ -72,22 +133,42 @@ def main_loop(loop_cfg: dict) -> None:
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
     push = _PushTracker(ctl, sampler, shards.domains, cfg.rounds.mode)
-    for step in range(total + 1):
+    start, saved = 0, None
+    if resume:
+        saved = load_train_state(checkpoint_path(loop_cfg["run_dir"], resume["round"]), opt, sched, sampler)
+        start, losses = saved["step"], list(saved["losses"])
+        push.stall_s, push.applied_step = dict(saved["stall_s"]), dict(saved["applied_step"])
+        if resume["weights"] is not None:  # the round was pushed: train on its winner, as the run did
+            sampler.set_mixture(Mixture.from_dict(resume["weights"], shards.domains))
+            push.stall_s[str(resume["round"])], push.applied_step[str(resume["round"])] = 0.0, start
+    for step in range(start, total + 1):
         push.poll(step)
         if step in boundaries or step == total:
             k = boundaries.index(step) if step in boundaries else "final"
-            val = domain_losses(model, shards.val, batch_size=32, device=device)
-            info = {"step": step, "tokens": step * tokens_per_step, "train_loss": float(np.mean(losses[-50:] or [math.nan])),
-                    "val_loss": val, "drawn": sampler.segment_fractions(), "mixture": sampler.mixture.as_dict(),
-                    "epochs": sampler.epochs(), "n_params": n_par, "flops": 6.0 * n_par * step * tokens_per_step,
-                    "wall_s": time.time() - t0, "path": checkpoint_path(loop_cfg["run_dir"], k),
-                    "stall_s": dict(push.stall_s), "applied_step": dict(push.applied_step)}
-            _report_checkpoint(model, f"round_{k}", {"step": step, "mean_val_loss": float(np.mean(list(val.values())))})
-            if rank == 0:
-                ray.get(ctl.report_final.remote(info) if k == "final" else ctl.report_boundary.remote(k, info))
-            if k == "final":
-                break
-            push.expect(k, step)
+            if saved is not None and step == start:
+                # evaluated and checkpointed before the driver died: report the same info again
+                # (mid-round resume) or go straight on (the round was pushed)
+                if resume["weights"] is None:
+                    if rank == 0:
+                        ray.get(ctl.report_boundary.remote(k, saved["info"]))
+                    push.expect(k, step)
+            else:
+                val = domain_losses(model, shards.val, batch_size=32, device=device)
+                info = {"step": step, "tokens": step * tokens_per_step, "train_loss": float(np.mean(losses[-50:] or [math.nan])),
+                        "val_loss": val, "drawn": sampler.segment_fractions(), "mixture": sampler.mixture.as_dict(),
+                        "epochs": sampler.epochs(), "n_params": n_par, "flops": 6.0 * n_par * step * tokens_per_step,
+                        "wall_s": time.time() - t0, "path": checkpoint_path(loop_cfg["run_dir"], k),
+                        "stall_s": dict(push.stall_s), "applied_step": dict(push.applied_step)}
+                state = None if k == "final" or rank != 0 else _train_state(opt, sched, sampler, {
+                    "round": k, "step": step, "losses": losses[-50:], "info": info,
+                    "stall_s": push.stall_s, "applied_step": push.applied_step})
+                _report_checkpoint(model, f"round_{k}", {"step": step, "mean_val_loss": float(np.mean(list(val.values())))},
+                                   state, info["path"])
+                if rank == 0:
+                    ray.get(ctl.report_final.remote(info) if k == "final" else ctl.report_boundary.remote(k, info))
+                if k == "final":
+                    break
+                push.expect(k, step)
         batch, _ = sampler.next_batch(cfg.main.batch_size)
         losses.append(train_step(model, opt, sched, batch, device))
         if rank == 0 and step % 25 == 0:
@@ -140,12 +221,14 @@ def _fit(trainer: TorchTrainer):
     return result.metrics
 
 
-def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, num_workers: int = 1):
-    """Start the main run in the background; returns the ObjectRef of its final metrics."""
+def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, num_workers: int = 1,
+                    resume: dict | None = None):
+    """Start the main run in the background; returns the ObjectRef of its final metrics.
+    resume={"round": k, "weights": ...|None} continues from main/round_k (see main_loop)."""
     trainer = TorchTrainer(
         main_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref,
-                           "run_dir": run_dir, "namespace": namespace},
+                           "run_dir": run_dir, "namespace": namespace, "resume": resume},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": cfg.main.cpus_per_worker}),
         run_config=RunConfig(storage_path=run_dir, name="main"),

@@ -93,3 +93,26 @@ class MixtureSampler:
 
     def epochs(self) -> dict[str, float]:
         return {d: self.drawn_total[d] / max(1, len(self.streams[d].tokens)) for d in self.domains}
+
+    # --- resume (opmix-ray resume): plain JSON + arrays, never pickle ---
+    def get_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able counters and rng states, window orders): restoring both continues the exact
+        same draws. The orders are arrays (one int per window) so a big corpus stays out of JSON."""
+        meta = {"domains": list(self.domains), "mixture": self.mixture.as_dict(),
+                "drawn_total": dict(self.drawn_total), "drawn_segment": dict(self.drawn_segment),
+                "streams": [{"epoch": s.epoch, "pos": s.pos, "rng": s.rng.bit_generator.state}
+                            for s in self.streams.values()]}
+        arrays = {f"sampler.starts.{i}": np.asarray(s.starts, dtype=np.int64) for i, s in enumerate(self.streams.values())}
+        return meta, arrays
+
+    def set_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        if list(meta["domains"]) != list(self.domains):
+            raise ValueError(f"sampler state is for domains {meta['domains']}, not {list(self.domains)} "
+                             "(fix: resume with the data the run started on)")
+        self.mixture = Mixture.from_dict(meta["mixture"], self.domains, self.mixture.data_hash)
+        self.drawn_total = {d: int(meta["drawn_total"][d]) for d in self.domains}
+        self.drawn_segment = {d: int(meta["drawn_segment"][d]) for d in self.domains}
+        for i, (s, st) in enumerate(zip(self.streams.values(), meta["streams"])):
+            s.epoch, s.pos = int(st["epoch"]), int(st["pos"])
+            s.rng.bit_generator.state = st["rng"]
+            s.starts = np.asarray(arrays[f"sampler.starts.{i}"], dtype=np.int64)

@@ -1,0 +1,129 @@
+"""`opmix-ray resume RUN_DIR`: continue a run whose driver died, from its last completed step.
+
+    from opmix_ray.resume import resume
+    summary = resume("opmix_runs/tiny")      # {"already_finished": True, ...} if it had finished
+
+What a run leaves (engine.py, main_run.py): history.json gets each round's record when the round
+is pushed, and each round boundary k leaves main/round_k = the HF checkpoint + train_state.*
+(AdamW moments, LR-schedule position, sampler streams, torch RNG; safetensors + JSON, no pickle),
+train_state.json written last. From that:
+
+- the last pushed round k with a resumable checkpoint: the main run restarts from main/round_k on
+  round k's winner; rounds 0..k stay as saved (the controller is seeded with them);
+- sync rounds, boundary k+1 reached but not pushed (the driver died mid-round): the main run
+  restarts from main/round_{k+1} and round k+1 is redone from the start on that checkpoint (its
+  adapters and a fresh searcher with the round's seed; Tune's partial search is not reused);
+- async rounds always restart from the last pushed round and apply its winner at once;
+- nothing pushed and no checkpoint: the run starts over in the same dir;
+- the main run already finished (final in history.json) but no summary.json: only the summary is written.
+
+With search.max_concurrent: 1 the resumed history and final losses equal an uninterrupted run's
+(tests/test_resume.py).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from opmix_ray.config import Config, ConfigError, load_config
+from opmix_ray.main_run import STATE_JSON, checkpoint_path
+from opmix_ray.mixture import Mixture
+from opmix_ray.storage import RunStore, is_uri, read_json
+
+
+def _bad(run_dir: Path, why: str) -> ConfigError:
+    return ConfigError(f"config error at RUN_DIR: {run_dir} {why} (fix: pass a run dir that `opmix-ray run` "
+                       "wrote, e.g. opmix_runs/NAME)")
+
+
+def load_run_config(run_dir: Path) -> tuple[Config, dict]:
+    """The run's own config (re-pointed at run_dir, which may have moved) and its history."""
+    if not run_dir.is_dir():
+        raise _bad(run_dir, "is not a directory")
+    missing = [f for f in ("config.yaml", "history.json") if not (run_dir / f).is_file()]
+    if missing:
+        raise _bad(run_dir, f"is not an opmix-ray run dir (no {' or '.join(missing)})")
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        history = read_json(run_dir / "history.json")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise _bad(run_dir, f"has an unreadable config.yaml or history.json ({type(exc).__name__})") from None
+    if not isinstance(raw, dict) or not isinstance(history, dict) or "rounds" not in history:
+        raise _bad(run_dir, "has a config.yaml or history.json opmix-ray did not write")
+    run = raw.setdefault("run", {})
+    if not is_uri(run.get("storage_path", "")):  # a URI run resumes from its local staging dir
+        run["storage_path"], run["name"] = str(run_dir.parent), run_dir.name
+    return load_config(raw), history
+
+
+def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
+    """{"round": k, "weights": pushed winner or None (redo round k)}, or None to start over."""
+    pushed = {r["round"]: r for r in rounds}
+    ok = lambda k: (Path(checkpoint_path(str(run_dir), k)) / STATE_JSON).is_file()
+    last = max(pushed, default=-1)
+    if cfg.rounds.mode == "sync" and ok(last + 1):
+        return {"round": last + 1, "weights": None}
+    if last >= 0 and ok(last):
+        return {"round": last, "weights": pushed[last]["weights"]}
+    if last >= 0:
+        raise _bad(run_dir, f"has no resumable checkpoint main/round_{last} ({STATE_JSON} missing: written "
+                            "by an opmix-ray without resume support?)")
+    return None
+
+
+def _clear_after(run_dir: Path, point: dict | None, n_rounds: int) -> None:
+    """Remove what the dead driver left for rounds that will be redone, so they are rewritten whole
+    (and Ray Train's checkpoint list, which would name them, starts empty)."""
+    first_redo = 0 if point is None else point["round"] + (point["weights"] is not None)
+    keep_main = -1 if point is None else point["round"]
+    for k in range(n_rounds):
+        rels = [f"adapters_round_{k}", f"search_round_{k}", f"rounds/round_{k}_trials.parquet"] if k >= first_redo else []
+        rels += [f"main/round_{k}"] if k > keep_main else []
+        for rel in rels:
+            p = run_dir / rel
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for rel in ("main/round_final", "main/checkpoint_manager_snapshot.json"):
+        p = run_dir / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def resume(run_dir: str | Path) -> dict:
+    """Continue the run in run_dir to its end; return its summary (see the module docstring)."""
+    from opmix_ray.data.shards import build_shards
+    from opmix_ray.engine import _say, drive, finish, init_ray
+    from opmix_ray.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
+    t_start = time.time()
+    run_dir = Path(run_dir).expanduser().resolve()
+    cfg, history = load_run_config(run_dir)
+    if (run_dir / "summary.json").is_file():
+        return {**read_json(run_dir / "summary.json"), "already_finished": True}
+    check_searcher(cfg)
+    check_ray_address(cfg)
+    shards = build_shards(cfg)
+    check_against_data(cfg, shards, model_vocab(cfg))
+    meta, rounds = history.get("meta", {}), list(history["rounds"])
+    if meta.get("data_hash") != shards.data_hash:
+        raise ConfigError(f"config error at data.path: the data no longer hashes to the run's "
+                          f"{meta.get('data_hash')} (fix: restore the data the run started on)")
+    store = RunStore(run_dir, cfg.run.storage_path if is_uri(cfg.run.storage_path) else None, cfg.run.name)
+    domains = tuple(meta["domains"])
+    current = (Mixture.from_dict(rounds[-1]["weights"], domains, shards.data_hash) if rounds
+               else Mixture.from_dict(meta["initial_mixture"], domains, shards.data_hash))
+    if history.get("final") is not None:
+        _say(f"resume '{cfg.run.name}': the main run had finished; writing the summary")
+        return finish(cfg, store, shards, history, current, t_start)
+    point = resume_point(cfg, run_dir, rounds)
+    _clear_after(run_dir, point, len(meta["boundaries"]))
+    if point is not None and point["weights"] is None:
+        _say(f"resume '{cfg.run.name}': the driver died during round {point['round']}; redoing that round "
+             f"(fresh adapters and searcher) on its checkpoint")
+    elif point is not None:
+        _say(f"resume '{cfg.run.name}': rounds 0..{point['round']} kept; continuing from round "
+             f"{point['round']}'s checkpoint")
+    else:
+        _say(f"resume '{cfg.run.name}': no round checkpoint yet; starting the main run over")
+    init_ray(cfg)
+    return drive(cfg, store, shards, current, meta, t_start, rounds=rounds, resume=point)
