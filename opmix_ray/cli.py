@@ -200,6 +200,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (fix: see `{self.prog} --help`)\n")
 
 
+def _experiment(sub, name: str, help_text: str, out: str, fn) -> None:
+    """A command that runs CONFIG into --out (bench, continual)."""
+    e = sub.add_parser(name, help=help_text)
+    e.add_argument("config")
+    e.add_argument("--out", default=out, help="output dir (results.json, results.md)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    e.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -231,23 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--baseline", help="a baseline run dir to compare with")
     s.set_defaults(fn=cmd_results)
-    bn = sub.add_parser("bench", help="every method (OP-Mix and the baselines) on the same budget and seeds")
-    bn.add_argument("config")
-    bn.add_argument("--out", default="bench_runs/default", help="output dir (results.json, results.md, PNGs)")
-    bn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    bn.add_argument("--overwrite", action="store_true", help="replace a finished benchmark in --out")
-    bn.set_defaults(fn=cmd_bench)
+    _experiment(sub, "bench", "every method (OP-Mix and the baselines) on the same budget and seeds",
+                "bench_runs/default", cmd_bench)
     f = sub.add_parser("fidelity", help="Spearman of merged-adapter scores vs really training on the mixtures")
     f.add_argument("run_dir", help="a finished OP-Mix run dir")
     f.add_argument("--round", type=int, default=0, help="which round's checkpoint and adapters")
     f.add_argument("--mixtures", type=int, default=16, help="how many mixtures to train for real")
     f.set_defaults(fn=cmd_fidelity)
-    ct = sub.add_parser("continual", help="continual midtraining: domains arrive in stages (schedule:)")
-    ct.add_argument("config")
-    ct.add_argument("--out", default="continual_runs/default", help="output dir (results.json, results.md)")
-    ct.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    ct.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    ct.set_defaults(fn=cmd_continual)
+    _experiment(sub, "continual", "continual midtraining: domains arrive in stages (schedule:)",
+                "continual_runs/default", cmd_continual)
     c = sub.add_parser("config-help", help="every config field with its default and meaning")
     c.set_defaults(fn=cmd_config_help)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
