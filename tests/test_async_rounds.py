@@ -18,9 +18,9 @@ TINY = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs", "ti
 def test_async_main_run_does_not_stall_and_sync_does(tmp_path):
     out = {}
     for mode in ("sync", "async"):
-        # 600 steps: long enough that async rounds land inside the run on 2 cores
+        # 1200 steps: long enough that an async round lands inside the run on 2 cores
         cfg = load_config(TINY, {"run": {"storage_path": str(tmp_path), "name": f"t-{mode}"},
-                                 "rounds": {"mode": mode}, "main": {"total_tokens": 614400},
+                                 "rounds": {"mode": mode}, "main": {"total_tokens": 1228800},
                                  "search": {"searcher": "random", "warm_start": False}})
         out[mode] = run(cfg)
         ray.shutdown()
