@@ -21,11 +21,8 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 from opmix_ray.config import ConfigError, load_config
+from opmix_ray.evaluate import objective
 from opmix_ray.storage import read_json, write_json
-
-
-def _objective(losses: dict[str, float], weights: dict[str, float]) -> float:
-    return sum(losses[d] * w for d, w in weights.items()) / sum(weights.values())
 
 
 def _corr(x, y) -> dict:
@@ -82,8 +79,8 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, max_concu
     if shards.eval_only:
         objs["target"] = {d: 1.0 for d in shards.eval_only}
     result = {"run_dir": str(run_dir), "round": round_idx, "n": len(A), "truth_tokens": tokens,
-              "objectives": {name: _corr([_objective({d[5:]: v for d, v in p.items() if d.startswith("loss_")}, w)
-                                          for p in proxy], [_objective(t["val_loss"], w) for t in truth])
+              "objectives": {name: _corr([objective({d[5:]: v for d, v in p.items() if d.startswith("loss_")}, w)
+                                          for p in proxy], [objective(t["val_loss"], w) for t in truth])
                              for name, w in objs.items()},
               "per_domain": {d: _corr([p[f"loss_{d}"] for p in proxy], [t["val_loss"][d] for t in truth])
                              for d in shards.val},

@@ -101,7 +101,8 @@ def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_c
 
     `shards` is one TokenShards, or {seed: TokenShards} when the jobs span seeds.
     A job: {weights, model (ModelSection dict), main (MainSection dict), tokens, seed, caps?,
-    init_path?, schedule?, eval_tokens?, save_path? (write the final HF checkpoint), ...labels}. Extra keys are copied into the row.
+    init_path?, schedule?, eval_tokens?, save_path? (write the final HF checkpoint), ...labels}.
+    Extra keys are copied into the row.
     """
     from ray import tune
     trainable = tune.with_resources(tune.with_parameters(_fixed_trainable, jobs=jobs, shards=shards), {"cpu": 1})

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opmix_ray.config import Config
+from opmix_ray.evaluate import objective
 from opmix_ray.mixture import Mixture
 
 
@@ -35,9 +36,8 @@ class Swarm:
     flops: float
     wall_s: float
 
-    def targets(self, objective: dict[str, float]) -> np.ndarray:
-        v = sum(objective.values())
-        return np.array([sum(w * row[d] for d, w in objective.items()) / v for row in self.losses])
+    def targets(self, weights: dict[str, float]) -> np.ndarray:
+        return np.array([objective(row, weights) for row in self.losses])
 
 
 def sample_swarm_mixtures(p: np.ndarray, upper: np.ndarray, n: int, rng: np.random.Generator,
