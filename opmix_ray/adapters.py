@@ -11,6 +11,7 @@ rank into the round's Ray Train checkpoint <run_dir>/adapters_round_<k>/adapters
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -20,11 +21,12 @@ import ray
 import ray.train
 import torch
 from peft import LoraConfig, get_peft_model
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from opmix_ray.config import Config
 from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.faults import alive_nodes, lost_since
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import lm_loss, load_checkpoint, n_params, pick_device, set_threads
 from opmix_ray.storage import write_json
@@ -92,10 +94,11 @@ def adapter_loop(loop_cfg: dict) -> None:
                          checkpoint_dir_name="adapters")
 
 
-def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,
-                   run_dir: str) -> dict[str, str]:
-    """Train the round's adapters on `base_path`; return {adapter name: adapter dir}."""
-    plan = adapter_plan(current, cfg)
+ADAPTER_NODE_RETRIES = 1  # reruns of a round's adapter job after a node died under it (faults.py)
+
+
+def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int, run_dir: str):
+    # Workers follow the CPUs free now, so a rerun after a node loss fits on what is left.
     free = int(ray.available_resources().get("CPU", 1))
     workers = cfg.adapters.num_workers or max(1, min(len(plan), free))
     trainer = TorchTrainer(
@@ -104,11 +107,33 @@ def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, ro
                            "base_path": base_path, "round": round_idx, "cpus_per_worker": 1},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=run_dir, name=f"adapters_round_{round_idx}"),
+        # controller_failure_limit: Train's default retries a worker group that cannot start
+        # forever, which after a node loss means a hang; one more try, then it is ours to handle.
+        run_config=RunConfig(storage_path=run_dir, name=f"adapters_round_{round_idx}",
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    return trainer.fit()
+
+
+def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,
+                   run_dir: str) -> dict[str, str]:
+    """Train the round's adapters on `base_path`; return {adapter name: adapter dir}. If a Ray node
+    dies under the job, it is rerun from scratch on the nodes left (ADAPTER_NODE_RETRIES times)."""
+    plan = adapter_plan(current, cfg)
+    for attempt in range(ADAPTER_NODE_RETRIES + 1):
+        nodes = alive_nodes()
+        try:  # Train V2 raises from fit(); result.error is the V1 way
+            result = _fit_adapters(cfg, shards_ref, base_path, plan, round_idx, run_dir)
+            if result.error:
+                raise result.error
+            break
+        except Exception:
+            lost = lost_since(nodes)
+            if not lost or attempt == ADAPTER_NODE_RETRIES:
+                raise
+        print(f"[opmix] round {round_idx}: node(s) {sorted(n[:12] for n in lost)} died under the adapter "
+              "job; rerunning it on the nodes left", flush=True)
+        shutil.rmtree(os.path.join(run_dir, f"adapters_round_{round_idx}"), ignore_errors=True)
     root = result.checkpoint.path
     dirs = {name: os.path.join(root, name) for name, _ in plan}
     missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, "adapter_model.safetensors"))]

@@ -1,6 +1,9 @@
 """A real two-node Ray cluster on this machine (loopback only): submit the tiny config through the
 Jobs API with `opmix-ray submit`, check the results in storage and that the round's adapter jobs
-and trials ran on both nodes. Run with `pytest -m cluster` (about 5 minutes on 2 cores).
+and trials ran on both nodes; then kill -9 the worker node in the middle of a second run and
+check the job finishes or fails with the one-line resume message, storage stays whole, and
+`opmix-ray resume` (submitted as a job) finishes it. Run with `pytest -m cluster` (about 10
+minutes on 2 cores). The tests run in file order: the second one takes the worker node down.
 """
 import json
 import os
@@ -8,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -53,7 +57,8 @@ def cluster(tmp_path_factory):
         started.append(worker_tmp)
         _ray(["start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
               "--num-cpus", "2", "--temp-dir", str(worker_tmp), "--disable-usage-stats"], env)
-        yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env, "base": base}
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env, "base": base,
+               "worker_tmp": worker_tmp}
     finally:
         # Not `ray stop`: it stops every Ray process of the user on the machine, other sessions'
         # too. Stop only this cluster's processes (found by their temp dirs), then remove the dirs.
@@ -63,8 +68,9 @@ def cluster(tmp_path_factory):
             shutil.rmtree(t, ignore_errors=True)
 
 
-def _stop_node(temp_dir: Path) -> None:
-    """Kill the processes of one node, found by its session dir (ours only, by pid)."""
+def _stop_node(temp_dir: Path, hard: bool = False) -> None:
+    """Stop the processes of one node, found by its session dir (ours only, by pid); hard: SIGKILL
+    all of them at once, as a machine that vanishes would."""
     import psutil
     pids = set()
     for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -82,7 +88,7 @@ def _stop_node(temp_dir: Path) -> None:
             pass
     for p in procs:
         try:
-            p.terminate()
+            p.kill() if hard else p.terminate()
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=15)
@@ -127,3 +133,59 @@ def _node_ids(cluster) -> set:
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     return set(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def _wait_job(client, job_id: str, until, timeout: float, what: str) -> str:
+    """Poll the job's logs until until(logs, status) is true; return the logs."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        status, logs = str(client.get_job_status(job_id).value), client.get_job_logs(job_id)
+        if until(logs, status):
+            return logs
+        assert status not in TERMINAL or what == "the end", f"job {status} before {what}:\n{logs[-4000:]}"
+        time.sleep(1.0)
+    raise AssertionError(f"no {what} after {timeout:.0f}s:\n{logs[-4000:]}")
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+KILL_AFTER_S = 5.0  # after "round 0: training": inside the adapter job, whose workers use both nodes
+
+
+def test_worker_node_killed_mid_run(cluster):
+    from ray.job_submission import JobSubmissionClient
+    env, storage, client = cluster["env"], cluster["base"] / "killed", JobSubmissionClient(cluster["address"])
+    job = f"opmix-kill-{os.getpid()}"
+    cmd = [str(BIN / "opmix-ray"), "submit", str(TINY), "--address", cluster["address"], "--no-wait",
+           "--runtime-env", "cluster/runtime_env.yaml", "--submission-id", job,
+           "--set", f"run.storage_path={storage}", "--set", "search.searcher=random",
+           "--set", "search.warm_start=false"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _wait_job(client, job, lambda logs, st: "round 0: training" in logs, 400, "round 0")
+    time.sleep(KILL_AFTER_S)
+    _stop_node(cluster["worker_tmp"], hard=True)
+    logs = _wait_job(client, job, lambda logs, st: st in TERMINAL, 600, "the end")
+    status, run_dir = str(client.get_job_status(job).value), storage / "tiny"
+    last = [ln for ln in logs.splitlines() if ln.strip()][-1]
+    print(f"job after the worker node died: {status}; last line: {last}")
+    rerun = "died under the adapter job" in logs
+    if status == "FAILED":
+        assert last.startswith("opmix-ray: error: the run lost Ray node(s)") and "opmix-ray resume" in last, logs[-4000:]
+    else:
+        assert status == "SUCCEEDED" and rerun, f"the job never noticed the lost node:\n{logs[-4000:]}"
+    _assert_whole(run_dir, env)
+    if status == "FAILED":  # continue it on what is left of the cluster, as the message says
+        resumed = client.submit_job(entrypoint=f"{BIN / 'opmix-ray'} resume {run_dir}",
+                                    submission_id=f"{job}-resume")
+        logs = _wait_job(client, resumed, lambda logs, st: st in TERMINAL, 600, "the end")
+        assert str(client.get_job_status(resumed).value) == "SUCCEEDED", logs[-4000:]
+        _assert_whole(run_dir, env)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["rounds"]) == 2 and history["final"] is not None
+    assert (run_dir / "summary.json").is_file()
+
+
+def _assert_whole(run_dir: Path, env) -> None:
+    p = subprocess.run([str(BIN / "opmix-ray"), "check", str(run_dir)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, f"storage not whole after the node died:\n{p.stdout}{p.stderr}"

@@ -1,0 +1,46 @@
+"""When the cluster loses a node mid-run: what survives, what is retried, and what the user is told.
+
+- The MixtureController and the main run's coordinator are pinned to the driver's node
+  (`on_driver_node`), so losing any other node cannot take the run's history or its Train
+  controller with it.
+- A round's adapter job that fails because a node died is rerun once on what is left
+  (adapters.train_adapters); Tune reruns trials on their own (search.py, FailureConfig).
+- Anything else that fails while a node is missing (most often the main run's worker was on it)
+  ends the run with RunInterrupted: one line naming the lost nodes, what is saved, and the
+  `opmix-ray resume` command. The CLI exits with status 3.
+
+    nodes = alive_nodes()
+    ...                        # something fails
+    if lost_since(nodes): raise RunInterrupted(...)
+"""
+from __future__ import annotations
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+class RunInterrupted(RuntimeError):
+    """The run cannot go on because Ray lost a node; the message says how to continue."""
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Scheduling for the actors that must live as long as the driver (hard affinity: if the
+    driver's node dies, the driver is gone anyway)."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def lost_since(before: set[str]) -> set[str]:
+    """Nodes alive in `before` that are dead now."""
+    return before - alive_nodes()
+
+
+def interrupted(lost: set[str], where: str, location: str, cause: BaseException) -> RunInterrupted:
+    ids = ", ".join(sorted(n[:12] for n in lost))
+    return RunInterrupted(
+        f"the run lost Ray node(s) {ids} during {where} ({type(cause).__name__}); every pushed round and "
+        f"its checkpoint are saved in {location} (fix: `opmix-ray resume {location}` once the cluster "
+        "has capacity again)")

@@ -1,0 +1,76 @@
+"""`opmix-ray check RUN_DIR`: is every artifact a run left behind whole?
+
+    opmix-ray check opmix_runs/tiny        # after a crash, a killed node, or a copy between machines
+    from opmix_ray.verify import check_run_dir; problems = check_run_dir("opmix_runs/tiny")
+
+Every JSON, YAML, parquet and safetensors file must parse (nothing is unpickled); no temp file of
+an interrupted atomic write may be left; every pushed round must have its resumable checkpoint
+and its adapters; summary.json means the main run's end is in history.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from opmix_ray.main_run import STATE_JSON, STATE_TENSORS
+
+_READERS = {
+    ".json": lambda p: json.loads(p.read_bytes()),
+    ".yaml": lambda p: yaml.safe_load(p.read_bytes()),
+    ".parquet": lambda p: pq.read_table(p),
+    ".safetensors": lambda p: _load_safetensors(p),
+}
+
+
+def _load_safetensors(path: Path) -> None:
+    from safetensors.torch import load_file
+    load_file(str(path))  # reads every tensor: a truncated file fails here
+
+
+# Tune names its pickled searcher state *.json; opmix never reads (or unpickles) it.
+_NOT_OURS = ("search_gen_state-",)
+
+
+def _unreadable(run_dir: Path) -> list[str]:
+    out = []
+    for p in sorted(run_dir.rglob("*")):
+        if not p.is_file() or p.name.startswith(_NOT_OURS):
+            continue
+        rel = p.relative_to(run_dir)
+        if p.name.startswith(".") and ".tmp" in p.name:
+            out.append(f"{rel}: temp file of an interrupted write")
+        elif p.suffix in _READERS:
+            try:
+                _READERS[p.suffix](p)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the finding
+                out.append(f"{rel}: unreadable ({type(exc).__name__})")
+    return out
+
+
+def _missing(run_dir: Path, history: dict) -> list[str]:
+    out = []
+    for rec in history.get("rounds", []):
+        k = rec["round"]
+        ckpt = run_dir / "main" / f"round_{k}"
+        for name in (STATE_JSON, STATE_TENSORS, "config.json", "model.safetensors"):
+            if not (ckpt / name).is_file():
+                out.append(f"main/round_{k}/{name}: missing for pushed round {k}")
+        if not list((run_dir / f"adapters_round_{k}").glob("adapters/*/adapter_model.safetensors")):
+            out.append(f"adapters_round_{k}: no adapters for pushed round {k}")
+    if (run_dir / "summary.json").is_file() and history.get("final") is None:
+        out.append("summary.json: present but history.json has no end of run")
+    return out
+
+
+def check_run_dir(run_dir: str | Path) -> list[str]:
+    """Problems found in a run dir (empty list: every artifact is whole)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "history.json").is_file():
+        return [f"{run_dir}: no history.json (not an opmix-ray run dir, or it never started)"]
+    out = _unreadable(run_dir)
+    if not any(o.startswith("history.json") for o in out):
+        out += _missing(run_dir, json.loads((run_dir / "history.json").read_bytes()))
+    return out
