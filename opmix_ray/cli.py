@@ -4,6 +4,9 @@
     opmix-ray run CONFIG.yaml [--baseline uniform] [--set search.num_samples=32]
     opmix-ray submit CONFIG.yaml --address http://HEAD:8265 [--runtime-env cluster/runtime_env.yaml] [--no-wait]
     opmix-ray resume opmix_runs/demo       # continue a run whose driver died (kill -9, lost node)
+    opmix-ray add-domain opmix_runs/demo new.parquet   # a domain joins a live run at its next round
+    opmix-ray remove-domain|revise-domain|split-domain opmix_runs/demo ...   # see live.py
+    opmix-ray check opmix_runs/demo        # every artifact whole? (after a crash or a lost node)
     opmix-ray results opmix_runs/demo
     opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # every method, 3 seeds (~1 h)
     opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16            # merged adapters vs real training
@@ -24,6 +27,12 @@ from pathlib import Path
 import yaml
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 3  # a Ray node died; `opmix-ray resume RUN_DIR` continues (faults.py)
+
+
+def _interrupted_error() -> type:
+    from opmix_ray.faults import RunInterrupted
+    return RunInterrupted
 
 
 def _bad_input_errors() -> tuple[type, ...]:
@@ -114,6 +123,34 @@ def cmd_resume(args) -> int:
         return 0
     _print_run(summary)
     return 0
+
+
+def cmd_domains(args) -> int:
+    """add-domain / remove-domain / revise-domain / split-domain on a live run (live.py)."""
+    from opmix_ray.live import change_domains
+    if args.cmd == "add-domain":
+        changes = [{"op": "add", "name": args.name or Path(args.path).stem, "path": args.path}]
+    elif args.cmd == "remove-domain":
+        changes = [{"op": "remove", "name": args.name}]
+    elif args.cmd == "revise-domain":
+        changes = [{"op": "revise", "name": args.name, "path": args.path}]
+    else:  # split: the domain retires, its parts arrive, in the same round
+        changes = [{"op": "remove", "name": args.name}] + [{"op": "add", "name": Path(p).stem, "path": p}
+                                                            for p in args.paths]
+    queued = change_domains(args.run_dir, changes)
+    print(f"queued for {args.run_dir}: {', '.join(c['op'] + ' ' + c['name'] for c in queued)}; applied at the "
+          "next round boundary (adapters for new or revised domains plus 'old')")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from opmix_ray.verify import check_run_dir
+    problems = check_run_dir(args.run_dir)
+    for line in problems:
+        print(f"opmix-ray check: {line}")
+    if not problems:
+        print(f"{args.run_dir}: every artifact is whole")
+    return 1 if problems else 0
 
 
 def cmd_demo(args) -> int:
@@ -210,6 +247,27 @@ def _experiment(sub, name: str, help_text: str, out: str, fn) -> None:
     e.set_defaults(fn=fn)
 
 
+def _domain_commands(sub) -> None:
+    """Domain-set changes on a live run (live.py): each takes the run's dir first."""
+    ad = sub.add_parser("add-domain", help="add a data domain to a live run; it joins at the next round")
+    ad.add_argument("run_dir", help="the live run's dir, e.g. opmix_runs/NAME")
+    ad.add_argument("path", help="a parquet file with the run's text column")
+    ad.add_argument("--name", help="the domain's name (default: the file's stem)")
+    rm = sub.add_parser("remove-domain", help="stop drawing a domain of a live run (it stays scored)")
+    rm.add_argument("run_dir")
+    rm.add_argument("name")
+    rv = sub.add_parser("revise-domain", help="give a domain of a live run new data")
+    rv.add_argument("run_dir")
+    rv.add_argument("name")
+    rv.add_argument("path", help="the domain's new parquet file")
+    sp = sub.add_parser("split-domain", help="replace a domain of a live run by parts (one file each)")
+    sp.add_argument("run_dir")
+    sp.add_argument("name")
+    sp.add_argument("paths", nargs="+", help="a parquet file per part; the part's name is the file's stem")
+    for p in (ad, rm, rv, sp):
+        p.set_defaults(fn=cmd_domains)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -237,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="continue a run whose driver died, from its last completed round")
     rs.add_argument("run_dir", help="the run's dir, e.g. opmix_runs/NAME")
     rs.set_defaults(fn=cmd_resume)
+    _domain_commands(sub)
+    ck = sub.add_parser("check", help="check that every artifact of a run dir is whole (after a crash)")
+    ck.add_argument("run_dir")
+    ck.set_defaults(fn=cmd_check)
     s = sub.add_parser("results", help="print a run's mixture table")
     s.add_argument("path")
     s.add_argument("--baseline", help="a baseline run dir to compare with")
@@ -273,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(exc).split())  # one line, whatever a library put in the message
         print(f"opmix-ray: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _interrupted_error() as exc:  # a node died: one line saying how to continue, no traceback
+        print(f"opmix-ray: error: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

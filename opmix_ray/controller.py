@@ -51,6 +51,9 @@ class MixtureController:
         self._boundary_evt: dict[int, asyncio.Event] = {}
         self._push_evt: dict[int, asyncio.Event] = {}
         self.progress: list[dict] = []
+        self.pending_domains: list[dict] = []  # live.py changes, taken by the driver at the next round
+        self.shards_ref: list | None = None  # [ObjectRef, version] of the shards once the domain set changed
+        self._persist()  # history.json from the start: a run that dies in round 0 can be resumed
 
     def _evt(self, table: dict, k: int) -> asyncio.Event:
         return table.setdefault(k, asyncio.Event())
@@ -96,6 +99,41 @@ class MixtureController:
         self._persist()
         self._evt(self._push_evt, round_idx).set()
         return self.version
+
+    # --- domain-set changes in the live run (live.py) ---
+    async def queue_changes(self, changes: list[dict]) -> int:
+        """Queue changes ({"op": add|revise|remove, "name", "file"}) for the next round; returns
+        how many are queued. Names are checked against the domains as they will be by then."""
+        domains = list(self.mixture.domains)
+        for c in self.pending_domains + changes:
+            known = c["name"] in domains
+            if (c["op"] == "add") == known:
+                raise ValueError(f"the run {'already has' if known else 'has no'} domain '{c['name']}' "
+                                 f"(fix: one of {domains} for remove/revise, a new name for add)")
+            if c["op"] == "add":
+                domains.append(c["name"])
+            elif c["op"] == "remove":
+                domains.remove(c["name"])
+        self.pending_domains.extend(changes)
+        return len(self.pending_domains)
+
+    async def take_changes(self) -> list[dict]:
+        out, self.pending_domains = self.pending_domains, []
+        return out
+
+    async def domains_changed(self, round_idx: int, weights: dict[str, float], shards_ref: list,
+                              changes: list[dict]) -> None:
+        """The driver applied `changes` (new shards in shards_ref[0]); `weights` is the old
+        mixture over the new domain list until round `round_idx` pushes."""
+        self.mixture = Mixture.from_dict(weights)
+        version = self.shards_ref[1] + 1 if self.shards_ref else 1
+        self.shards_ref = [shards_ref[0], version]
+        self.meta["domains"] = list(weights)
+        self.meta.setdefault("domain_changes", []).extend({**c, "round": round_idx} for c in changes)
+
+    async def get_shards(self) -> list | None:
+        """[ObjectRef of the shards, version] once the domain set changed, else None."""
+        return self.shards_ref
 
     async def get_history(self) -> dict:
         return {"meta": self.meta, "rounds": self.history, "final": self.final}

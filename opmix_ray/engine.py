@@ -23,6 +23,8 @@ from opmix_ray.config import Config, ConfigError
 from opmix_ray.controller import MixtureController, controller_name
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.evaluate import mean_perplexity
+from opmix_ray.faults import alive_nodes, interrupted, lost_since, on_driver_node
+from opmix_ray.live import arrive, clear_live, write_live
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.mixture import Mixture
 from opmix_ray.preflight import preflight
@@ -103,6 +105,32 @@ def _initial_mixture(cfg: Config, shards):
     return shards.natural() if kind == "natural" else shards.uniform()
 
 
+def _domain_changes(cfg: Config, ctl, k: int, shards, current: Mixture, store: RunStore):
+    """Apply the domain-set changes queued since the last round (live.py): (shards, their new
+    ObjectRef or None, the old mixture over the new domains, this round's config: adapters for the
+    affected domains plus 'old', or None when nothing needs a search, the changes)."""
+    changes = ray.get(ctl.take_changes.remote())
+    if not changes:
+        return shards, None, current, cfg, []
+    shards, current, round_cfg = arrive(cfg, store.local_dir, shards, current, changes)
+    ref = ray.put(shards)
+    ray.get(ctl.domains_changed.remote(k, current.as_dict(), [ref], changes))
+    store.write_json("data_manifest.json", shard_manifest(shards))
+    what = ", ".join(f"{c['op']} {c['name']}" for c in changes)
+    _say(f"round {k}: domain changes ({what}); " + (f"adapters for {round_cfg.adapters.domains} plus 'old' "
+         "(the other domains, ratios frozen)" if round_cfg else "no new data: pushing the renormalised mixture"))
+    return shards, ref, current, round_cfg, changes
+
+
+def _reuse_record(k: int, info: dict, current: Mixture) -> dict:
+    """A round with nothing to search (only removals): the renormalised mixture is reused."""
+    return {"step": info["step"], "tokens": info["tokens"], "weights": current.as_dict(), "adapter_weights": {},
+            "objective": None, "merged_val_loss": {}, "base_val_loss": info["val_loss"],
+            "drawn_before": info["drawn"], "mixture_before": info["mixture"], "n_trials": 0, "n_failed": 0,
+            "flops": {"main_so_far": info["flops"], "adapters": 0.0, "search": 0.0},
+            "wall_s": {"adapters": 0.0, "search": 0.0}, "searcher": "reuse"}
+
+
 def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
     run_dir = store.local_dir
     t0 = time.time()
@@ -160,24 +188,42 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
     shards_ref = ray.put(shards)
     total, boundaries = meta["total_steps"], meta["boundaries"]
     namespace = ray.get_runtime_context().namespace
-    ctl = MixtureController.options(name=controller_name(cfg.run.name), namespace=namespace).remote(
-        store, current, meta, rounds)
+    nodes = alive_nodes()
+    ctl = MixtureController.options(name=controller_name(cfg.run.name), namespace=namespace,
+                                    scheduling_strategy=on_driver_node()).remote(store, current, meta, rounds)
+    write_live(run_dir, controller_name(cfg.run.name))
     main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace, resume=resume)
     seen = [0]
     k = max((r["round"] for r in rounds or []), default=-1) + 1
     _say(f"main run: {total} steps, rounds at steps {boundaries}, " +
          (f"resumed at round {resume['round']}'s checkpoint, " if resume else "") +
          f"{'starting' if k == 0 else f'from round {k} on'} on {current}")
-    while k < len(boundaries):
-        if cfg.rounds.mode == "async":
-            k = _latest_boundary(ctl, k, len(boundaries))  # skip snapshots a long round overtook
-            if k is None:
-                break  # the main run ended while the last round ran
-        info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
-        current, record = _round(cfg, k, info, current, shards, shards_ref, store)
-        ray.get(ctl.push.remote(k, current.as_dict(), record))
-        k += 1
-    _wait(main_ref, main_ref, ctl, seen)
+    try:
+        while k < len(boundaries):
+            if cfg.rounds.mode == "async":
+                k = _latest_boundary(ctl, k, len(boundaries))  # skip snapshots a long round overtook
+                if k is None:
+                    break  # the main run ended while the last round ran
+            info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
+            shards, new_ref, current, round_cfg, changes = _domain_changes(cfg, ctl, k, shards, current, store)
+            shards_ref = new_ref or shards_ref
+            if round_cfg is None:
+                record = _reuse_record(k, info, current)
+            else:
+                current, record = _round(round_cfg, k, info, current, shards, shards_ref, store)
+            if changes:
+                record["domain_changes"] = [f"{c['op']} {c['name']}" for c in changes]
+            ray.get(ctl.push.remote(k, current.as_dict(), record))
+            k += 1
+        _wait(main_ref, main_ref, ctl, seen)
+    except Exception as exc:
+        lost = lost_since(nodes)
+        if not lost:
+            raise
+        where = f"round {k}" if k < len(boundaries) else "the main run's last segment"
+        raise interrupted(lost, where, store.location, exc) from exc
+    finally:
+        clear_live(run_dir)
     summary = finish(cfg, store, shards, ray.get(ctl.get_history.remote()), current, t_start)
     ray.kill(ctl)
     return summary

@@ -24,6 +24,7 @@ from opmix_ray.config import Config
 from opmix_ray.controller import controller_name
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.evaluate import domain_losses
+from opmix_ray.faults import on_driver_node
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, load_checkpoint, n_params, pick_device, set_threads
 from opmix_ray.storage import atomic_write_bytes
@@ -132,7 +133,7 @@ def main_loop(loop_cfg: dict) -> None:
                              shards.cap_tokens(cfg), seed=cfg.run.seed * 1000 + rank)
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
-    push = _PushTracker(ctl, sampler, shards.domains, cfg.rounds.mode)
+    push = _PushTracker(ctl, sampler, shards, cfg)
     start, saved = 0, None
     if resume:
         saved = load_train_state(checkpoint_path(loop_cfg["run_dir"], resume["round"]), opt, sched, sampler)
@@ -153,7 +154,7 @@ def main_loop(loop_cfg: dict) -> None:
                         ray.get(ctl.report_boundary.remote(k, saved["info"]))
                     push.expect(k, step)
             else:
-                val = domain_losses(model, shards.val, batch_size=32, device=device)
+                val = domain_losses(model, push.shards.val, batch_size=32, device=device)  # + domains added live
                 info = {"step": step, "tokens": step * tokens_per_step, "train_loss": float(np.mean(losses[-50:] or [math.nan])),
                         "val_loss": val, "drawn": sampler.segment_fractions(), "mixture": sampler.mixture.as_dict(),
                         "epochs": sampler.epochs(), "n_params": n_par, "flops": 6.0 * n_par * step * tokens_per_step,
@@ -185,8 +186,9 @@ class _PushTracker:
     the newer checkpoint when it is free), and a round that ends after the main run is recorded
     but never applied."""
 
-    def __init__(self, ctl, sampler, domains, mode: str):
-        self.ctl, self.sampler, self.domains, self.mode = ctl, sampler, domains, mode
+    def __init__(self, ctl, sampler, shards, cfg: Config):
+        self.ctl, self.sampler, self.shards, self.cfg, self.mode = ctl, sampler, shards, cfg, cfg.rounds.mode
+        self.shards_version = 0  # the controller's shards version this run trains on (live.py)
         self.pending: list[tuple[int, object]] = []  # (round, ObjectRef of its winner), oldest first
         self.stall_s: dict[str, float] = {}
         self.applied_step: dict[str, int] = {}
@@ -208,9 +210,27 @@ class _PushTracker:
             # the newest pushed round wins; older ones still pending were overtaken (never pushed)
             i = max(j for j, (_, ref) in enumerate(self.pending) if ref in ready)
             k, ref = self.pending[i]
-            self.sampler.set_mixture(Mixture.from_dict(ray.get(ref), self.domains))
+            weights = ray.get(ref)
+            self._refresh_shards()
+            # a removed domain is absent from the push: it stays in the sampler at weight 0
+            self.sampler.set_mixture(Mixture.from_dict({d: weights.get(d, 0.0) for d in self.sampler.domains}))
             self.applied_step[str(k)] = step
             self.pending = self.pending[i + 1:]
+
+
+    def _refresh_shards(self) -> None:
+        """After a domain-set change (live.py) the controller holds new shards: take them, give the
+        sampler streams for added domains and fresh ones for revised domains."""
+        got = ray.get(self.ctl.get_shards.remote())
+        if got is None or got[1] == self.shards_version:
+            return
+        old, self.shards, self.shards_version = self.shards, ray.get(got[0]), got[1]
+        caps = self.shards.cap_tokens(self.cfg)
+        for d in self.shards.domains:
+            if d not in self.sampler.domains:
+                self.sampler.add_domain(d, self.shards.train[d], caps[d])
+            elif self.shards.source_hashes.get(d) != old.source_hashes.get(d):
+                self.sampler.replace_domain(d, self.shards.train[d], caps[d])
 
 
 @ray.remote(num_cpus=0)
@@ -233,4 +253,5 @@ def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, num_w
                                      resources_per_worker={"CPU": cfg.main.cpus_per_worker}),
         run_config=RunConfig(storage_path=run_dir, name="main"),
     )
-    return _fit.remote(trainer)
+    # pinned to the driver's node: Train puts its controller where fit() is called (faults.py)
+    return _fit.options(scheduling_strategy=on_driver_node()).remote(trainer)

@@ -25,9 +25,16 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
     return read_json(hist), (read_json(summ) if is_file(summ) else None)
 
 
+def all_domains(meta: dict) -> list[str]:
+    """The run's training domains now, then those removed live (still scored; live.py)."""
+    gone = [c["name"] for c in meta.get("domain_changes", []) if c["op"] == "remove"]
+    return list(meta["domains"]) + [d for d in dict.fromkeys(gone) if d not in meta["domains"]]
+
+
 def mixture_table(history: dict, baseline: dict | None = None) -> str:
-    """Domains x (prefix, round 0..R-1, drawn in the last segment, final val ppl[, baseline ppl])."""
-    doms = history["meta"]["domains"]
+    """Domains x (prefix, round 0..R-1, drawn in the last segment, final val ppl[, baseline ppl]).
+    A domain added or removed live has weight 0 in the rounds where it was not in the mixture."""
+    doms = all_domains(history["meta"])
     rounds = history["rounds"]
     final = history.get("final") or {}
     cols = ["prefix"] + [f"round {r['round']}" for r in rounds] + (["drawn"] if final else [])
@@ -35,15 +42,16 @@ def mixture_table(history: dict, baseline: dict | None = None) -> str:
     cols += [f"{baseline['baseline']} ppl"] if baseline else []
     lines = [f"{'domain':<12}" + "".join(f"{c:>13}" for c in cols)]
     for d in doms:
-        row = [history["meta"]["initial_mixture"][d]] + [r["weights"][d] for r in rounds]
+        row = [history["meta"]["initial_mixture"].get(d, 0.0)] + [r["weights"].get(d, 0.0) for r in rounds]
         cells = [f"{x:>13.3f}" for x in row]
         if final:
-            cells += [f"{final['drawn'][d]:>13.3f}", f"{math.exp(final['val_loss'][d]):>13.2f}"]
+            cells += [f"{final['drawn'].get(d, 0.0):>13.3f}", f"{math.exp(final['val_loss'][d]):>13.2f}"]
         if baseline:
-            cells.append(f"{math.exp(baseline['final_val_loss'][d]):>13.2f}")
+            cells.append(f"{math.exp(baseline['final_val_loss'].get(d, math.nan)):>13.2f}")
         lines.append(f"{d:<12}" + "".join(cells))
     if final:
-        mean_ppl = sum(math.exp(final["val_loss"][d]) for d in doms) / len(doms)
+        train_doms = history["meta"]["domains"]  # the mean is over the domains trained at the end
+        mean_ppl = sum(math.exp(final["val_loss"][d]) for d in train_doms) / len(train_doms)
         tail = f"{'mean ppl':<12}" + " " * 13 * (len(cols) - (2 if baseline else 1)) + f"{mean_ppl:>13.2f}"
         if baseline:
             tail += f"{baseline['final_val_ppl_mean']:>13.2f}"
@@ -66,23 +74,23 @@ def plot_history(history: dict, out_png: str | Path, baseline: dict | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doms, meta = history["meta"]["domains"], history["meta"]
+    doms, meta = all_domains(history["meta"]), history["meta"]
     rounds, final = history["rounds"], history.get("final")
     total = meta["total_steps"]
     fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(12, 4.5))
     starts = [0] + [r["step"] for r in rounds] + [total]
     mixes = [meta["initial_mixture"]] + [r["weights"] for r in rounds]
     for d in doms:
-        ys = [m[d] for m in mixes] + [mixes[-1][d]]
+        ys = [m.get(d, 0.0) for m in mixes] + [mixes[-1].get(d, 0.0)]
         ax_w.step(starts, ys, where="post", label=d)
     ax_w.set(title="mixture weights (token share) over the run", xlabel="main-run step", ylabel="weight")
     ax_w.legend(fontsize=8)
     steps = [r["step"] for r in rounds] + ([final["step"]] if final else [])
     for d in doms:
-        ys = [r["base_val_loss"][d] for r in rounds] + ([final["val_loss"][d]] if final else [])
+        ys = [r["base_val_loss"].get(d, math.nan) for r in rounds] + ([final["val_loss"][d]] if final else [])
         line, = ax_l.plot(steps, ys, marker="o", label=d)
         if baseline:
-            ax_l.scatter([total], [baseline["final_val_loss"][d]], marker="x", color=line.get_color())
+            ax_l.scatter([total], [baseline["final_val_loss"].get(d, math.nan)], marker="x", color=line.get_color())
     ax_l.set(title="per-domain val loss (x = uniform baseline at the end)" if baseline else
              "per-domain val loss", xlabel="main-run step", ylabel="loss (nats/token)")
     fig.tight_layout()

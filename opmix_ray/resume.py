@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from opmix_ray.config import Config, ConfigError, load_config
+from opmix_ray.live import replay_changes
 from opmix_ray.main_run import STATE_JSON, checkpoint_path
 from opmix_ray.mixture import Mixture
 from opmix_ray.storage import RunStore, is_uri, read_json
@@ -39,10 +40,13 @@ def _bad(run_dir: Path, why: str) -> ConfigError:
                        "wrote, e.g. opmix_runs/NAME)")
 
 
-def load_run_config(run_dir: Path) -> tuple[Config, dict]:
-    """The run's own config (re-pointed at run_dir, which may have moved) and its history."""
+def load_run_config(run_dir: Path, need_history: bool = True) -> tuple[Config, dict]:
+    """The run's own config (re-pointed at run_dir, which may have moved) and its history (a live
+    run has none before its first push: need_history=False gives {"rounds": []} then)."""
     if not run_dir.is_dir():
         raise _bad(run_dir, "is not a directory")
+    if not need_history and not (run_dir / "history.json").is_file():
+        return load_run_config_only(run_dir), {"rounds": []}
     missing = [f for f in ("config.yaml", "history.json") if not (run_dir / f).is_file()]
     if missing:
         raise _bad(run_dir, f"is not an opmix-ray run dir (no {' or '.join(missing)})")
@@ -53,10 +57,24 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
         raise _bad(run_dir, f"has an unreadable config.yaml or history.json ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or not isinstance(history, dict) or "rounds" not in history:
         raise _bad(run_dir, "has a config.yaml or history.json opmix-ray did not write")
+    return _repointed(raw, run_dir), history
+
+
+def load_run_config_only(run_dir: Path) -> Config:
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise _bad(run_dir, f"has no readable config.yaml ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise _bad(run_dir, "has a config.yaml opmix-ray did not write")
+    return _repointed(raw, run_dir)
+
+
+def _repointed(raw: dict, run_dir: Path) -> Config:
     run = raw.setdefault("run", {})
     if not is_uri(run.get("storage_path", "")):  # a URI run resumes from its local staging dir
         run["storage_path"], run["name"] = str(run_dir.parent), run_dir.name
-    return load_config(raw), history
+    return load_config(raw)
 
 
 def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
@@ -108,6 +126,11 @@ def resume(run_dir: str | Path) -> dict:
     if meta.get("data_hash") != shards.data_hash:
         raise ConfigError(f"config error at data.path: the data no longer hashes to the run's "
                           f"{meta.get('data_hash')} (fix: restore the data the run started on)")
+    if any(c["op"] != "add" for c in meta.get("domain_changes", [])):
+        raise ConfigError(f"config error at RUN_DIR: {run_dir} had domains removed or revised live; resume "
+                          "restores the sampler only across added domains (fix: start a new run from its "
+                          "last checkpoint with model.path and the new domain set)")
+    shards = replay_changes(cfg, run_dir, shards, meta)  # domains added live (live.py)
     store = RunStore(run_dir, cfg.run.storage_path if is_uri(cfg.run.storage_path) else None, cfg.run.name)
     domains = tuple(meta["domains"])
     current = (Mixture.from_dict(rounds[-1]["weights"], domains, shards.data_hash) if rounds

@@ -45,12 +45,28 @@ class MixtureSampler:
                  cap_tokens: dict[str, float] | None = None, seed: int = 0):
         self.domains = mixture.domains
         self.seq_len = seq_len
-        rng = np.random.default_rng(seed)
-        self.streams = {d: _DomainStream(np.asarray(train[d]), seq_len, np.random.default_rng(rng.integers(2**63)))
+        self._seeds = np.random.default_rng(seed)  # one child seed per domain, in domain order
+        self.streams = {d: _DomainStream(np.asarray(train[d]), seq_len, np.random.default_rng(self._seeds.integers(2**63)))
                         for d in self.domains}
         self.cap_tokens = {d: float((cap_tokens or {}).get(d, np.inf)) for d in self.domains}
         self.drawn_total = {d: 0 for d in self.domains}  # tokens over the run
         self.set_mixture(mixture)
+
+    def add_domain(self, name: str, tokens: np.ndarray, cap_tokens: float = np.inf) -> None:
+        """A domain that arrived in a live run; it is drawn once a mixture gives it weight. Its
+        stream gets the next child seed, as if it had been listed from the start, so a resumed run
+        (which builds the sampler with it) draws the same windows."""
+        rng = np.random.default_rng(self._seeds.integers(2**63))
+        self.streams[name] = _DomainStream(np.asarray(tokens), self.seq_len, rng)
+        self.domains = (*self.domains, name)
+        self.cap_tokens[name], self.drawn_total[name], self.drawn_segment[name] = float(cap_tokens), 0, 0
+
+    def replace_domain(self, name: str, tokens: np.ndarray, cap_tokens: float = np.inf) -> None:
+        """New data for a domain (a revision): a fresh stream on the next child seed; its
+        repetition count starts again, since the data is new."""
+        self.streams[name] = _DomainStream(np.asarray(tokens), self.seq_len,
+                                           np.random.default_rng(self._seeds.integers(2**63)))
+        self.cap_tokens[name], self.drawn_total[name], self.drawn_segment[name] = float(cap_tokens), 0, 0
 
     def set_mixture(self, mixture: Mixture) -> None:
         """Switch weights; the per-segment counters restart so draws track the new mixture."""
@@ -106,12 +122,16 @@ class MixtureSampler:
         return meta, arrays
 
     def set_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        if list(meta["domains"]) != list(self.domains):
-            raise ValueError(f"sampler state is for domains {meta['domains']}, not {list(self.domains)} "
+        """Restore get_state(). Domains added to the run after the state was saved (they come last)
+        keep their fresh streams and start undrawn."""
+        saved = list(meta["domains"])
+        if saved != list(self.domains[: len(saved)]):
+            raise ValueError(f"sampler state is for domains {saved}, not {list(self.domains)} "
                              "(fix: resume with the data the run started on)")
-        self.mixture = Mixture.from_dict(meta["mixture"], self.domains, self.mixture.data_hash)
-        self.drawn_total = {d: int(meta["drawn_total"][d]) for d in self.domains}
-        self.drawn_segment = {d: int(meta["drawn_segment"][d]) for d in self.domains}
+        mix = {d: meta["mixture"].get(d, 0.0) for d in self.domains}
+        self.mixture = Mixture.from_dict(mix, self.domains, self.mixture.data_hash)
+        self.drawn_total = {d: int(meta["drawn_total"].get(d, 0)) for d in self.domains}
+        self.drawn_segment = {d: int(meta["drawn_segment"].get(d, 0)) for d in self.domains}
         for i, (s, st) in enumerate(zip(self.streams.values(), meta["streams"])):
             s.epoch, s.pos = int(st["epoch"]), int(st["pos"])
             s.rng.bit_generator.state = st["rng"]

@@ -10,7 +10,7 @@ adapter worker and Tune trial reads them zero-copy, on one node or many.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,37 +148,93 @@ def _split(docs: list[np.ndarray], eos: int, need_val: int, rng: np.random.Gener
     return join(train), join(val)
 
 
-def build_shards(cfg: Config) -> TokenShards:
-    """Tokenize every domain; deterministic given (data, tokenizer, seq_len, val size, seed)."""
-    root, domains, tok_path = resolve_data_paths(cfg)
+def _open_tokenizer(cfg: Config, tok_path: Path) -> tuple[Tokenizer, str, int]:
     tok, tok_hash = load_tokenizer(tok_path)
     eos = tok.token_to_id(EOS_TOKEN)
     if eos is None:
         raise DataError(f"data.tokenizer: {tok_path} has no '{EOS_TOKEN}' token (fix: train it with "
                         "`opmix-ray data build`, which adds it)")
+    return tok, tok_hash, eos
+
+
+def _tokenize_domain(cfg: Config, name: str, path: Path, index: int, tok: Tokenizer, eos: int):
+    """(train ids, val windows [n, seq_len + 1], sha256 of the file) for one domain file."""
     seq = cfg.data.seq_len
     n_val_seq = max(1, cfg.data.val_tokens_per_domain // seq)
     dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    docs = _read_docs(path, cfg.data.text_column, tok)
+    rng = np.random.default_rng([cfg.run.seed, index])
+    tr, va = _split(docs, eos, n_val_seq * (seq + 1), rng)
+    if len(va) < n_val_seq * (seq + 1) or len(tr) < 4 * (seq + 1):
+        raise DataError(f"data.domains: domain '{name}' has {len(tr) + len(va)} tokens, too few for "
+                        f"{cfg.data.val_tokens_per_domain} val tokens plus training "
+                        "(fix: lower data.val_tokens_per_domain or add text)")
+    return tr.astype(dtype), va[: n_val_seq * (seq + 1)].reshape(n_val_seq, seq + 1).astype(dtype), sha
+
+
+def build_shards(cfg: Config) -> TokenShards:
+    """Tokenize every domain; deterministic given (data, tokenizer, seq_len, val size, seed)."""
+    root, domains, tok_path = resolve_data_paths(cfg)
+    tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
     train, val, src = {}, {}, {}
     for i, d in enumerate(domains + tuple(cfg.data.eval_only_domains)):
-        path = root / f"{d}.parquet"
-        src[d] = hashlib.sha256(path.read_bytes()).hexdigest()
-        docs = _read_docs(path, cfg.data.text_column, tok)
-        rng = np.random.default_rng([cfg.run.seed, i])
-        tr, va = _split(docs, eos, n_val_seq * (seq + 1), rng)
-        if len(va) < n_val_seq * (seq + 1) or len(tr) < 4 * (seq + 1):
-            raise DataError(f"data.domains: domain '{d}' has {len(tr) + len(va)} tokens, too few for "
-                            f"{cfg.data.val_tokens_per_domain} val tokens plus training "
-                            "(fix: lower data.val_tokens_per_domain or add text)")
+        tr, val[d], src[d] = _tokenize_domain(cfg, d, root / f"{d}.parquet", i, tok, eos)
         if d in domains:
-            train[d] = tr.astype(dtype)
-        val[d] = va[: n_val_seq * (seq + 1)].reshape(n_val_seq, seq + 1).astype(dtype)
-    data_hash = content_hash(domains, tok_hash, [src[d] for d in domains], seq,
+            train[d] = tr
+    data_hash = content_hash(domains, tok_hash, [src[d] for d in domains], cfg.data.seq_len,
                              cfg.data.val_tokens_per_domain, cfg.run.seed, cfg.data.text_column,
                              *(["eval_only", *cfg.data.eval_only_domains, *(src[d] for d in cfg.data.eval_only_domains)]
                                if cfg.data.eval_only_domains else []))
-    return TokenShards(domains, train, val, seq, tok.get_vocab_size(), eos, tok_hash, data_hash, src,
+    return TokenShards(domains, train, val, cfg.data.seq_len, tok.get_vocab_size(), eos, tok_hash, data_hash, src,
                        tuple(cfg.data.eval_only_domains))
+
+
+def _run_tokenizer(cfg: Config, shards: TokenShards) -> tuple[Tokenizer, int]:
+    _, _, tok_path = resolve_data_paths(cfg)
+    tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
+    if tok_hash != shards.tokenizer_hash:
+        raise DataError(f"data.tokenizer: {tok_path} changed since the run started (fix: restore it)")
+    return tok, eos
+
+
+def with_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> TokenShards:
+    """`shards` plus training domain `name` read from `path` (a domain arriving in a live run:
+    live.py); the same split rules, and a data hash that chains the old one."""
+    if name in shards.domains or name in shards.eval_only:
+        raise DataError(f"add-domain: the run already has a domain '{name}' (fix: pick another --name)")
+    tok, eos = _run_tokenizer(cfg, shards)
+    index = len(shards.domains) + len(shards.eval_only)
+    tr, va, sha = _tokenize_domain(cfg, name, Path(path), index, tok, eos)
+    return replace(shards, domains=(*shards.domains, name), train={**shards.train, name: tr},
+                   val={**shards.val, name: va}, source_hashes={**shards.source_hashes, name: sha},
+                   data_hash=content_hash(shards.data_hash, "added", name, sha))
+
+
+def _known(shards: TokenShards, name: str, what: str) -> None:
+    if name not in shards.domains:
+        raise DataError(f"{what}: the run has no training domain '{name}' (fix: one of {list(shards.domains)})")
+
+
+def revised_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> TokenShards:
+    """`shards` with domain `name`'s data replaced by `path` (train and held-out val both new)."""
+    _known(shards, name, "revise-domain")
+    tok, eos = _run_tokenizer(cfg, shards)
+    tr, va, sha = _tokenize_domain(cfg, name, Path(path), shards.domains.index(name), tok, eos)
+    return replace(shards, train={**shards.train, name: tr}, val={**shards.val, name: va},
+                   source_hashes={**shards.source_hashes, name: sha},
+                   data_hash=content_hash(shards.data_hash, "revised", name, sha))
+
+
+def without_domain(shards: TokenShards, name: str) -> TokenShards:
+    """`shards` with domain `name` retired: never drawn again, still scored (it joins the
+    eval-only domains, so what the model forgets of it stays visible)."""
+    _known(shards, name, "remove-domain")
+    if len(shards.domains) < 2:
+        raise DataError(f"remove-domain: '{name}' is the run's last training domain (fix: add one first)")
+    return replace(shards, domains=tuple(d for d in shards.domains if d != name),
+                   train={d: v for d, v in shards.train.items() if d != name},
+                   eval_only=(*shards.eval_only, name), data_hash=content_hash(shards.data_hash, "removed", name))
 
 
 def shard_manifest(sh: TokenShards) -> dict:
