@@ -5,7 +5,8 @@
     summary = run(load_config("opmix_ray/configs/demo.yaml"))
 
 Each step lives in its own module: data/ (shards, sampler), main_run.py, adapters.py, merge.py,
-search.py + searchers/, controller.py (push). This file only sequences them.
+search.py + searchers/, controller.py (push); live.py applies domain-set changes queued on a
+live run, faults.py what a lost node does. This file only sequences them.
 """
 from __future__ import annotations
 
