@@ -126,3 +126,30 @@ def test_sigkill_of_a_trial_worker_is_retried_and_nothing_is_lost(tmp_path, tune
     assert len({tuple(round(t[f"a_{c}"], 12) for c in COORDS) for t in out.trials}) == 6
     (grid,) = tune_grids
     assert len(grid) == 6 and not grid.errors and TRIAL_RETRIES >= 1
+
+
+def test_lost_node_ends_the_cli_with_one_line_and_exit_3(monkeypatch, capsys, tmp_path):
+    """What a job's log ends with when a node died under the run (faults.py); the multi-node
+    test (pytest -m cluster) provokes it for real by killing the worker node."""
+    from opmix_ray import cli, engine
+    from opmix_ray.faults import interrupted
+
+    def dies(cfg, overwrite=False):
+        raise interrupted({"94593ee324139e8f"}, "round 1", str(tmp_path), RuntimeError("worker died"))
+    monkeypatch.setattr(engine, "run", dies)
+    assert cli.main(["run", TINY, "--set", f"run.storage_path={tmp_path}"]) == cli.EXIT_INTERRUPTED == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("opmix-ray: error: the run lost Ray node(s) 94593ee32413 during round 1")
+    assert f"opmix-ray resume {tmp_path}" in err[0]
+
+
+def test_check_finds_a_truncated_artifact_and_a_leftover_temp_file(tmp_path):
+    from opmix_ray.storage import write_json
+    from opmix_ray.verify import check_run_dir
+    write_json(tmp_path / "history.json", {"meta": {}, "rounds": [], "final": None})
+    assert check_run_dir(tmp_path) == []
+    (tmp_path / "summary.json").write_text('{"run": "x", "final_val')  # a torn write
+    (tmp_path / ".history.json.tmp123").write_text("{")
+    problems = check_run_dir(tmp_path)
+    assert any(p.startswith("summary.json: unreadable") for p in problems)
+    assert any("temp file of an interrupted write" in p for p in problems)
