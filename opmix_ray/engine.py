@@ -234,6 +234,9 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
     """Write summary.json from the history of a run whose main run has ended; return it."""
     final = history["final"]
     store.upload_dir("main/round_final")
+    if store.remote:  # the plot goes to the bucket too (the CLI re-plots locally, with a baseline)
+        from opmix_ray.report import plot_history
+        store.write_bytes("mixture.png", plot_history(history, store.local_dir / "mixture.png").read_bytes())
     summary = {"run": cfg.run.name, "run_dir": str(store.local_dir), "baseline": cfg.run.baseline,
                "final_val_loss": final["val_loss"],
                "final_val_ppl_mean": mean_perplexity({d: final["val_loss"][d] for d in shards.domains}),

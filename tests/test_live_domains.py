@@ -96,8 +96,11 @@ def test_arrive_collapses_untouched_domains_and_zeroes_the_affected(tmp_path):
     assert none is None and renorm.as_dict() == pytest.approx({"bible": 0.5 / 0.7, "python": 0.2 / 0.7})
 
 
-def test_add_domain_to_a_dir_that_is_not_live_is_one_line_exit_2(tmp_path):
-    p = subprocess.run([*CLI, "add-domain", str(tmp_path), str(BUNDLED_DIR / "fortunes.parquet")],
+@pytest.mark.parametrize("cmd", [["add-domain", "F"], ["remove-domain", "bible"], ["revise-domain", "bible", "F"],
+                                 ["split-domain", "bible", "F", "F"]])
+def test_domain_commands_on_a_dir_that_is_not_live_are_one_line_exit_2(tmp_path, cmd):
+    f = str(BUNDLED_DIR / "fortunes.parquet")
+    p = subprocess.run([*CLI, cmd[0], str(tmp_path), *[f if a == "F" else a for a in cmd[1:]]],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "not a live run" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1

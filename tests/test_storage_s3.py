@@ -125,7 +125,7 @@ def test_engine_run_lands_in_bucket(s3, capsys):
     for name in ("history.json", "history.parquet", "summary.json", "config.yaml", "data_manifest.json",
                  "rounds/round_0_trials.parquet", "rounds/round_1_trials.parquet",
                  "main/round_0/model.safetensors", "main/round_1/model.safetensors",
-                 "main/round_final/model.safetensors", "main/round_final/config.json"):
+                 "main/round_final/model.safetensors", "main/round_final/config.json", "mixture.png"):
         assert name in files, (name, sorted(files))
     for k in (0, 1):
         for d in ["old"] + json.load(open(os.path.join(summary["run_dir"], "history.json")))["meta"]["domains"]:
