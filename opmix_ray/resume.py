@@ -32,7 +32,7 @@ from opmix_ray.config import Config, ConfigError, load_config
 from opmix_ray.live import replay_changes
 from opmix_ray.main_run import STATE_JSON, checkpoint_path
 from opmix_ray.mixture import Mixture
-from opmix_ray.storage import RunStore, is_uri, read_json
+from opmix_ray.storage import RunStore, fetch_run, is_uri, read_json, redact
 
 
 def _bad(run_dir: Path, why: str) -> ConfigError:
@@ -109,11 +109,19 @@ def _clear_after(run_dir: Path, point: dict | None, n_rounds: int) -> None:
 
 
 def resume(run_dir: str | Path) -> dict:
-    """Continue the run in run_dir to its end; return its summary (see the module docstring)."""
+    """Continue the run in run_dir (a local dir, or a URI run's s3://.../NAME) to its end; return
+    its summary (see the module docstring)."""
     from opmix_ray.data.shards import build_shards
     from opmix_ray.engine import _say, drive, finish, init_ray
     from opmix_ray.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
     t_start = time.time()
+    if is_uri(run_dir):  # the run's bucket copy: resume in its staging dir, mirroring to the bucket
+        try:
+            run_dir = fetch_run(str(run_dir))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config error at RUN_DIR: cannot read the run at {redact(str(run_dir), query=False)} "
+                              f"({type(exc).__name__}) (fix: pass <storage_path>/<run.name> of a run; "
+                              "credentials come from the environment)") from None
     run_dir = Path(run_dir).expanduser().resolve()
     cfg, history = load_run_config(run_dir)
     if (run_dir / "summary.json").is_file():

@@ -53,6 +53,27 @@ def staging_dir(storage_uri: str, name: str) -> Path:
     return (root / hashlib.sha1(storage_uri.encode()).hexdigest()[:12] / name).resolve()
 
 
+def split_run_uri(run_uri: str) -> tuple[str, str]:
+    """s3://b/runs/NAME?opts -> ("s3://b/runs?opts", "NAME"): a run's storage URI and name."""
+    head, sep, query = str(run_uri).partition("?")
+    parent, _, name = head.rstrip("/").rpartition("/")
+    return parent + sep + query, name
+
+
+def fetch_run(run_uri: str) -> Path:
+    """The local staging dir of the run at run_uri; copied down from the bucket when this machine
+    has none (the driver's machine is gone). What the dead driver staged locally is never older
+    than the bucket, so an existing staging dir is used as it is."""
+    storage, name = split_run_uri(run_uri)
+    local = staging_dir(storage, name)
+    if not (local / "history.json").is_file():
+        fs, root = remote_fs(storage)
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
 def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     if fs.type_name in ("local", "mock"):  # a plain file system: temp file, then rename
         tmp = f"{path}.tmp{os.getpid()}"

@@ -142,3 +142,28 @@ def test_engine_run_lands_in_bucket(s3, capsys):
     # and the used run dir now needs --overwrite
     with pytest.raises(ConfigError, match="--overwrite"):
         check_storage(cfg, overwrite=False)
+    _resume_from_the_bucket_alone(s3, summary, hist)
+
+
+def _resume_from_the_bucket_alone(s3, summary, hist):
+    """The driver's machine is gone with its staging dir; the bucket holds the run as it was after
+    round 0's push. `opmix-ray resume s3://.../tiny-s3` fetches it and finishes the run there."""
+    import shutil
+
+    from opmix_ray.cli import main
+    uri, remote = join(s3, "tiny-s3"), RunStore(summary["run_dir"], s3, "tiny-s3")
+    remote.write_json("history.json", {**hist, "rounds": hist["rounds"][:1], "final": None})
+    fs, root = remote_fs(uri)
+    fs.delete_file(f"{root}/summary.json")
+    for rel in ("main/round_1", "main/round_final", "adapters_round_1", "search_round_1"):
+        fs.delete_dir(f"{root}/{rel}")
+    shutil.rmtree(summary["run_dir"])
+    ray.shutdown()
+    try:
+        assert main(["resume", uri]) == 0
+    finally:
+        ray.shutdown()
+    again = read_json(join(uri, "history.json"))
+    assert len(again["rounds"]) == 2 and again["final"] is not None
+    assert again["rounds"][0] == hist["rounds"][0]  # round 0 kept as saved
+    assert is_file(join(uri, "summary.json")) and is_file(join(uri, "main/round_final/model.safetensors"))
