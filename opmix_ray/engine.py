@@ -225,12 +225,16 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
         raise interrupted(lost, where, store.location, exc) from exc
     finally:
         clear_live(run_dir)
-    summary = finish(cfg, store, shards, ray.get(ctl.get_history.remote()), current, t_start)
+    late = ray.get(ctl.take_changes.remote())  # queued after the last round: never applied
+    if late:
+        _say(f"domain changes queued after the last round were not applied: {[c['op'] + ' ' + c['name'] for c in late]}")
+    summary = finish(cfg, store, shards, ray.get(ctl.get_history.remote()), current, t_start, late)
     ray.kill(ctl)
     return summary
 
 
-def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture, t_start: float) -> dict:
+def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture, t_start: float,
+           unapplied: list[dict] | None = None) -> dict:
     """Write summary.json from the history of a run whose main run has ended; return it."""
     final = history["final"]
     store.upload_dir("main/round_final")
@@ -246,6 +250,8 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
                "main_stall_s": sum(final.get("stall_s", {}).values()), "applied_step": final.get("applied_step", {}),
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
                "wall_s": time.time() - t_start}
+    if unapplied:
+        summary["unapplied_domain_changes"] = unapplied
     if store.remote:  # run_dir stays local (the staging dir): callers read and plot from it
         summary["run_uri"] = store.location
     store.write_json("summary.json", summary)  # last: its presence means the run finished
