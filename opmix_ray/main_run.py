@@ -129,18 +129,21 @@ def main_loop(loop_cfg: dict) -> None:
     total, boundaries = steps_and_boundaries(cfg, world)
     opt, sched = make_optimizer(model, cfg.main, total)
     _, weights = ray.get(ctl.get_mixture.remote())
-    sampler = MixtureSampler(shards.train, Mixture.from_dict(weights, shards.domains), shards.seq_len,
-                             shards.cap_tokens(cfg), seed=cfg.run.seed * 1000 + rank)
+    ckpt = checkpoint_path(loop_cfg["run_dir"], resume["round"]) if resume else None
+    sampler = _make_sampler(cfg, shards, weights, rank, ckpt)
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
     push = _PushTracker(ctl, sampler, shards, cfg)
     start, saved = 0, None
     if resume:
-        saved = load_train_state(checkpoint_path(loop_cfg["run_dir"], resume["round"]), opt, sched, sampler)
+        saved = load_train_state(ckpt, opt, sched, sampler)
         start, losses = saved["step"], list(saved["losses"])
         push.stall_s, push.applied_step = dict(saved["stall_s"]), dict(saved["applied_step"])
         if resume["weights"] is not None:  # the round was pushed: train on its winner, as the run did
-            sampler.set_mixture(Mixture.from_dict(resume["weights"], shards.domains))
+            caps = shards.cap_tokens(cfg)
+            for d in resume.get("revised", []):  # revised live after this checkpoint was written
+                sampler.replace_domain(d, shards.train[d], caps[d])
+            sampler.set_mixture(Mixture.from_dict({d: resume["weights"].get(d, 0.0) for d in sampler.domains}))
             push.stall_s[str(resume["round"])], push.applied_step[str(resume["round"])] = 0.0, start
     for step in range(start, total + 1):
         push.poll(step)
@@ -175,6 +178,19 @@ def main_loop(loop_cfg: dict) -> None:
         if rank == 0 and step % 25 == 0:
             ctl.report_progress.remote({"step": step, "total": total, "loss": float(np.mean(losses[-25:])),
                                         "elapsed_s": time.time() - t0})
+
+
+def _make_sampler(cfg: Config, shards, weights: dict, rank: int, resume_ckpt: str | None) -> MixtureSampler:
+    """The main run's sampler. A resumed run lists its domains in the order its saved state has
+    them (domains removed live stay in it at weight 0), then those added since."""
+    domains = list(shards.domains)
+    if resume_ckpt:
+        with open(os.path.join(resume_ckpt, STATE_JSON)) as f:
+            saved = json.load(f)["sampler"]["domains"]
+        domains = saved + [d for d in domains if d not in saved]
+    mix = Mixture.from_dict({d: weights.get(d, 0.0) for d in domains}, domains)
+    return MixtureSampler({**shards.retired, **shards.train}, mix, shards.seq_len, shards.cap_tokens(cfg),
+                          seed=cfg.run.seed * 1000 + rank)
 
 
 class _PushTracker:

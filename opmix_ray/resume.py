@@ -134,11 +134,7 @@ def resume(run_dir: str | Path) -> dict:
     if meta.get("data_hash") != shards.data_hash:
         raise ConfigError(f"config error at data.path: the data no longer hashes to the run's "
                           f"{meta.get('data_hash')} (fix: restore the data the run started on)")
-    if any(c["op"] != "add" for c in meta.get("domain_changes", [])):
-        raise ConfigError(f"config error at RUN_DIR: {run_dir} had domains removed or revised live; resume "
-                          "restores the sampler only across added domains (fix: start a new run from its "
-                          "last checkpoint with model.path and the new domain set)")
-    shards = replay_changes(cfg, run_dir, shards, meta)  # domains added live (live.py)
+    shards = replay_changes(cfg, run_dir, shards, meta)  # the live domain-set changes (live.py)
     store = RunStore(run_dir, cfg.run.storage_path if is_uri(cfg.run.storage_path) else None, cfg.run.name)
     domains = tuple(meta["domains"])
     current = (Mixture.from_dict(rounds[-1]["weights"], domains, shards.data_hash) if rounds
@@ -147,6 +143,9 @@ def resume(run_dir: str | Path) -> dict:
         _say(f"resume '{cfg.run.name}': the main run had finished; writing the summary")
         return finish(cfg, store, shards, history, current, t_start)
     point = resume_point(cfg, run_dir, rounds)
+    if point is not None and point["weights"] is not None:  # its checkpoint predates that round's changes
+        point["revised"] = [c["name"] for c in meta.get("domain_changes", [])
+                            if c["op"] == "revise" and c["round"] >= point["round"]]
     _clear_after(run_dir, point, len(meta["boundaries"]))
     if point is not None and point["weights"] is None:
         _say(f"resume '{cfg.run.name}': the driver died during round {point['round']}; redoing that round "

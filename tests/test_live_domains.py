@@ -149,3 +149,27 @@ def test_domains_changed_in_a_live_run_join_at_the_next_round(tmp_path):
     assert not (run_dir / "live.json").exists()
     check = subprocess.run([*CLI, "check", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout
+    _resume_after_the_changes(run_dir, history, env)
+
+
+def _resume_after_the_changes(run_dir: Path, history: dict, env: dict) -> None:
+    """A copy of the run cut back to just after round 0's push (as if the driver died there) resumes
+    across the live changes: the sampler keeps the removed domain at 0 and restarts the revised
+    domain's stream, since its checkpoint predates them."""
+    import shutil
+    cut = run_dir.parent / "tiny-cut"
+    shutil.copytree(run_dir, cut)
+    first = next(r["round"] for r in history["rounds"] if r.get("domain_changes"))
+    keep = [r for r in history["rounds"] if r["round"] <= first]
+    (cut / "history.json").write_text(json.dumps({**history, "rounds": keep, "final": None}))
+    (cut / "summary.json").unlink()
+    for k in range(first + 1, len(history["rounds"])):
+        for rel in (f"main/round_{k}", f"adapters_round_{k}", f"search_round_{k}"):
+            shutil.rmtree(cut / rel)
+    shutil.rmtree(cut / "main" / "round_final")
+    p = subprocess.run([*CLI, "resume", str(cut)], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    again = json.loads((cut / "history.json").read_text())
+    assert len(again["rounds"]) == len(history["rounds"]) and again["rounds"][first] == history["rounds"][first]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["drawn_last_segment"]["dictionary"] == 0.0 and summary["drawn_last_segment"]["fortunes"] > 0

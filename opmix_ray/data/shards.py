@@ -41,6 +41,7 @@ class TokenShards:
     data_hash: str
     source_hashes: dict[str, str] = field(default_factory=dict)
     eval_only: tuple[str, ...] = ()  # held-out target domains: in `val`, never in `train` or a mixture
+    retired: dict[str, np.ndarray] = field(default_factory=dict)  # train tokens of domains removed live
 
     def train_tokens(self) -> dict[str, int]:
         return {d: int(len(self.train[d])) for d in self.domains}
@@ -234,6 +235,7 @@ def without_domain(shards: TokenShards, name: str) -> TokenShards:
         raise DataError(f"remove-domain: '{name}' is the run's last training domain (fix: add one first)")
     return replace(shards, domains=tuple(d for d in shards.domains if d != name),
                    train={d: v for d, v in shards.train.items() if d != name},
+                   retired={**shards.retired, name: shards.train[name]},  # a resumed sampler still lists it
                    eval_only=(*shards.eval_only, name), data_hash=content_hash(shards.data_hash, "removed", name))
 
 
