@@ -233,7 +233,6 @@ class _PushTracker:
             self.applied_step[str(k)] = step
             self.pending = self.pending[i + 1:]
 
-
     def _refresh_shards(self) -> None:
         """After a domain-set change (live.py) the controller holds new shards: take them, give the
         sampler streams for added domains and fresh ones for revised domains."""
