@@ -190,6 +190,10 @@ class ScheduleSection(_Section):
         "opmix-recompute: adapters for every seen domain; naive: 100% new; replay: new + replay_share old; "
         "retrain: the stage-0 checkpoint retrained on everything seen so far.")
     replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
+    instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
+                                "on the instruction tasks in data.path (exact match and answer loss, held-out and "
+                                "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "
+                                "when data.path has no instruct.json.")
 
 
 class Config(_Section):

@@ -18,6 +18,10 @@ starts from that checkpoint. At each later stage new domains arrive and each met
 |                 | all tokens of stages 1..s                                                   |
 
 Metric: mean val loss over every domain seen so far (forgetting included) and FLOPs, per stage.
+With `schedule.instruct_eval: true` (continual instruction tuning, configs/continual_instruct.yaml)
+the later stages add instruction tasks (opmix_ray/data/instruct.py), and every checkpoint is also
+scored on the tasks seen so far: exact match and answer loss, held-out and trained-sample
+(opmix_ray/instruct_eval.py); the stage-0 checkpoint is scored zero-shot on every task.
 Fixed-mixture stages run as Tune trials (training.run_fixed_jobs) and restart AdamW with warmup at
 each stage, as the engine's stage runs do.
 """
@@ -83,6 +87,19 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
             "wall_s": s["wall_s"]}
 
 
+def _instruct_scorer(cfg: Config, shards):
+    """(checkpoint, domains) -> {"instruct": scores of the tasks among domains}; {} when there are none."""
+    from opmix_ray import instruct_eval
+    from opmix_ray.data.shards import load_tokenizer, resolve_data_paths
+    tok, _ = load_tokenizer(resolve_data_paths(cfg)[2])
+    sets = instruct_eval.load_sets(cfg.data.path, tok, shards.eos_id, shards.train)
+
+    def scorer(ckpt: str, domains) -> dict:
+        todo = {t: s for t, s in sets.items() if t in domains}
+        return {"instruct": instruct_eval.evaluate_checkpoint(ckpt, todo, tok, shards.eos_id)} if todo else {}
+    return scorer
+
+
 def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
     from opmix_ray.data.shards import build_shards
     from opmix_ray.engine import init_ray
@@ -94,8 +111,12 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
         raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
     cfg = cfg.model_copy(deep=True)
     cfg.data.domains = seen_by_stage[-1]
+    if cfg.schedule.instruct_eval:
+        from opmix_ray.data.instruct import ensure_built
+        ensure_built(cfg.data.path)  # deterministic, seconds; verifies the sha256s when already built
     shards = build_shards(cfg)
     check_against_data(cfg, shards, None)
+    scorer = _instruct_scorer(cfg, shards) if cfg.schedule.instruct_eval else (lambda ckpt, domains: {})
     doms, methods = shards.domains, cfg.schedule.methods
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
@@ -107,8 +128,9 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
     ckpt = dict.fromkeys(methods, str(out / "stage_0" / "pretrained"))
     mix = dict.fromkeys(methods, _weights(doms, dict.fromkeys(st0.add, 1.0)))
     flops = {m: {"main": 6.0 * pre["n_params"] * st0.tokens, "search": 0.0} for m in methods}
-    rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m], **_score(pre["val_loss"], st0.add)}
-            for m in methods]
+    zero_shot = scorer(str(out / "stage_0" / "pretrained"), doms)  # every task, before any is trained on
+    rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m], **_score(pre["val_loss"], st0.add),
+             **zero_shot} for m in methods]
     for s in range(1, len(seen_by_stage)):
         seen, new, T = seen_by_stage[s], cfg.schedule.stages[s].add, cfg.schedule.stages[s].tokens
         old = [d for d in seen if d not in new]
@@ -136,8 +158,10 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
             flops[m]["search"] += res["search_flops"]
             rows.append({"method": m, "stage": s, "val_loss": res["val_loss"], "mixture": res["mixture"],
                          "stage_search_flops": res["search_flops"], "flops_so_far": dict(flops[m]),
-                         "wall_s": res["wall_s"], **_score(res["val_loss"], seen)})
-            _say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}")
+                         "wall_s": res["wall_s"], **_score(res["val_loss"], seen), **scorer(res["ckpt"], seen)})
+            em = ", ".join(f"{t} {v['heldout']['em']:.2f}/{v['trained']['em']:.2f}" for t, v in rows[-1].get("instruct", {}).items())
+            _say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}"
+                 + (f"; EM held-out/trained {em}" if em else ""))
         write_json(out / "rows_partial.json", rows)
     result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage, "wall_s": time.time() - t0,
               "config": cfg.model_dump(mode="json")}
@@ -170,6 +194,10 @@ def markdown(result: dict) -> str:
               "|" + "---|" * (len(seen[-1]) + 1)]
     for m, r in last.items():
         lines.append(f"| {m} | " + " | ".join(f"{r['val_loss'][d]:.4f}" for d in seen[-1]) + " |")
+    tasks = [d for d in seen[-1] if any(d in r.get("instruct", {}) for r in rows if r["stage"] > 0)]
+    if tasks:
+        from opmix_ray.instruct_eval import markdown as instruct_markdown
+        lines += ["", instruct_markdown(rows, tasks).rstrip("\n")]
     lines += ["", "Stage mixtures (token shares):", ""]
     for r in rows:
         if r["stage"] > 0:
