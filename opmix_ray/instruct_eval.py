@@ -53,12 +53,15 @@ def normalise(text: str) -> str:
 
 
 def _greedy(model, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """[B, steps] greedy continuations (no KV cache: the model and prompts are tiny)."""
-    out = x
-    for _ in range(steps):
-        nxt = model(input_ids=out).logits[:, -1].argmax(-1, keepdim=True)
-        out = torch.cat([out, nxt], dim=1)
-    return out[:, x.shape[1]:]
+    """[B, steps] greedy continuations, feeding one token at a time through the KV cache."""
+    out = model(input_ids=x, use_cache=True)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    gen = [nxt]
+    for _ in range(steps - 1):
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        gen.append(nxt)
+    return torch.cat(gen, dim=1)
 
 
 def _answer_nll(model, x: torch.Tensor, answers: list[list[int]], eos: int) -> torch.Tensor:
@@ -108,9 +111,16 @@ def evaluate(model, sets: dict, tok, eos: int) -> dict:
     return out
 
 
-def evaluate_checkpoint(path, sets: dict, tok, eos: int) -> dict:
+def evaluate_checkpoint(path, sets: dict, tok, eos: int, threads: int = 1) -> dict:
+    """evaluate() on an HF checkpoint dir, in `threads` torch threads: the continual driver shares the
+    cores with Ray's workers, and two threads under contention measured 1.7x slower than one."""
     from opmix_ray.model import load_checkpoint
-    return evaluate(load_checkpoint(path), sets, tok, eos)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return evaluate(load_checkpoint(path), sets, tok, eos)
+    finally:
+        torch.set_num_threads(before)
 
 
 def markdown(rows: list[dict], tasks: list[str]) -> str:

@@ -109,22 +109,24 @@ def test_ensure_built_checks_hashes_and_needs_a_path(built, tmp_path, monkeypatc
 
 
 class _Lookup(torch.nn.Module):
-    """Next token from a table of known prefixes (logit 100, others 0); unknown prefixes give `default`."""
+    """Next token from a table of known prefixes (logit 100, others 0); unknown prefixes give `default`.
+    Its "KV cache" is the ids seen so far, so it decodes through the same calls as a HF model."""
 
     def __init__(self, seqs, vocab, default=EOS, flat=False):
         super().__init__()
         self.table = {tuple(s[:i]): s[i] for s in seqs for i in range(1, len(s))}
         self.vocab, self.default, self.flat = vocab, default, flat
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, past_key_values=None, use_cache=False):
+        ids = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], dim=1)
         B, T = input_ids.shape
         logits = torch.zeros(B, T, self.vocab)
         if not self.flat:
             for b in range(B):
-                row = input_ids[b].tolist()
+                row = ids[b].tolist()
                 for t in range(T):
-                    logits[b, t, self.table.get(tuple(row[: t + 1]), self.default)] = 100.0
-        return type("Out", (), {"logits": logits})()
+                    logits[b, t, self.table.get(tuple(row[: ids.shape[1] - T + t + 1]), self.default)] = 100.0
+        return type("Out", (), {"logits": logits, "past_key_values": ids})()
 
 
 def _seqs(pairs):
@@ -152,14 +154,21 @@ def test_wrong_and_partial_answers_miss():
     assert s["em"] == 0.25  # only PAIRS[3], whose answer really is " n."
 
 
-def test_batching_does_not_change_scores():
+def test_batching_and_the_kv_cache_do_not_change_scores():
     from opmix_ray.config import ModelSection
+    from opmix_ray.instruct_eval import _greedy
     from opmix_ray.model import build_model
     model = build_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
                         TOK.get_vocab_size(), 64).eval()
     pairs = PAIRS + [("Part of speech of: Slim\nAnswer:", " adv.")]
     one, many = score(model, TOK, EOS, pairs, batch_size=1), score(model, TOK, EOS, pairs, batch_size=64)
     assert one["em"] == many["em"] and one["answer_loss"] == pytest.approx(many["answer_loss"], rel=1e-5)
+    x = torch.as_tensor([[EOS, *TOK.encode(PAIRS[0][0]).ids]])
+    with torch.no_grad():
+        slow = x
+        for _ in range(6):  # no cache: the whole sequence every step
+            slow = torch.cat([slow, model(input_ids=slow).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert _greedy(model, x, 6).tolist() == slow[:, x.shape[1]:].tolist()
 
 
 def test_in_stream_finds_whole_documents_on_token_boundaries():
