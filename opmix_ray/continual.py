@@ -88,7 +88,8 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
 
 
 def _instruct_scorer(cfg: Config, shards):
-    """(checkpoint, domains) -> {"instruct": scores of the tasks among domains}; {} when there are none."""
+    """(checkpoint, domains) -> {"instruct": scores of the tasks among domains}, {} when there are none;
+    and each task's majority-answer exact match."""
     from opmix_ray import instruct_eval
     from opmix_ray.data.shards import load_tokenizer, resolve_data_paths
     tok, _ = load_tokenizer(resolve_data_paths(cfg)[2])
@@ -97,7 +98,7 @@ def _instruct_scorer(cfg: Config, shards):
     def scorer(ckpt: str, domains) -> dict:
         todo = {t: s for t, s in sets.items() if t in domains}
         return {"instruct": instruct_eval.evaluate_checkpoint(ckpt, todo, tok, shards.eos_id)} if todo else {}
-    return scorer
+    return scorer, instruct_eval.majority_em(cfg.data.path, sets)
 
 
 def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
@@ -116,7 +117,7 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
         ensure_built(cfg.data.path)  # deterministic, seconds; verifies the sha256s when already built
     shards = build_shards(cfg)
     check_against_data(cfg, shards, None)
-    scorer = _instruct_scorer(cfg, shards) if cfg.schedule.instruct_eval else (lambda ckpt, domains: {})
+    scorer, majority = _instruct_scorer(cfg, shards) if cfg.schedule.instruct_eval else (lambda ckpt, doms: {}, None)
     doms, methods = shards.domains, cfg.schedule.methods
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
@@ -129,8 +130,8 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
     mix = dict.fromkeys(methods, _weights(doms, dict.fromkeys(st0.add, 1.0)))
     flops = {m: {"main": 6.0 * pre["n_params"] * st0.tokens, "search": 0.0} for m in methods}
     zero_shot = scorer(str(out / "stage_0" / "pretrained"), doms)  # every task, before any is trained on
-    rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m], **_score(pre["val_loss"], st0.add),
-             **zero_shot} for m in methods]
+    rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m],
+             **_score(pre["val_loss"], st0.add), **zero_shot} for m in methods]
     for s in range(1, len(seen_by_stage)):
         seen, new, T = seen_by_stage[s], cfg.schedule.stages[s].add, cfg.schedule.stages[s].tokens
         old = [d for d in seen if d not in new]
@@ -159,12 +160,13 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
             rows.append({"method": m, "stage": s, "val_loss": res["val_loss"], "mixture": res["mixture"],
                          "stage_search_flops": res["search_flops"], "flops_so_far": dict(flops[m]),
                          "wall_s": res["wall_s"], **_score(res["val_loss"], seen), **scorer(res["ckpt"], seen)})
-            em = ", ".join(f"{t} {v['heldout']['em']:.2f}/{v['trained']['em']:.2f}" for t, v in rows[-1].get("instruct", {}).items())
+            em = ", ".join(f"{t} {v['heldout']['em']:.2f}/{v['trained']['em']:.2f}"
+                           for t, v in rows[-1].get("instruct", {}).items())
             _say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}"
                  + (f"; EM held-out/trained {em}" if em else ""))
         write_json(out / "rows_partial.json", rows)
     result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage, "wall_s": time.time() - t0,
-              "config": cfg.model_dump(mode="json")}
+              "config": cfg.model_dump(mode="json"), **({"instruct_majority_em": majority} if majority else {})}
     write_json(out / "results.json", result)
     (out / "rows_partial.json").unlink(missing_ok=True)
     atomic_write_bytes(out / "results.md", markdown(result).encode())
@@ -197,7 +199,7 @@ def markdown(result: dict) -> str:
     tasks = [d for d in seen[-1] if any(d in r.get("instruct", {}) for r in rows if r["stage"] > 0)]
     if tasks:
         from opmix_ray.instruct_eval import markdown as instruct_markdown
-        lines += ["", instruct_markdown(rows, tasks).rstrip("\n")]
+        lines += ["", instruct_markdown(rows, tasks, result.get("instruct_majority_em")).rstrip("\n")]
     lines += ["", "Stage mixtures (token shares):", ""]
     for r in rows:
         if r["stage"] > 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opmix_ray.data.instruct import EVAL_FILE
+from opmix_ray.data.instruct import EVAL_FILE, MANIFEST
 
 
 def _in_stream(ids: list[int], stream: np.ndarray, eos: int) -> bool:
@@ -46,6 +46,13 @@ def load_sets(data_dir, tok, eos: int, train: dict[str, np.ndarray], n_trained: 
         ok = [(p, a) for p, a in s["trained_candidates"] if _in_stream(tok.encode(p + a).ids, train[task], eos)]
         sets[task] = {"heldout": [tuple(x) for x in s["heldout"]], "trained": ok[:n_trained]}
     return sets
+
+
+def majority_em(data_dir, sets: dict) -> dict:
+    """{task: {split: exact match of always answering the commonest training answer}}: the floor."""
+    tasks = json.loads((Path(data_dir) / MANIFEST).read_text())["tasks"]
+    return {t: {split: sum(normalise(a) == normalise(tasks[t]["majority_answer"]) for _, a in ex) / max(1, len(ex))
+                for split, ex in s.items()} for t, s in sets.items()}
 
 
 def normalise(text: str) -> str:
@@ -123,8 +130,8 @@ def evaluate_checkpoint(path, sets: dict, tok, eos: int, threads: int = 1) -> di
         torch.set_num_threads(before)
 
 
-def markdown(rows: list[dict], tasks: list[str]) -> str:
-    """Tables for results.md: the final stage per method, then every stage."""
+def markdown(rows: list[dict], tasks: list[str], majority: dict | None = None) -> str:
+    """Tables for results.md: the final stage per method (and the majority-answer floor), then every stage."""
     def cell(r, t, what):
         s = r.get("instruct", {}).get(t)
         if not s:
@@ -140,7 +147,11 @@ def markdown(rows: list[dict], tasks: list[str]) -> str:
              "better; answer loss in nats/token, lower is better):")
     lines = [title, "", head, "|" + "---|" * (2 * len(tasks) + 1)]
     for r in final:
-        lines.append(f"| {r['method']} | " + " | ".join(f"{cell(r, t, 'em')} | {cell(r, t, 'loss')}" for t in tasks) + " |")
+        cells = (f"{cell(r, t, 'em')} | {cell(r, t, 'loss')}" for t in tasks)
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    if majority:
+        lines.append("| (majority answer) | " + " | ".join(
+            f"{majority[t]['heldout']:.3f} / {majority[t]['trained']:.3f} | -" for t in tasks) + " |")
     lines += ["", "Exact match held-out / trained-sample after every stage (stage 0: before any task, zero-shot):",
               "", "| method | stage | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
     for r in sorted(rows, key=lambda r: (r["method"], r["stage"])):

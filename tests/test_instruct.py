@@ -29,7 +29,7 @@ from opmix_ray.data.instruct import (
     ensure_built,
 )
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, build_shards, load_tokenizer
-from opmix_ray.instruct_eval import _in_stream, load_sets, score
+from opmix_ray.instruct_eval import _in_stream, load_sets, majority_em, score
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 TOK, _ = load_tokenizer(BUNDLED_DIR / "tokenizer.json")
@@ -69,6 +69,8 @@ def test_answer_spans_are_the_tail_of_each_example(built):
     pos = [a for _, a in evals["dict_pos"]["heldout"]]
     assert pos.count(" n.") == pos.count(" a.") == 100  # balanced: the majority answer scores 0.5
     assert man["tasks"]["dict_pos"]["majority_em_heldout"] == 0.5
+    trained = [a for _, a in evals["dict_pos"]["trained_candidates"]]  # a uniform sample of a balanced set
+    assert 0.4 < trained.count(" n.") / len(trained) < 0.6
     assert len({a for _, a in evals["bible_end"]["heldout"] + evals["bible_end"]["trained_candidates"]}) <= 40
     for p, a in evals["bible_end"]["heldout"][:50]:  # the verse is the prompt's text plus the answer
         verse = p.split(": ", 1)[1].removesuffix(DELIM) + a
@@ -102,6 +104,11 @@ def test_ensure_built_checks_hashes_and_needs_a_path(built, tmp_path, monkeypatc
     assert calls == [tmp_path / "new"]  # built when there is no manifest
     shutil.copytree(built[0], tmp_path / "copy")
     assert ensure_built(str(tmp_path / "copy")) == built[1]
+    man = json.loads((tmp_path / "copy" / MANIFEST).read_text())
+    (tmp_path / "copy" / MANIFEST).write_text(json.dumps({**man, "format": "opmix-instruct/0"}))
+    with pytest.raises(DataError, match=r"^data.path: .*another version .*fix: rebuild"):
+        ensure_built(str(tmp_path / "copy"))
+    (tmp_path / "copy" / MANIFEST).write_text(json.dumps(man))
     rows = _texts(tmp_path / "copy" / "py_doc.parquet")
     pq.write_table(pa.table({"text": rows[:-1]}), tmp_path / "copy" / "py_doc.parquet")
     with pytest.raises(DataError, match=r"^data.path: .*py_doc.parquet .*fix: rebuild"):
@@ -133,7 +140,8 @@ def _seqs(pairs):
     return [[EOS, *TOK.encode(p).ids, *TOK.encode(a).ids, EOS] for p, a in pairs]
 
 
-PAIRS = [("Part of speech of: Slender\nAnswer:", " a."), ("Finish the verse: In the beginning God created the heaven and the\nAnswer:", " earth"),
+PAIRS = [("Part of speech of: Slender\nAnswer:", " a."),
+         ("Finish the verse: In the beginning God created the heaven and the\nAnswer:", " earth"),
          ("First docstring word of: get_loop\nAnswer:", " Return"), ("Part of speech of: Truck\nAnswer:", " n.")]
 
 
@@ -190,6 +198,7 @@ def test_trained_sample_is_in_the_training_stream_and_heldout_is_not(built):
         assert len(s["trained"]) == 200 and len(s["heldout"]) == 200
         assert all(_in_stream(TOK.encode(p + a).ids, sh.train[task], EOS) for p, a in s["trained"])
         assert not any(_in_stream(TOK.encode(p + a).ids, sh.train[task], EOS) for p, a in s["heldout"])
+    assert majority_em(out, sets)["dict_pos"]["heldout"] == 0.5  # balanced: always "n." gets half
 
 
 def test_instruct_configs_load_and_schedule_tasks():
@@ -218,4 +227,5 @@ def test_tiny_continual_instruct_end_to_end(tmp_path):
             for split in ("heldout", "trained"):
                 s = r["instruct"][t][split]
                 assert 0 <= s["em"] <= 1 and math.isfinite(s["answer_loss"]) and s["n"] > 0
+    assert set(res["instruct_majority_em"]) == set(TASKS)
     assert "exact match" in (out / "results.md").read_text()

@@ -42,7 +42,7 @@ from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
 
 DELIM = "\nAnswer:"
 MANIFEST, EVAL_FILE = "instruct.json", "instruct_eval.json"
-FORMAT = "opmix-instruct/1"
+FORMAT = "opmix-instruct/2"  # bumped whenever the same arguments build different files
 MAX_ANSWER_TOKENS = 5  # short answers: a ~1M-param model can get some of them exactly right
 MAX_PROMPT_TOKENS = 48
 
@@ -131,13 +131,15 @@ def _given_away(task: str, prompt: str, span: str, raw: str) -> bool:
 
 
 def _draw(pairs: list, n: int, per_answer: int, rng: random.Random) -> list:
-    """Up to n pairs in a seeded order, at most per_answer of them with one answer."""
+    """Up to n pairs, at most per_answer of them with one answer, in a seeded order. Shuffled again
+    after the cap: in draw order the common answers come first (they fill up before the cap bites),
+    and the trained sample is a prefix of this list."""
     out, used = [], Counter()
     for p, s in rng.sample(pairs, len(pairs)):
         if used[s] < per_answer and len(out) < n:
             out.append((p, s))
             used[s] += 1
-    return out
+    return rng.sample(out, len(out))
 
 
 def _split_task(task: str, docs: list[str], tok, n_eval: int, max_train: int, seed: int):
@@ -221,6 +223,9 @@ def ensure_built(data_dir: str | None) -> dict:
         print(f"[instruct] building the instruction tasks into {root}", flush=True)
         return build_instruct(root)
     man = json.loads((root / MANIFEST).read_text())
+    if man.get("format") != FORMAT:
+        raise DataError(f"data.path: {root / MANIFEST} is {man.get('format')}, built by another version of the "
+                        f"builder, not {FORMAT} (fix: rebuild with `python -m opmix_ray.data.instruct --out {root}`)")
     files = {**{f"{d}.parquet": r["sha256"] for d, r in man["raw"].items()},
              **{f"{t}.parquet": r["sha256"] for t, r in man["tasks"].items()}, EVAL_FILE: man["eval_sha256"]}
     for name, sha in files.items():
