@@ -98,8 +98,9 @@ def _implicit_func_pids() -> list[int]:
 
 def test_sigkill_of_a_trial_worker_is_retried_and_nothing_is_lost(tmp_path, tune_grids):
     cfg = _cfg(tmp_path, searcher="random", num_samples=6)
-    # enough validation windows that a trial runs for a while, so the kill lands mid-search
-    cands = _candidates("kill", n_val=400, hidden=64)
+    # enough validation windows that a trial scores for ~1.6 s (one thread): with 400 the whole
+    # search could end within the killer's 1 s wait on an idle machine, and there was nothing to kill
+    cands = _candidates("kill", n_val=4000, hidden=64)
     killed: list[int] = []
 
     def killer():
