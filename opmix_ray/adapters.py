@@ -32,8 +32,12 @@ from opmix_ray.model import lm_loss, load_checkpoint, n_params, pick_device, set
 from opmix_ray.storage import write_json
 
 
+REPLICATE = "old#2"  # a second adapter on the current mixture, another data seed: the adapter-noise probe
+
+
 def adapter_plan(current: Mixture, cfg: Config) -> list[tuple[str, dict[str, float]]]:
-    """[(adapter name, probe mixture)]: 'old' on p, then each domain on share*d + (1-share)*p."""
+    """[(adapter name, probe mixture)]: 'old' on p, then each domain on share*d + (1-share)*p, then
+    the replicate of 'old' (never a search coordinate; search.py keeps it out of the space)."""
     plan = [("old", current.as_dict())] if cfg.adapters.include_old else []
     share = cfg.adapters.probe_domain_share
     own = cfg.adapters.domains
@@ -43,18 +47,37 @@ def adapter_plan(current: Mixture, cfg: Config) -> list[tuple[str, dict[str, flo
         w = (1.0 - share) * current.as_array()
         w[i] += share
         plan.append((d, Mixture.normalised(current.domains, w).as_dict()))
+    if cfg.adapters.include_old and cfg.adapters.replicate_old:
+        plan.append((REPLICATE, current.as_dict()))
     return plan
 
 
-def _train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seed: int, device) -> dict:
+def adapter_lr(cfg: Config, main_lr_now: float | None) -> float:
+    """lr_multiplier x the main run's lr at the checkpoint (lr_schedule: current) or at its peak."""
+    base = main_lr_now if cfg.adapters.lr_schedule == "current" and main_lr_now is not None else cfg.main.lr
+    return cfg.adapters.lr_multiplier * base
+
+
+def adapter_seeds(cfg: Config, round_idx: int | str, name: str) -> tuple[int, int]:
+    """(LoRA init seed, data seed). A shared init is one seed per round: every adapter starts from
+    the same A, so merged deltas differ by what each adapter's data taught, not by its init."""
+    data = zlib.crc32(f"{cfg.run.seed}/{round_idx}/{name}".encode())
+    init = zlib.crc32(f"{cfg.run.seed}/{round_idx}/lora-init".encode()) if cfg.adapters.init == "shared" else data
+    return init, data
+
+
+def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seeds: tuple[int, int], lr: float,
+              device="cpu") -> dict:
+    """One LoRA adapter on `base_path` trained on mixture `weights`; returns the PEFT model and stats."""
+    init_seed, seed = seeds
     model = load_checkpoint(base_path).to(device)
-    torch.manual_seed(seed)  # LoRA's A is drawn from torch's global RNG: seed it per adapter
+    torch.manual_seed(init_seed)  # LoRA's A is drawn from torch's global RNG
     lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
                       target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
     model = get_peft_model(model, lora)
     sampler = MixtureSampler(shards.train, Mixture.from_dict(weights, shards.domains), shards.seq_len, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.main.lr * cfg.adapters.lr_multiplier, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.adapters.weight_decay)
     model.train()
     losses = []
     for _ in range(cfg.adapters.steps):
@@ -81,15 +104,16 @@ def adapter_loop(loop_cfg: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, weights in loop_cfg["plan"][rank::world]:
             t0 = time.time()
-            seed = zlib.crc32(f"{cfg.run.seed}/{loop_cfg['round']}/{name}".encode())
-            out = _train_one(cfg, shards, loop_cfg["base_path"], name, weights, seed, device)
+            seeds = adapter_seeds(cfg, loop_cfg["round"], name)
+            out = train_one(cfg, shards, loop_cfg["base_path"], name, weights, seeds, loop_cfg["lr"], device)
             out_dir = os.path.join(tmp, name)
             out.pop("model").save_pretrained(out_dir, safe_serialization=True)
             write_json(os.path.join(out_dir, "opmix_meta.json"), {
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
                 "base_checkpoint": loop_cfg["base_path"], "data_hash": shards.data_hash,
                 "tokenizer_hash": shards.tokenizer_hash, "domains": list(shards.domains),
-                "wall_s": time.time() - t0, "node_id": ray.get_runtime_context().get_node_id(), **out})
+                "wall_s": time.time() - t0, "node_id": ray.get_runtime_context().get_node_id(),
+                "lr": loop_cfg["lr"], "init_seed": seeds[0], "data_seed": seeds[1], **out})
         ray.train.report({"rank": rank}, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name="adapters")
 
@@ -97,14 +121,14 @@ def adapter_loop(loop_cfg: dict) -> None:
 ADAPTER_NODE_RETRIES = 1  # reruns of a round's adapter job after a node died under it (faults.py)
 
 
-def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int, run_dir: str):
+def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int, run_dir: str, lr: float):
     # Workers follow the CPUs free now, so a rerun after a node loss fits on what is left.
     free = int(ray.available_resources().get("CPU", 1))
     workers = cfg.adapters.num_workers or max(1, min(len(plan), free))
     trainer = TorchTrainer(
         adapter_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref, "plan": plan,
-                           "base_path": base_path, "round": round_idx, "cpus_per_worker": 1},
+                           "base_path": base_path, "round": round_idx, "cpus_per_worker": 1, "lr": lr},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": 1}),
         # controller_failure_limit: Train's default retries a worker group that cannot start
@@ -116,14 +140,16 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
 
 
 def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,
-                   run_dir: str) -> dict[str, str]:
+                   run_dir: str, main_lr_now: float | None = None) -> dict[str, str]:
     """Train the round's adapters on `base_path`; return {adapter name: adapter dir}. If a Ray node
-    dies under the job, it is rerun from scratch on the nodes left (ADAPTER_NODE_RETRIES times)."""
+    dies under the job, it is rerun from scratch on the nodes left (ADAPTER_NODE_RETRIES times).
+    main_lr_now: the main run's lr at the checkpoint (adapters.lr_schedule: current)."""
     plan = adapter_plan(current, cfg)
+    lr = adapter_lr(cfg, main_lr_now)
     for attempt in range(ADAPTER_NODE_RETRIES + 1):
         nodes = alive_nodes()
         try:  # Train V2 raises from fit(); result.error is the V1 way
-            result = _fit_adapters(cfg, shards_ref, base_path, plan, round_idx, run_dir)
+            result = _fit_adapters(cfg, shards_ref, base_path, plan, round_idx, run_dir, lr)
             if result.error:
                 raise result.error
             break

@@ -59,7 +59,7 @@ def metrics(val_loss: dict[str, float], shards) -> dict:
 def _proposals(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
     ctx = BaselineContext(cfg, shards, str(out_dir / f"seed_{seed}"))
     rows, objs = [], objectives(shards)
-    for m in [m for m in cfg.bench.methods if m != "opmix"]:
+    for m in [m for m in cfg.bench.methods if m not in OPMIX_METHODS]:
         for name, obj in objs.items():
             if m in OBJECTIVE_FREE and name != "mean":
                 continue  # one mixture serves every objective
@@ -71,19 +71,31 @@ def _proposals(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
     return rows
 
 
-def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
+# "opmix-v1": OP-Mix as it was first built, kept as a bench method so a change to the proxy or the
+# decision shows side by side: a LoRA init per adapter, adapter lr 2x the main run's peak without
+# weight decay, unit step size, no caps in the search, and the argmin over the trials pushed.
+OPMIX_V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_decay": 0.0, "replicate_old": False},
+            "search": {"delta_scale": 1.0, "caps": False}, "decision": {"rule": "argmin"}}
+OPMIX_METHODS = ("opmix", "opmix-v1")
+
+
+def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path, method: str = "opmix") -> list[dict]:
+    from opmix_ray.config import load_config
     from opmix_ray.engine import run
     rows = []
     for name, obj in objectives(shards).items():
         c = seed_config(cfg, seed, out_dir)
-        c.run.name, c.search.objective_weights = f"opmix-{name}-s{seed}", obj
+        if method == "opmix-v1":
+            c = load_config(c.model_dump(mode="json"), OPMIX_V1)
+        c.run.name, c.search.objective_weights = f"{method}-{name}-s{seed}", obj
         _say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
         s = run(c, overwrite=True)
         hist = read_json(Path(s["run_dir"]) / "history.json")
         wall = sum(r["wall_s"]["adapters"] + r["wall_s"]["search"] for r in hist["rounds"])
-        rows.append({"method": "opmix", "objective": name, "seed": seed, "mixture": s["final_mixture"],
+        rows.append({"method": method, "objective": name, "seed": seed, "mixture": s["final_mixture"],
                      "search_flops": s["search_flops"], "search_wall_s": wall, "main_flops": s["main_flops"],
                      "run_dir": s["run_dir"], "rounds": [r["weights"] for r in hist["rounds"]],
+                     "decisions": [r.get("decision") for r in hist["rounds"]],
                      **metrics(s["final_val_loss"], shards)})
     return rows
 
@@ -150,10 +162,11 @@ def run_bench(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict
     for s in cfg.bench.seeds:
         sc, sh = seed_config(cfg, s, out), shards_by_seed[s]
         rows += _proposals(sc, s, sh, out)
-        if "opmix" in cfg.bench.methods:
-            rows += _opmix_rows(sc, s, sh, out)
+        for m in OPMIX_METHODS:
+            if m in cfg.bench.methods:
+                rows += _opmix_rows(sc, s, sh, out, m)
         write_json(out / "rows_partial.json", rows)  # a crash later still leaves the proposals
-    fixed = [r for r in rows if r["method"] != "opmix"]
+    fixed = [r for r in rows if r["method"] not in OPMIX_METHODS]
     oracle = _train_fixed_rows(cfg, fixed, shards_by_seed, out)
     fidelity = None
     first_opmix = next((r for r in rows if r["method"] == "opmix"), None)

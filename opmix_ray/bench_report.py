@@ -67,9 +67,11 @@ def markdown(result: dict) -> str:
     lines += ["", *per_seed_comparisons(result)]
     fid = result.get("fidelity")
     if fid:
-        lines += ["", f"Fidelity (round {fid['round']}, {fid['n']} mixtures, {fid['truth_tokens']} truth tokens each): "
-                  + "; ".join(f"{k} Spearman {v['spearman']:.3f} / Pearson {v['pearson']:.3f}"
-                              for k, v in fid["objectives"].items() if v["spearman"] is not None)]
+        lines += ["", f"Fidelity (round {fid['round']}, {fid['n']} candidates x {fid['truth_seeds']} truth seeds, "
+                  f"exact continuation for {fid['truth_steps']} steps): "
+                  + "; ".join(f"{k}: proxy Spearman {v['proxy']['spearman']:.3f}, regret {v['proxy']['regret']:.4f} "
+                              f"(entropy {v['entropy']['spearman']:.3f}, stay regret {v['stay']['regret']:.4f})"
+                              for k, v in fid["objectives"].items() if v["proxy"]["spearman"] is not None)]
     cv = [(label(r), r["seed"], r["info"]["cv_spearman"]) for r in result["rows"]
           if "cv_spearman" in (r.get("info") or {})]
     if cv:
@@ -86,7 +88,7 @@ def per_seed_comparisons(result: dict) -> list[str]:
         op = {s: r for (lab, s), r in by.items() if lab == f"opmix ({obj})"}
         if not op:
             continue
-        others = sorted({lab for lab, _ in by if not lab.startswith("opmix")})
+        others = sorted({lab for lab, _ in by if not lab.startswith("opmix (")})
         for lab in others:
             rel = [100.0 * (op[s][key] / by[(lab, s)][key] - 1) for s in sorted(op) if (lab, s) in by and by[(lab, s)].get(key)]
             if rel:

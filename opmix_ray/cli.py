@@ -205,12 +205,18 @@ def cmd_bench(args) -> int:
 
 def cmd_fidelity(args) -> int:
     from opmix_ray.fidelity import run_fidelity
-    res = run_fidelity(args.run_dir, args.round, args.mixtures)
-    for name, c in {**res["objectives"], **res["per_domain"]}.items():
+    res = run_fidelity(args.run_dir, args.round, args.mixtures, args.truth_seeds)
+    for name, o in res["objectives"].items():
+        p, e, agree = o["proxy"], o["entropy"], o["truth_seed_agreement"]
+        sp = lambda c: f"{c['spearman']:+.3f}" if c and c["spearman"] is not None else "n/a"
+        print(f"{name:>10}: proxy Spearman {sp(p)} Pearson {p['pearson'] if p['pearson'] is None else round(p['pearson'], 3)}"
+              f" regret {p['regret']:.4f} | stay regret {o['stay']['regret']:.4f} | entropy Spearman {sp(e)} "
+              f"regret {e['regret']:.4f} | truth seeds agree {sp(agree)}")
+    for d, c in res["per_domain"].items():
         if c["spearman"] is not None:
-            print(f"{name:>12}: Spearman {c['spearman']:+.3f}  Pearson {c['pearson']:+.3f}")
-    print(f"{res['n']} mixtures, {res['truth_tokens']} truth tokens each, {res['wall_s']:.0f}s; "
-          f"details in {res['run_dir']}/fidelity_round_{res['round']}.json")
+            print(f"{d:>10}: Spearman {c['spearman']:+.3f}  Pearson {c['pearson']:+.3f}")
+    print(f"{res['n']} candidates x {res['truth_seeds']} truth seeds, {res['truth_steps']} continuation steps each, "
+          f"{res['wall_s']:.0f}s; details in {res['run_dir']}/fidelity_round_{res['round']}.json")
     return 0
 
 
@@ -308,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fidelity", help="Spearman of merged-adapter scores vs really training on the mixtures")
     f.add_argument("run_dir", help="a finished OP-Mix run dir")
     f.add_argument("--round", type=int, default=0, help="which round's checkpoint and adapters")
-    f.add_argument("--mixtures", type=int, default=16, help="how many mixtures to train for real")
+    f.add_argument("--mixtures", type=int, default=16, help="candidates to train for real (stay and the leader included)")
+    f.add_argument("--truth-seeds", type=int, default=2, help="data orders per candidate; their agreement is the ceiling")
     f.set_defaults(fn=cmd_fidelity)
     _experiment(sub, "continual", "continual midtraining: domains arrive in stages (schedule:)",
                 "continual_runs/default", cmd_continual)

@@ -78,8 +78,13 @@ class ModelSection(_Section):
 class MainSection(_Section):
     total_tokens: int = Field(1_000_000, gt=0, description="Main-run training budget in tokens.")
     batch_size: int = Field(16, gt=0, description="Sequences per step.")
-    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine: decay to 10% of the peak over the run. wsd: warmup-stable-decay with a "
+        "short linear anneal to 10% before every round boundary and the end, so each decision is taken at an "
+        "annealed checkpoint (as the OP-Mix paper does), then back to the peak.")
+    wsd_decay_fraction: float = Field(0.1, gt=0, lt=1, description="wsd: share of each segment spent annealing.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs the main-run worker holds.")
 
@@ -102,7 +107,19 @@ class RoundsSection(_Section):
 class AdaptersSection(_Section):
     r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (paper: 32).")
-    lr_multiplier: float = Field(2.0, gt=0, description="Adapter lr = main.lr * this (paper: 2).")
+    lr_multiplier: float = Field(2.0, gt=0, description="Adapter lr = this * the main run's lr (paper: 2).")
+    lr_schedule: Literal["current", "peak"] = Field(
+        "current", description="current: lr_multiplier x the main run's lr at the checkpoint, on its "
+        "schedule (the reference's choice); peak: lr_multiplier x main.lr, which after warmup and decay "
+        "is a far larger step than the main run takes (docs/DECISIONS.md).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the adapters (reference: 0.01).")
+    init: Literal["shared", "per_adapter"] = Field(
+        "shared", description="shared: every adapter of a round starts from the same LoRA A (one seed per "
+        "round, as the reference does), so the merged deltas differ only by what the data taught; "
+        "per_adapter: a seed per adapter (measured worse: benchmarks/RESULTS.md).")
+    replicate_old: bool = Field(True, description="Also train a second 'old' adapter on another data "
+                                "seed; how far the two disagree is the adapter-noise term of the decision "
+                                "rule (decision.k). Costs one adapter per round.")
     steps: int = Field(40, gt=0, description="Training steps per adapter.")
     batch_size: int = Field(16, gt=0, description="Sequences per adapter step.")
     probe_domain_share: float = Field(0.9, gt=0, le=1, description="Share of an adapter's tokens from "
@@ -135,6 +152,20 @@ class SearchSection(_Section):
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per trial.")
     warm_start: bool = Field(True, description="Score equal adapter weights first (with the old adapter "
                              "that is a small step from the current mixture).")
+    delta_scale: float | Literal["auto"] = Field(
+        1.0, description="Step size c: a candidate's merged delta is c * sum_i a_i delta_i. An adapter trains "
+        "fewer tokens than the segment it stands for, so c = 1 under-states every move. auto: c = the "
+        "segment-to-adapter token ratio, lowered to the c that minimises the 'old' adapter's own loss when "
+        "larger c would overshoot (scored on the selection windows).")
+    caps: bool = Field(True, description="Search only mixtures within the repetition caps left for the rest "
+                       "of the run: a_old * p_d + a_d <= (cap_d - drawn_d) / tokens_left for every domain d.")
+
+    @field_validator("delta_scale")
+    @classmethod
+    def _scale(cls, v):
+        if v != "auto" and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"delta_scale={v!r} (fix: a positive number, e.g. 1.0, or 'auto')")
+        return v
 
     @field_validator("searcher_options")
     @classmethod
@@ -147,6 +178,21 @@ class SearchSection(_Section):
         return v
 
 
+class DecisionSection(_Section):
+    """What a round pushes once its candidates are scored."""
+    rule: Literal["safe", "argmin"] = Field(
+        "safe", description="safe: score 'stay' (the current mixture, a_old = 1) on the same windows and push "
+        "the leader only if it beats stay by more than k standard errors of their paired difference, adapter "
+        "noise included; otherwise keep the current mixture. argmin: push the best-scoring trial, however "
+        "small its lead.")
+    k: float = Field(2.0, ge=0, description="Standard errors the leader must beat stay by (safe rule).")
+    max_l1_step: float | None = Field(None, gt=0, le=2, description="Trust region: only candidates whose "
+                                      "mixture is within this L1 distance of the current one can lead; null = none.")
+    law_min_loo_spearman: float = Field(0.7, ge=-1, le=1, description="mixing-law searcher: its KL-regularised "
+                                        "proposal leads when the law's leave-one-out Spearman on the trials "
+                                        "reaches this; below it the best trial leads.")
+
+
 class RayInit(_Section):
     address: str | None = Field(None, description="Ray address; null = start local Ray on 127.0.0.1.")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
@@ -157,9 +203,10 @@ class BenchSection(_Section):
     """`opmix-ray bench` only: every method on the same data, model, main-run budget and seeds."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
                              "method runs once per seed (data split, init, sampling and search all follow it).")
-    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "opmix"]] = Field(
+    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "opmix", "opmix-v1"]] = Field(
         default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "opmix"], min_length=1,
-        description="Methods to compare; regmix/olmix share one proxy swarm per seed.")
+        description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
+        "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison.")
     swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
     proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
                                       intermediate_size=192), description="The small model of proxy runs.")
@@ -204,6 +251,7 @@ class Config(_Section):
     rounds: RoundsSection = Field(default_factory=RoundsSection)
     adapters: AdaptersSection = Field(default_factory=AdaptersSection)
     search: SearchSection = Field(default_factory=SearchSection)
+    decision: DecisionSection = Field(default_factory=DecisionSection)
     ray: RayInit = Field(default_factory=RayInit)
     bench: BenchSection = Field(default_factory=BenchSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)

@@ -29,7 +29,7 @@ from opmix_ray.live import arrive, clear_live, write_live
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.mixture import Mixture
 from opmix_ray.preflight import preflight
-from opmix_ray.search import build_candidates, run_search
+from opmix_ray.search import build_candidates, decide, run_search
 from opmix_ray.storage import RunStore, is_uri
 
 
@@ -136,12 +136,19 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
     run_dir = store.local_dir
     t0 = time.time()
     _say(f"round {k}: training {len(adapter_plan(current, cfg))} LoRA adapters on the step-{info['step']} checkpoint")
-    dirs = train_adapters(cfg, shards_ref, info["path"], current, k, str(run_dir))
+    dirs = train_adapters(cfg, shards_ref, info["path"], current, k, str(run_dir), info.get("lr"))
     t_adapters = time.time() - t0
-    cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info["path"], dirs, shards, current)
+    total, boundaries = steps_and_boundaries(cfg)
+    nxt = next((b for b in boundaries if b > info["step"]), total)
+    cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info["path"], dirs, shards, current, info,
+                             (nxt - info["step"]) * cfg.main.batch_size * shards.seq_len)
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
     out = run_search(cfg, cands, k, str(run_dir))
+    decision = decide(cfg, cands, out, k)
+    doms = current.domains
+    pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
+        if decision.moved else current
     store.write_parquet(f"rounds/round_{k}_trials.parquet", out.trials)
     # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
     # later still leaves every finished round in the bucket.
@@ -150,16 +157,18 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
                       for v in shards.val.values())
     flops = round_search_flops(info["n_params"], cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len,
-                               len(dirs), out.n_trials, eval_tokens)
-    record = {"step": info["step"], "tokens": info["tokens"], "weights": out.mixture.as_dict(),
+                               len(dirs), out.n_trials + cands.driver_evals, eval_tokens)
+    record = {"step": info["step"], "tokens": info["tokens"], "weights": pushed.as_dict(),
               "adapter_weights": out.weights, "objective": out.objective, "merged_val_loss": out.losses,
+              "decision": decision.as_dict(), "delta_scale": cands.scale,
+              "search_space": type(cands.space).__name__,
               "base_val_loss": info["val_loss"], "drawn_before": info["drawn"],
               "mixture_before": info["mixture"], "n_trials": out.n_trials, "n_failed": out.n_failed,
               "flops": {"main_so_far": info["flops"], "adapters": flops["adapters"], "search": flops["trials"]},
               "wall_s": {"adapters": t_adapters, "search": out.wall_s}, "searcher": cfg.search.searcher}
-    _say(f"round {k}: best objective {out.objective:.4f} after {out.n_trials} trials "
-         f"({out.wall_s:.0f}s); pushing {out.mixture}")
-    return out.mixture, record
+    _say(f"round {k}: best objective {out.objective:.4f} after {out.n_trials} trials ({out.wall_s:.0f}s); "
+         f"{decision.reason}; pushing {pushed}")
+    return pushed, record
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict:

@@ -1,16 +1,19 @@
-"""`opmix-ray fidelity RUN_DIR`: how well merged adapters predict real training.
+"""`opmix-ray fidelity RUN_DIR`: how well merged adapters predict what training would really do.
 
-    opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16
+    opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16 --truth-seeds 2
 
-For `mixtures` adapter-weight vectors a (equal weights, then Dirichlet(1) draws) on a finished
-OP-Mix run's round checkpoint:
-  proxy = the merged-adapter objective (what the search ranks by; search.score, in-process);
-  truth = the objective after really training the checkpoint on the mixture E(a) for one round's
-          tokens (the steps up to the next boundary), continuing the main run's lr schedule,
-          as Ray Tune trials (training.run_fixed_jobs).
-Reports Spearman and Pearson of proxy vs truth per objective and per domain; writes
-RUN_DIR/fidelity_round_<k>.json. The truth runs start a fresh AdamW: the main run's optimizer
-moments are not checkpointed, so they are the closest real continuation available.
+On a finished OP-Mix run's round k, for `mixtures` adapter-weight vectors a (always stay, a_old = 1;
+the round's leader; equal weights; then draws from the round's search space, caps included):
+  proxy = the merged-adapter objective the search ranks by (search.score, in this process);
+  truth = the exact continuation of the main run from round k's checkpoint on E(a) up to the next
+          boundary (continuation.py: optimizer moments, schedule, sampler state and repetition
+          counters restored), once per truth seed. Seed 0 is the run's own data order: for the
+          mixture the run pushed, its truth is the main run's own loss at the next boundary.
+Per objective (mean, target, the run's own) it reports Spearman and Pearson of proxy vs truth,
+the agreement of the truth seeds (the ceiling), the regret of the proxy's pick (true loss of its
+choice minus the best true loss among the candidates), and the same for two model-free picks:
+stay, and the entropy of E(a). Writes RUN_DIR/fidelity_round_<k>.json; `truths_from` reuses a
+file's truths so proxy variants can be scored on the same candidates (benchmarks/fidelity_levers.py).
 """
 from __future__ import annotations
 
@@ -25,30 +28,63 @@ from opmix_ray.evaluate import objective
 from opmix_ray.storage import read_json, write_json
 
 
-def _corr(x, y) -> dict:
-    x, y = np.asarray(x), np.asarray(y)
+def corr(x, y) -> dict:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"spearman": None, "pearson": None}
     return {"spearman": float(spearmanr(x, y).statistic), "pearson": float(pearsonr(x, y).statistic)}
 
 
-def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, max_concurrent: int = 2) -> dict:
+def entropy(mixture: dict[str, float]) -> float:
+    p = np.array([v for v in mixture.values() if v > 0])
+    return float(-(p * np.log(p)).sum())
+
+
+def scores(candidates: list[dict], proxy_key: str, weights: dict[str, float]) -> dict:
+    """Rank fidelity and regret of the proxy and of the model-free picks for one objective."""
+    truth = np.array([objective(c["truth_mean"], weights) for c in candidates])
+    proxy = np.array([objective(c[proxy_key], weights) for c in candidates])
+    ent = np.array([entropy(c["mixture"]) for c in candidates])
+    seeds = [np.array([objective(t, weights) for t in c["truth"]]) for c in candidates]
+    per_seed = np.array(seeds).T  # [truth seeds, candidates]
+    best = float(truth.min())
+    stay = next(i for i, c in enumerate(candidates) if c["label"] == "stay")
+    return {"proxy": {**corr(proxy, truth), "regret": float(truth[int(np.argmin(proxy))] - best)},
+            "stay": {"regret": float(truth[stay] - best)},
+            "entropy": {**corr(-ent, truth), "regret": float(truth[int(np.argmax(ent))] - best)},
+            "truth_seed_agreement": corr(per_seed[0], per_seed[1]) if len(per_seed) > 1 else None,
+            "truth_spread": float(np.ptp(truth)), "best_true": best}
+
+
+def _candidate_weights(cands, rec: dict, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    k = len(cands.coords)
+    out = [("stay", np.eye(k)[cands.coords.index("old")])] if "old" in cands.coords else []
+    leader = (rec.get("decision") or {}).get("leader_weights") or rec.get("adapter_weights") or {}
+    if all(c in leader for c in cands.coords):
+        out.append(("leader", np.array([leader[c] for c in cands.coords], dtype=np.float64)))
+    eq = np.full(k, 1.0 / k)
+    out.append(("equal", eq if cands.space.contains(eq) else cands.space.project(eq)))
+    while len(out) < n:
+        out.append((f"draw_{len(out)}", cands.space.weights(cands.space.sample(rng))))
+    return out[:max(n, len(out))]
+
+
+def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_seeds: int = 2,
+                 truths_from: str | Path | None = None, overrides: dict | None = None, adapter_dirs: dict | None = None,
+                 write: bool = True) -> dict:
+    """Proxy vs exact-continuation truth on round `round_idx` of the run in `run_dir` (see module doc).
+    overrides: config changes for the proxy only (search.* such as delta_scale, eval tokens);
+    adapter_dirs: score these adapters instead of the run's own."""
     from opmix_ray.data.shards import build_shards
     from opmix_ray.engine import init_ray
     from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.mixture import Mixture
-    from opmix_ray.search import (
-        build_candidates,
-        candidate_mixture,
-        objective_weights,
-        score,
-    )
-    from opmix_ray.training import run_fixed_jobs
+    from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "history.json").is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no history.json (fix: pass the dir of a "
                           "finished OP-Mix run, e.g. opmix_runs/demo)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     hist = read_json(run_dir / "history.json")
     if round_idx >= len(hist.get("rounds", [])):
         raise ConfigError(f"config error at --round: {run_dir} has {len(hist.get('rounds', []))} rounds "
@@ -57,36 +93,44 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, max_concu
     shards = build_shards(cfg)
     current = Mixture.from_dict(rec["mixture_before"], shards.domains)
     adir = run_dir / f"adapters_round_{round_idx}" / "adapters"
-    dirs = {c: str(adir / c) for c in rec["adapter_weights"]}
+    dirs = adapter_dirs or {p.name: str(p) for p in sorted(adir.iterdir()) if (p / "adapter_model.safetensors").is_file()}
+    dirs = {c: dirs[c] for c in sorted(dirs, key=lambda c: (c != "old", c))}  # 'old' first, as the plan has it
     ckpt = checkpoint_path(str(run_dir), round_idx)
-    cands = build_candidates(cfg, f"fidelity/{round_idx}", ckpt, dirs, shards, current)
-    rng = np.random.default_rng([cfg.run.seed, 7, round_idx])
-    k = len(cands.coords)
-    A = np.vstack([np.full(k, 1.0 / k), rng.dirichlet(np.ones(k), size=max(0, n - 1))])[:n]
-    proxy = [score(cands, a) for a in A]
-    mixtures = [candidate_mixture(cands, a) for a in A]
     total, bounds = steps_and_boundaries(cfg)
     start = bounds[round_idx]
     end = bounds[round_idx + 1] if round_idx + 1 < len(bounds) else total
-    tokens = (end - start) * cfg.main.batch_size * shards.seq_len
-    jobs = [{"weights": m.as_dict(), "model": cfg.model.model_dump(), "main": cfg.main.model_dump(),
-             "tokens": tokens, "seed": cfg.run.seed, "caps": shards.cap_tokens(cfg), "init_path": ckpt,
-             "schedule": (start, total), "eval_tokens": cfg.search.eval_tokens_per_domain, "candidate": i}
-            for i, m in enumerate(mixtures)]
-    init_ray(cfg)
-    truth = run_fixed_jobs(jobs, shards, str(run_dir / "tune"), f"fidelity_round_{round_idx}", max_concurrent)
+    info = read_json(Path(ckpt) / "train_state.json")["info"]
+    cands = build_candidates(cfg, f"fidelity/{round_idx}/{time.time()}", ckpt, dirs, shards, current, info,
+                             (end - start) * cfg.main.batch_size * shards.seq_len)
+    if truths_from:
+        prior = read_json(truths_from)
+        picked = [(c["label"], np.array(c["a"])) for c in prior["candidates"]]
+    else:
+        picked = _candidate_weights(cands, rec, n, np.random.default_rng([cfg.run.seed, 7, round_idx]))
+    proxies = [score(cands, a) for _, a in picked]
+    mixtures = [candidate_mixture(cands, a) for _, a in picked]
+    if truths_from:
+        truths = [c["truth"] for c in prior["candidates"]]
+    else:
+        from opmix_ray.continuation import continue_many
+        init_ray(cfg)
+        jobs = [{"weights": m.as_dict(), "truth_seed": s} for m in mixtures for s in range(truth_seeds)]
+        rows = continue_many(cfg, shards, ckpt, jobs, end - start)
+        truths = [[rows[i * truth_seeds + s]["val_loss"] for s in range(truth_seeds)] for i in range(len(mixtures))]
+    candidates = []
+    for (label, a), m, p, t in zip(picked, mixtures, proxies, truths):
+        candidates.append({"label": label, "a": a.tolist(), "mixture": m.as_dict(), "truth": t,
+                           "truth_mean": {d: float(np.mean([x[d] for x in t])) for d in t[0]},
+                           "proxy": {k[5:]: v for k, v in p.items() if k.startswith("loss_")}})
     objs = {"configured": objective_weights(cfg, shards), "mean": {d: 1.0 for d in shards.domains}}
     if shards.eval_only:
         objs["target"] = {d: 1.0 for d in shards.eval_only}
-    result = {"run_dir": str(run_dir), "round": round_idx, "n": len(A), "truth_tokens": tokens,
-              "objectives": {name: _corr([objective({d[5:]: v for d, v in p.items() if d.startswith("loss_")}, w)
-                                          for p in proxy], [objective(t["val_loss"], w) for t in truth])
-                             for name, w in objs.items()},
-              "per_domain": {d: _corr([p[f"loss_{d}"] for p in proxy], [t["val_loss"][d] for t in truth])
+    result = {"run_dir": str(run_dir), "round": round_idx, "n": len(candidates), "truth_seeds": len(truths[0]),
+              "truth_steps": end - start, "delta_scale": cands.scale, "search_space": type(cands.space).__name__,
+              "objectives": {name: scores(candidates, "proxy", w) for name, w in objs.items()},
+              "per_domain": {d: corr([c["proxy"][d] for c in candidates], [c["truth_mean"][d] for c in candidates])
                              for d in shards.val},
-              "candidates": [{"a": a.tolist(), "mixture": m.as_dict(), "proxy": {k2[5:]: v for k2, v in p.items()
-                              if k2.startswith("loss_")}, "truth": t["val_loss"]}
-                             for a, m, p, t in zip(A, mixtures, proxy, truth)],
-              "truth_flops": sum(t["flops"] for t in truth), "wall_s": time.time() - t0}
-    write_json(run_dir / f"fidelity_round_{round_idx}.json", result)
+              "candidates": candidates, "wall_s": time.time() - t0}
+    if write:
+        write_json(run_dir / f"fidelity_round_{round_idx}.json", result)
     return result

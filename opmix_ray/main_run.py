@@ -127,7 +127,7 @@ def main_loop(loop_cfg: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     total, boundaries = steps_and_boundaries(cfg, world)
-    opt, sched = make_optimizer(model, cfg.main, total)
+    opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
     _, weights = ray.get(ctl.get_mixture.remote())
     ckpt = checkpoint_path(loop_cfg["run_dir"], resume["round"]) if resume else None
     sampler = _make_sampler(cfg, shards, weights, rank, ckpt)
@@ -162,6 +162,8 @@ def main_loop(loop_cfg: dict) -> None:
                         "val_loss": val, "drawn": sampler.segment_fractions(), "mixture": sampler.mixture.as_dict(),
                         "epochs": sampler.epochs(), "n_params": n_par, "flops": 6.0 * n_par * step * tokens_per_step,
                         "wall_s": time.time() - t0, "path": checkpoint_path(loop_cfg["run_dir"], k),
+                        "lr": float(sched.get_last_lr()[0]), "drawn_tokens": dict(sampler.drawn_total),
+                        "total_steps": total, "tokens_per_step": tokens_per_step,
                         "stall_s": dict(push.stall_s), "applied_step": dict(push.applied_step)}
                 state = None if k == "final" or rank != 0 else _train_state(opt, sched, sampler, {
                     "round": k, "step": step, "losses": losses[-50:], "info": info,

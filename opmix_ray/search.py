@@ -1,10 +1,12 @@
 """One round's search: a Ray Tune Tuner whose trials merge the adapters and score the result.
 
 A candidate is a weight vector a over the adapters ({old, d_1..d_k}); a trial sets the model's
-adapted weights to W0 + sum_i a_i * delta_i (merge.py), measures per-domain validation loss and
-reports the objective plus the mixture a stands for, E(a)[d] = a_old * p_d + a_d. The base
-weights, the stacked deltas and the validation windows go into the object store once
-(tune.with_parameters) and each reused trial actor builds its model once per round.
+adapted weights to W0 + c * sum_i a_i * delta_i (merge.py; c = search.delta_scale), measures
+per-domain validation loss and reports the objective plus the mixture a stands for,
+E(a)[d] = a_old * p_d + a_d. The space holds only mixtures within the repetition caps left
+(search.caps). The base weights, the stacked deltas and the validation windows go into the object
+store once (tune.with_parameters) and each reused trial actor builds its model once per round.
+What the round then pushes is decision.py's call (`decide`).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from opmix_ray.adapters import REPLICATE
 from opmix_ray.config import Config
-from opmix_ray.evaluate import domain_losses, objective
+from opmix_ray.decision import Decision, adapter_noise_var, safe_rule
+from opmix_ray.evaluate import domain_losses, objective, window_losses
 from opmix_ray.merge import MergedModel, load_lora_delta, stack_deltas
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import load_checkpoint, set_threads
@@ -42,16 +46,89 @@ class Candidates:
     current: Mixture
     objective_weights: dict[str, float] | None
     max_tokens: int | None
+    space: object = None  # the search space (plain simplex, or the cap polytope)
+    extra: tuple[str, ...] = ()  # stacked after coords but never searched: the 'old' replicate
+    scale: float = 1.0  # c, already applied to `stacked`
+    driver_evals: int = 0  # evaluations outside the trials (choosing c, the decision): counted as search
+
+    def full(self, a) -> np.ndarray:
+        """Weights over coords + extra (the extra adapters at 0)."""
+        return np.concatenate([np.asarray(a, dtype=np.float64), np.zeros(len(self.extra))])
+
+    def unit(self, name: str) -> np.ndarray:
+        """Weights with only adapter `name` at 1."""
+        w = np.zeros(len(self.coords) + len(self.extra))
+        w[(self.coords + self.extra).index(name)] = 1.0
+        return w
 
 
 def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[str, str], shards,
-                     current: Mixture) -> Candidates:
+                     current: Mixture, info: dict | None = None, segment_tokens: int | None = None) -> Candidates:
+    """info: the boundary's report (caps need drawn_tokens, total_steps, tokens_per_step, step);
+    segment_tokens: the main-run tokens until the next decision (delta_scale: auto)."""
     model = load_checkpoint(base_path)
-    coords = tuple(adapter_dirs)
-    stacked = stack_deltas([load_lora_delta(adapter_dirs[c]) for c in coords])
+    coords = tuple(c for c in adapter_dirs if c != REPLICATE)
+    extra = (REPLICATE,) if REPLICATE in adapter_dirs else ()
+    stacked = stack_deltas([load_lora_delta(adapter_dirs[c]) for c in coords + extra])
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.val, current,
-                      objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain)
+    space = search_space(cfg, coords, current, shards, info)
+    cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.val, current,
+                       objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra)
+    adapter_tokens = cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len
+    scale = delta_scale(cfg, cands, model, segment_tokens / adapter_tokens if segment_tokens else None)
+    if scale != 1.0:
+        cands.stacked = {m: (scale * D).astype(np.float32) for m, D in stacked.items()}
+        cands.scale = scale
+    return cands
+
+
+def cap_shares(cfg: Config, shards, info: dict) -> dict[str, float]:
+    """Per domain, the share of the tokens left that its repetition cap still allows."""
+    left = (info["total_steps"] - info["step"]) * info["tokens_per_step"]
+    caps = shards.cap_tokens(cfg)
+    return {d: float(max(0.0, caps[d] - info["drawn_tokens"].get(d, 0)) / left) if left > 0 else 1.0
+            for d in shards.domains}
+
+
+def search_space(cfg: Config, coords: tuple[str, ...], current: Mixture, shards, info: dict | None):
+    """The plain simplex, or (search.caps) the polytope a_old * p_d + a_d <= cap share left."""
+    plain = SimplexSpace(coords)
+    if not cfg.search.caps or not info or "drawn_tokens" not in info:
+        return plain
+    from search_spaces import PolytopeSimplex, cap_constraints
+    A, b = cap_constraints(coords, current.as_dict(), cap_shares(cfg, shards, info))
+    if len(b) == 0:
+        return plain
+    try:
+        return PolytopeSimplex(coords, A, b)
+    except ValueError as exc:  # the caps cannot all hold: the sampler will redistribute anyway
+        print(f"[opmix] repetition caps leave no feasible mixture ({exc}); searching the plain simplex", flush=True)
+        return plain
+
+
+SCALE_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def delta_scale(cfg: Config, cands: Candidates, model, token_ratio: float | None) -> float:
+    """c for the merged delta. auto: the segment-to-adapter token ratio, but no larger than the c at
+    which the 'old' adapter alone (stay) stops lowering the mean loss of the training domains on the
+    selection windows: past it the merged model overshoots and every candidate's score is off."""
+    if cfg.search.delta_scale != "auto":
+        return float(cfg.search.delta_scale)
+    if token_ratio is None or "old" not in cands.coords:
+        return 1.0
+    mm = MergedModel(model.eval(), cands.stacked)
+    train = {d: cands.val[d] for d in cands.current.domains}
+    grid = sorted({c for c in SCALE_GRID if c < token_ratio} | {max(1.0, token_ratio)})
+    losses = []
+    for c in grid:
+        mm.apply(c * cands.unit("old"))
+        losses.append(objective(domain_losses(mm.model, train, max_tokens=cands.max_tokens)))
+        if len(losses) > 1 and losses[-1] > losses[-2]:
+            break  # past the minimum along the stay direction
+    mm.reset()
+    cands.driver_evals += len(losses)
+    return float(grid[int(np.argmin(losses))])
 
 
 def objective_weights(cfg: Config, shards) -> dict[str, float]:
@@ -78,7 +155,7 @@ def _merged_model(c: Candidates) -> MergedModel:
 def score(c: Candidates, a: np.ndarray) -> dict:
     """Merge with weights a, evaluate, return the trial's metrics."""
     mm = _merged_model(c)
-    mm.apply(a)
+    mm.apply(c.full(a))
     losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens)
     mix = candidate_mixture(c, a)
     return {METRIC: objective(losses, c.objective_weights), **{f"loss_{d}": v for d, v in losses.items()},
@@ -88,7 +165,7 @@ def score(c: Candidates, a: np.ndarray) -> dict:
 def merged_trial(config: dict, candidates: Candidates, cpus: float) -> None:
     """The Tune trainable: one candidate, one merge, one evaluation."""
     set_threads(cpus)
-    a = SimplexSpace(candidates.coords).weights(config)
+    a = (candidates.space or SimplexSpace(candidates.coords)).weights(config)
     tune.report({**score(candidates, a), "node_id": ray.get_runtime_context().get_node_id()})
 
 
@@ -100,6 +177,29 @@ class _RetryCounter(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.n += 1
+
+
+def warm_starts(cfg: Config, space) -> list[np.ndarray]:
+    """Equal adapter weights (projected onto the caps), and under the safe rule stay (a_old = 1) first
+    when it is feasible, so the searcher learns from the point the decision compares against."""
+    if not cfg.search.warm_start:
+        return []
+    k = len(space.coords)
+    points = [space.project(np.full(k, 1.0 / k)) if not space.contains(np.full(k, 1.0 / k)) else np.full(k, 1.0 / k)]
+    if cfg.decision.rule == "safe" and "old" in space.coords:
+        stay = np.eye(k)[space.coords.index("old")]
+        if space.contains(stay, tol=1e-9):
+            points.insert(0, stay)
+    return points
+
+
+def make_searcher(cfg: Config, candidates: Candidates, round_idx: int, warm: bool = True):
+    """The round's searcher. objective_weights: the mixing law proposes for the objective's per-domain
+    weights; a searcher whose __init__ does not take it is built without it (CONTEXT_KWARGS)."""
+    space = candidates.space or SimplexSpace(candidates.coords)
+    return create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed * 1000 + round_idx,
+                           points_to_evaluate=(warm_starts(cfg, space) or None) if warm else None,
+                           objective_weights=candidates.objective_weights, **cfg.search.searcher_options)
 
 
 @dataclass
@@ -117,13 +217,7 @@ class SearchOutcome:
 
 def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str) -> SearchOutcome:
     t0 = time.time()
-    space = SimplexSpace(candidates.coords)
-    uniform = np.full(len(space.coords), 1.0 / len(space.coords))
-    # objective_weights: the mixing law proposes for the objective's per-domain weights; a searcher
-    # whose __init__ does not take it is built without it (searchers/__init__.py CONTEXT_KWARGS).
-    searcher = create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed * 1000 + round_idx,
-                               points_to_evaluate=[uniform] if cfg.search.warm_start else None,
-                               objective_weights=candidates.objective_weights, **cfg.search.searcher_options)
+    searcher = make_searcher(cfg, candidates, round_idx)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
@@ -152,3 +246,66 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
                          len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials],
                          retries.n)
+
+
+def _law_leader(cfg: Config, candidates: Candidates, trials: list[dict], round_idx: int) -> dict | None:
+    """The mixing law's KL-regularised proposal, refitted on every finished trial (a fresh searcher fed
+    the trials' reports, so it does not depend on what Tune kept of the live one); None if unfit."""
+    searcher = make_searcher(cfg, candidates, round_idx, warm=False)
+    if not hasattr(searcher, "law_proposal"):
+        return None
+    for i, m in enumerate(trials):
+        searcher.on_trial_complete(f"trial_{i}", m)
+    return searcher.law_proposal()
+
+
+def _l1(a: Mixture, b: Mixture) -> float:
+    return float(np.abs(a.as_array() - b.as_array()).sum())
+
+
+def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: int) -> Decision:
+    """What the round pushes (decision.py): the leader is the best trial within the trust region, or
+    the mixing law's proposal when its leave-one-out fit is good; the safe rule then compares it with
+    stay on the same windows, in this process."""
+    cur = candidates.current
+    pool = [m for m in out.trials if cfg.decision.max_l1_step is None or
+            _l1(Mixture.normalised(cur.domains, [m[f"mix_{d}"] for d in cur.domains]), cur) <= cfg.decision.max_l1_step]
+    best = min(pool, key=lambda m: m[METRIC]) if pool else None
+    a = np.array([best[f"a_{c}"] for c in candidates.coords]) if best else candidates.unit("old")[:len(candidates.coords)]
+    source, law = "trial", None
+    if cfg.decision.rule == "safe" and "old" in candidates.coords:
+        law = _law_leader(cfg, candidates, out.trials, round_idx)
+        if law and law.get("loo_spearman") is not None and law["loo_spearman"] >= cfg.decision.law_min_loo_spearman:
+            w = np.asarray(law["w"], dtype=np.float64)
+            if cfg.decision.max_l1_step is None or _l1(candidate_mixture(candidates, w), cur) <= cfg.decision.max_l1_step:
+                a, source = w, "law"
+    leader_mix = candidate_mixture(candidates, a) if best or source == "law" else cur
+    named = {c: float(x) for c, x in zip(candidates.coords, a)}
+    common = dict(rule=cfg.decision.rule, k=cfg.decision.k, leader_weights=named,
+                  leader_mixture=leader_mix.as_dict(), leader_source=source)
+    if cfg.decision.rule == "argmin" or "old" not in candidates.coords:
+        reason = "argmin over the trials" if cfg.decision.rule == "argmin" else \
+            "no 'old' adapter stands for stay: argmin over the trials"
+        return Decision(moved=True, reason=reason, stay_objective=None, se=None, se_eval=None, se_adapter=None,
+                        leader_objective=float(best[METRIC]) if best else None, **common)
+    if best is None and source == "trial":
+        return Decision(moved=False, reason=f"no candidate within decision.max_l1_step={cfg.decision.max_l1_step}",
+                        stay_objective=None, leader_objective=None, se=None, se_eval=None, se_adapter=None, **common)
+    mm = _merged_model(candidates)
+    scored = {}
+    for name, w in (("stay", candidates.unit("old")), ("leader", candidates.full(a))):
+        mm.apply(w)
+        scored[name] = window_losses(mm.model, candidates.val, max_tokens=candidates.max_tokens)
+    candidates.driver_evals += 2 + (REPLICATE in candidates.extra)
+    noise = None
+    if REPLICATE in candidates.extra:
+        mm.apply(candidates.unit(REPLICATE))
+        rep = {d: float(v.mean()) for d, v in window_losses(mm.model, candidates.val, max_tokens=candidates.max_tokens).items()}
+        noise = adapter_noise_var({d: float(v.mean()) for d, v in scored["stay"].items()}, rep,
+                                  candidates.objective_weights)
+    mm.reset()
+    moved, reason, figures = safe_rule(scored["stay"], scored["leader"], candidates.objective_weights, named,
+                                       cfg.decision.k, noise)
+    if law:
+        reason += f"; law loo_spearman {law.get('loo_spearman')}"
+    return Decision(moved=moved, reason=reason, **figures, **common)

@@ -21,21 +21,45 @@ from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, lm_loss, load_checkpoint, n_params, save_checkpoint
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup, then cosine decay to 10% of the peak over `total` steps."""
-    def f(step: int) -> float:
+def lr_lambda(warmup: int, total: int, kind: str = "cosine", anneal_at: list[int] | tuple = (),
+              decay_fraction: float = 0.1):
+    """The lr multiplier per step. cosine: linear warmup, then cosine decay to 10% of the peak over
+    `total` steps. wsd (warmup-stable-decay): the peak after warmup, except a linear anneal to 10%
+    over the last `decay_fraction` of every segment ending at a step in `anneal_at` or at `total`,
+    so every checkpoint a round decides on is annealed; after it the lr returns to the peak."""
+    ends = sorted({int(b) for b in anneal_at if 0 < b < total} | {total})
+
+    def cosine(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
+
+    def wsd(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        start = 0
+        for end in ends:
+            if step < end:
+                n = max(1, int(round(decay_fraction * (end - start))))
+                return 1.0 if step < end - n else 1.0 - 0.9 * (step - (end - n) + 1) / n
+            start = end
+        return 0.1
+
+    return wsd if kind == "wsd" else cosine
 
 
-def make_optimizer(model, main: MainSection, total: int, start_step: int = 0):
-    """AdamW (betas 0.9/0.95) and the schedule; start_step resumes the schedule mid-run."""
+def make_optimizer(model, main: MainSection, total: int, start_step: int = 0, anneal_at: list[int] | tuple = ()):
+    """AdamW (betas 0.9/0.95) and the schedule; start_step resumes the schedule mid-run; anneal_at
+    are the round boundaries a wsd schedule anneals before."""
     opt = torch.optim.AdamW(model.parameters(), lr=main.lr, weight_decay=main.weight_decay, betas=(0.9, 0.95))
-    f = lr_lambda(main.warmup_steps, total)
+    f = lr_lambda(main.warmup_steps, total, main.schedule, anneal_at, main.wsd_decay_fraction)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: f(s + start_step))
     return opt, sched
+
+
+def main_lr_at(main: MainSection, step: int, total: int, anneal_at: list[int] | tuple = ()) -> float:
+    """The main run's learning rate at `step` (what the next optimizer step would use)."""
+    return main.lr * lr_lambda(main.warmup_steps, total, main.schedule, anneal_at, main.wsd_decay_fraction)(step)
 
 
 def optimizer_step(model, opt, sched, loss: torch.Tensor) -> float:
