@@ -13,9 +13,10 @@
 The suite drives the searcher directly (suggest / on_trial_complete) with a synthetic objective
 computed from the suggested weights, in the shape a real trial reports (objective, loss_<coord>,
 a_<coord>; see opmix_ray.search.score), so it needs no Ray cluster and runs in seconds. It checks:
-suggestions on the simplex (plain and constrained), NaN / inf / None / missing / errored results
-handled, FINISHED respected, same seed -> same suggestions, save -> restore (plain JSON) -> same
-next suggestion, warm-start points first, and correct under ConcurrencyLimiter(max_concurrent=2).
+suggestions on the simplex (plain, box-constrained, and cut by linear cap rows A_ub @ a <= b_ub),
+NaN / inf / None / missing / errored results handled, FINISHED respected, same seed -> same
+suggestions, save -> restore (plain JSON) -> same next suggestion, warm-start points first, and
+correct under ConcurrencyLimiter(max_concurrent=2).
 """
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ import numpy as np
 import pytest
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from search_spaces import ConstrainedSimplex, SimplexSpace
+from search_spaces import ConstrainedSimplex, PolytopeSimplex, SimplexSpace, cap_constraints
 
 PLAIN = SimplexSpace(("old", "python", "bible", "fortunes"))
 CONSTRAINED = ConstrainedSimplex(("old", "python", "bible", "fortunes", "licenses"),
                                  lower={"python": 0.1}, upper={"bible": 0.2}, fixed={"licenses": 0.05})
+# Caps on the mixture a_old * p + a that bind: a_old * 0.25 + a_fortunes <= 0.1 rules out most of the
+# simplex (uniform weights included), so a searcher that ignores A_ub is caught within a few trials.
+_P = {"python": 0.5, "bible": 0.25, "fortunes": 0.25}
+POLYTOPE = PolytopeSimplex(PLAIN.coords, *cap_constraints(PLAIN.coords, _P, {"fortunes": 0.1, "bible": 0.3}))
 FINISHED = Searcher.FINISHED
 
 
@@ -52,6 +57,9 @@ def assert_on_space(space, config) -> np.ndarray:
     assert w.shape == (len(space.coords),) and np.all(np.isfinite(w)), w
     assert abs(w.sum() - 1.0) <= 1e-6, f"weights {w} sum to {w.sum()}"
     assert np.all(w >= space.lower - 1e-6) and np.all(w <= space.upper + 1e-6), (w, space.lower, space.upper)
+    A, b = getattr(space, "A_ub", None), getattr(space, "b_ub", None)
+    if A is not None and len(A):  # a space without linear rows (or a user's own without A_ub) skips this
+        assert np.all(A @ w <= b + 1e-6), f"weights {w} break A_ub @ w <= b_ub by {np.max(A @ w - b):.3g}"
     return w
 
 
@@ -81,6 +89,14 @@ class SearcherConformance:
     def test_suggestions_on_the_simplex(self, make_searcher, space):
         ws = drive(make_searcher(space, 0), space, self.n_trials)
         assert ws, "no suggestion at all"
+
+    def test_suggestions_satisfy_linear_caps(self, make_searcher):
+        """Every suggestion on a PolytopeSimplex satisfies its cap rows, also after a model phase."""
+        ws = drive(make_searcher(POLYTOPE, 0), POLYTOPE, max(20, self.n_trials))
+        assert ws, "no suggestion at all"
+        W = np.array(ws)
+        assert np.all(W @ POLYTOPE.A_ub.T <= POLYTOPE.b_ub + 1e-6), np.max(W @ POLYTOPE.A_ub.T - POLYTOPE.b_ub)
+        assert np.all(np.abs(W.sum(axis=1) - 1) <= 1e-6) and np.all(W >= -1e-9)
 
     def test_failed_results_are_handled(self, make_searcher):
         s = make_searcher(PLAIN, 1)

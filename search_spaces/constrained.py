@@ -3,7 +3,7 @@ collapsed "old mixture" coordinate with expand-back.
 
 Every space here has SimplexSpace's contract (`coords`, `param_names`, `weights(config)`,
 `params(w)`, `sample(rng)`, `optuna_define_by_run`, `optuna_distributions`, `tune_param_space`,
-`lower`, `upper`, `contains`), so a searcher written against one works on all of them.
+`lower`, `upper`, `A_ub`, `b_ub`, `contains`), so a searcher written against one works on all of them.
 
 Sampling never rejects. A point u of the box maps to v = Dirichlet(1) over the free coordinates
 (SimplexSpace), then to w_F = l_F + r * cap(v) where r is the mass left after fixed values and
@@ -105,6 +105,15 @@ class ConstrainedSimplex:
     @property
     def free_coords(self) -> tuple[str, ...]:
         return self.free
+
+    # Box bounds only: zero rows of A_ub @ w <= b_ub, so searchers can treat every space as a polytope.
+    @property
+    def A_ub(self) -> np.ndarray:
+        return np.zeros((0, len(self.coords)))
+
+    @property
+    def b_ub(self) -> np.ndarray:
+        return np.zeros(0)
 
     def from_free(self, v) -> np.ndarray:
         """A point v of the simplex over the free coordinates -> the feasible mixture it maps to."""

@@ -74,6 +74,15 @@ class SimplexSpace:
     def free_coords(self) -> tuple[str, ...]:
         return self.coords
 
+    # No linear constraints beyond the simplex: the same contract as PolytopeSimplex with zero rows.
+    @property
+    def A_ub(self) -> np.ndarray:
+        return np.zeros((0, len(self.coords)))
+
+    @property
+    def b_ub(self) -> np.ndarray:
+        return np.zeros(0)
+
     def from_free(self, v) -> np.ndarray:
         """Identity here; a constrained space maps the free coordinates' simplex onto its polytope."""
         v = np.asarray(v, dtype=np.float64)

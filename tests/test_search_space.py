@@ -242,3 +242,137 @@ def test_collapsed_space_expands_back_with_frozen_ratios_and_caps():
         assert mix["news"] <= 0.3 + 1e-9 and mix["python"] <= 0.4 + 1e-9
         assert mix["python"] / mix["bible"] == pytest.approx(0.5 / 0.3)  # untouched ratios frozen
         np.testing.assert_allclose(space.collapse(mix), a, atol=1e-12)
+
+
+# --- polytopes: linear caps on the mixture a_old * p + a (the "old" coordinate couples them) ---
+
+from search_spaces import PolytopeSimplex, cap_constraints  # noqa: E402
+
+_DOMAINS = ("python", "bible", "fortunes", "news", "licenses", "code", "math", "wiki")
+
+
+@st.composite
+def tight_polytopes(draw, n_coords=7):
+    """old + 6 searched domains of 8 (2 reached only through old), caps set from a drawn feasible
+    point: some exactly binding there (zero margin), so the polytope is thin but never empty."""
+    p = np.asarray(draw(st.lists(st.floats(0.01, 1.0), min_size=8, max_size=8)))
+    current = dict(zip(_DOMAINS, p / p.sum()))
+    coords = ("old", *_DOMAINS[: n_coords - 1])
+    a = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).dirichlet(np.ones(n_coords))
+    mix = {d: a[0] * current[d] + (a[coords.index(d)] if d in coords else 0.0) for d in _DOMAINS}
+    margins = draw(st.lists(st.one_of(st.just(0.0), st.floats(0.0, 0.2)), min_size=8, max_size=8))
+    caps = {d: mix[d] + m for d, m in zip(_DOMAINS, margins)}
+    return PolytopeSimplex(coords, *cap_constraints(coords, current, caps)), a
+
+
+@settings(max_examples=150, deadline=None)
+@given(tight_polytopes(), st.integers(0, 2**32 - 1))
+def test_every_polytope_sample_is_feasible(case, seed):
+    space, _ = case
+    rng = np.random.default_rng(seed)
+    assert space.contains(space.centre, tol=1e-9)
+    for _ in range(20):
+        w = space.weights(space.sample(rng))
+        assert space.contains(w, tol=1e-9), (w, space.A_ub @ w - space.b_ub)
+        assert np.all(space.A_ub @ w <= space.b_ub + 1e-9) and np.all(w >= -1e-12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tight_polytopes(), st.lists(u_value, min_size=7, max_size=7))
+def test_polytope_box_edges_map_inside_too(case, u):
+    space, _ = case
+    assert space.contains(space.weights(dict(zip(space.param_names, u))), tol=1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tight_polytopes())
+def test_polytope_map_is_onto(case):
+    """A feasible point, interior or on a binding cap, is the image of its own params."""
+    space, a = case
+    for w in (a, space.centre, 0.5 * (a + space.centre)):
+        assert space.contains(w, tol=1e-9)
+        p = space.params(w)
+        assert list(p) == space.param_names and all(0 < x <= 1 for x in p.values())
+        np.testing.assert_allclose(space.weights(p), w, atol=1e-6)
+        np.testing.assert_allclose(space.from_free(w), w, atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tight_polytopes(), st.lists(st.floats(-2, 2), min_size=7, max_size=7))
+def test_polytope_project_lands_feasible(case, raw):
+    space, a = case
+    x = space.project(np.asarray(raw))
+    assert space.contains(x, tol=1e-9), (x, space.A_ub @ x - space.b_ub)
+    assert np.linalg.norm(x - raw) <= np.linalg.norm(a - raw) + 1e-6  # no farther than a feasible point
+
+
+def test_polytope_project_is_the_nearest_point():
+    """Against brute force: every feasible point of a fine lattice is at least as far as project's."""
+    coords = ("old", "python", "fortunes")
+    A, b = cap_constraints(coords, {"python": 0.6, "fortunes": 0.4}, {"fortunes": 0.2})
+    space = PolytopeSimplex(coords, A, b, upper={"python": 0.7})
+    m = 400
+    i, j = np.meshgrid(np.arange(m + 1), np.arange(m + 1), indexing="ij")
+    keep = i + j <= m
+    grid = np.stack([i[keep], j[keep], m - i[keep] - j[keep]], axis=1) / m
+    grid = grid[np.all(grid @ A.T <= b + 1e-12, axis=1) & (grid[:, 1] <= 0.7)]
+    for w in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.1, 0.9, 0.0], [0.5, 0.5, 0.5], [-1.0, 0.2, 2.0]):
+        w = np.asarray(w)
+        x = space.project(w)
+        assert space.contains(x, tol=1e-9)
+        best = np.linalg.norm(grid - w, axis=1).min()
+        assert np.linalg.norm(x - w) <= best + 1e-7  # never beaten by a feasible lattice point
+        assert np.linalg.norm(x - w) >= best - 2.0 / m  # and the lattice gets within its spacing
+    feasible = np.array([0.3, 0.65, 0.05])  # 0.3 * 0.4 + 0.05 <= 0.2
+    np.testing.assert_allclose(space.project(feasible), feasible, atol=1e-7)
+
+
+def test_infeasible_caps_say_what_to_relax():
+    coords = ("old", "python", "bible")
+    current = {"python": 0.5, "bible": 0.5}
+    with pytest.raises(ValueError, match=r"no mixture fits.*fix: relax the tightest repetition cap"):
+        PolytopeSimplex(coords, *cap_constraints(coords, current, {"python": 0.3, "bible": 0.3}))
+    with pytest.raises(ValueError, match=r"no mixture fits.*fix:"):  # feasible caps, infeasible with a lower bound
+        PolytopeSimplex(coords, *cap_constraints(coords, current, {"python": 0.3}), lower={"old": 0.9})
+    with pytest.raises(ValueError, match=r"A_ub.*fix:"):
+        PolytopeSimplex(coords, np.ones((2, 3)), np.ones(3))
+    with pytest.raises(ValueError, match="unknown coordinates"):
+        PolytopeSimplex(coords, np.zeros((0, 3)), np.zeros(0), upper={"z": 0.5})
+
+
+def test_cap_constraints_rows():
+    coords = ("old", "python", "fortunes")
+    current = {"python": 0.4, "bible": 0.2, "fortunes": 0.4}  # bible is untouched: reached through old only
+    A, b = cap_constraints(coords, current, {"python": 1.0, "bible": 0.1, "fortunes": 0.25, "news": 0.05})
+    # python's cap >= 1 binds nothing; news has neither weight in old nor a coordinate
+    np.testing.assert_allclose(A, [[0.2, 0.0, 0.0], [0.4, 0.0, 1.0]])
+    np.testing.assert_allclose(b, [0.1, 0.25])
+    A2, _ = cap_constraints(coords, {d: 2 * x for d, x in current.items()}, {"bible": 0.1})  # p is normalised
+    np.testing.assert_allclose(A2, [[0.2, 0.0, 0.0]])
+    a = np.array([0.5, 0.3, 0.2])
+    mix = {d: a[0] * current[d] + (a[coords.index(d)] if d in coords else 0) for d in current}
+    np.testing.assert_allclose(A @ a, [mix["bible"], mix["fortunes"]])  # the rows are the mixture's shares
+    with pytest.raises(ValueError, match="fix:"):
+        cap_constraints(coords, current, {"old": 0.5})
+    assert cap_constraints(coords, current, {})[0].shape == (0, 3)
+
+
+def test_every_space_has_linear_rows_and_polytope_maps_to_optuna():
+    import optuna
+
+    for s in (_space(3), ConstrainedSimplex(("a", "b", "c"), upper={"a": 0.5})):
+        assert s.A_ub.shape == (0, 3) and s.b_ub.shape == (0,)
+    coords = ("old", "python", "bible", "fortunes")
+    space = PolytopeSimplex(coords, *cap_constraints(coords, {"python": .5, "bible": .25, "fortunes": .25},
+                                                     {"fortunes": 0.1}))
+    assert space.A_ub.shape == (1, 4) and set(space.tune_param_space()) == set(space.param_names)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        t = study.ask()
+        space.optuna_define_by_run(t)
+        w = space.weights(t.params)
+        assert space.contains(w) and 0.25 * w[0] + w[3] <= 0.1 + 1e-12
+        study.tell(t, float(w[1]))
+    with pytest.raises(ValueError, match="break the constraints"):
+        space.weights({f"w_{c}": 0.25 for c in coords})

@@ -3,8 +3,9 @@
 The lattice has C(m + k - 1, k - 1) points, so it is only sensible for small k (5 coordinates at
 m = 4 is 70 points; 7 at m = 2 is 28). With resolution=None the finest m whose lattice fits in
 max_points is used. On a constrained space the lattice is over the free coordinates and mapped
-onto the bounds by the space (fixed values and lower bounds added, caps redistributed), with
-duplicates dropped. Order is a seeded shuffle so a budget smaller than the lattice
+onto the bounds by the space (fixed values and lower bounds added, caps redistributed; on a
+PolytopeSimplex feasible lattice points stay put and the others move towards its centre onto the
+boundary), with duplicates dropped. Order is a seeded shuffle so a budget smaller than the lattice
 still covers it evenly instead of sweeping one corner; then FINISHED.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ A subclass writes three small methods and gets the rest right for free:
         # state() / load_state(s): only if the subclass keeps state of its own (JSON-able dicts)
 
 What the base guarantees (and opmix_ray.testing checks for every searcher):
-- every suggestion is on the space (finite, on the simplex, within bounds) or a SearcherError
+- every suggestion is on the space (finite, on the simplex, within bounds and the space's linear
+  rows A_ub @ w <= b_ub, via space.contains) or a SearcherError
   saying which searcher broke it; weights are sent as the space's own params;
 - warm-start points (points_to_evaluate) are suggested first, in order;
 - a NaN / inf / missing objective or an errored trial reaches `observe` as value=None (failed),
@@ -79,7 +80,7 @@ class MixtureSearcher(Searcher):
             w = w / w.sum() if w.sum() > 0 else w
             if not space.contains(w, tol=1e-6):
                 raise SearcherError(f"search warm start {np.round(w, 4).tolist()} is not on the space "
-                                    f"(fix: pass mixtures over {space.coords} that satisfy the bounds)")
+                                    f"(fix: pass mixtures over {space.coords} that satisfy the bounds and caps)")
             self._warm.append(w.tolist())
         self.live: dict[str, list[float]] = {}  # trial_id -> suggested weights
         self.history: list[dict] = []  # {"id", "w", "value" (None = failed), "losses"} in finish order
@@ -144,7 +145,7 @@ class MixtureSearcher(Searcher):
                                 "weights over space.coords or a dict from space.params/space.sample)") from None
         if not self.space.contains(w, tol=1e-6):
             raise SearcherError(f"{name} suggested weights {np.round(w, 6).tolist()} off the space "
-                                f"(need finite, >= 0, sum 1, within bounds) (fix: return space.project(w))")
+                                f"(need finite, >= 0, sum 1, within bounds and caps) (fix: return space.project(w))")
         return self.space.project(w) if not self.space.contains(w) else w
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
