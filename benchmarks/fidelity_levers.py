@@ -1,0 +1,128 @@
+"""Which proxy settings make merged adapters rank mixtures as real training does.
+
+    .venv/bin/python benchmarks/fidelity_levers.py --out bench_runs/levers --seeds 0 1   # ~35 min, 2 cores
+
+Per seed: one OP-Mix run of opmix_ray/configs/bench.yaml (reused if OUT already has it), then
+`opmix-ray fidelity` on its round 0: 16 candidates (stay, the round's leader, equal weights,
+13 draws within the caps), each trained for real by the exact continuation of the main run, on
+2 truth seeds. Every proxy variant below then retrains its own adapters on the same checkpoint
+(in this process) and scores the same candidates against the same truths, so the variants differ
+in nothing else. Writes OUT/levers.json and prints one row per (variant, seed, objective):
+Spearman, Pearson, the proxy pick's regret, and the entropy and stay references.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from opmix_ray.adapters import REPLICATE, adapter_lr, adapter_plan, adapter_seeds, train_one  # noqa: E402
+from opmix_ray.config import load_config  # noqa: E402
+from opmix_ray.data.shards import build_shards  # noqa: E402
+from opmix_ray.fidelity import run_fidelity  # noqa: E402
+from opmix_ray.mixture import Mixture  # noqa: E402
+from opmix_ray.storage import read_json, write_json  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "opmix_ray" / "configs" / "bench.yaml"
+
+# name -> config overrides of the proxy; {} is the run's own settings (the shipped defaults).
+BASE = {"adapters": {"init": "shared", "lr_schedule": "current", "weight_decay": 0.01}, "search": {"delta_scale": 1.0}}
+V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_decay": 0.0}, "search": {"delta_scale": 1.0}}
+VARIANTS = {
+    "v1 (per-adapter init, 2x peak lr, wd 0, c 1)": V1,
+    "base (shared init, 2x current lr, wd .01, c 1)": BASE,
+    "base, per-adapter init": {**BASE, "adapters": {**BASE["adapters"], "init": "per_adapter"}},
+    "base, 2x peak lr": {**BASE, "adapters": {**BASE["adapters"], "lr_schedule": "peak"}},
+    "base, wd 0": {**BASE, "adapters": {**BASE["adapters"], "weight_decay": 0.0}},
+    "base, 60 adapter steps": {**BASE, "adapters": {**BASE["adapters"], "steps": 60}},
+    "base, c = token ratio": {**BASE, "search": {"delta_scale": "ratio"}},
+    "base, c auto (ratio, overshoot guard)": {**BASE, "search": {"delta_scale": "auto"}},
+    "base, c auto, all 8192 eval tokens": {**BASE, "search": {"delta_scale": "auto", "eval_tokens_per_domain": 8192}},
+}
+
+
+def base_run(out: Path, seed: int) -> Path:
+    from opmix_ray.engine import run
+    cfg = load_config(CONFIG, {"run": {"seed": seed, "name": f"bench-s{seed}", "storage_path": str(out / "runs")}})
+    run_dir = out / "runs" / cfg.run.name
+    if not (run_dir / "summary.json").is_file():
+        run(cfg, overwrite=True)
+    return run_dir
+
+
+def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
+    """The round-0 adapters with the variant's adapter settings, trained here (2 threads)."""
+    import torch
+    torch.set_num_threads(2)
+    cfg = load_config(run_dir / "config.yaml", {"adapters": overrides.get("adapters", {})})
+    hist = read_json(run_dir / "history.json")
+    shards = build_shards(cfg)
+    ckpt = str(run_dir / "main" / "round_0")
+    info = read_json(Path(ckpt) / "train_state.json")["info"]
+    current = Mixture.from_dict(hist["rounds"][0]["mixture_before"], shards.domains)
+    dirs = {}
+    for name, weights in adapter_plan(current, cfg):
+        if name == REPLICATE:
+            continue  # the noise probe of the decision rule: no part of a candidate's score
+        d = dest / name
+        if not (d / "adapter_model.safetensors").is_file():
+            out = train_one(cfg, shards, ckpt, name, weights, adapter_seeds(cfg, 0, name), adapter_lr(cfg, info.get("lr")))
+            out["model"].save_pretrained(str(d), safe_serialization=True)
+        dirs[name] = str(d)
+    return dirs
+
+
+def _search_overrides(run_dir: Path, overrides: dict) -> dict:
+    s = dict(overrides.get("search", {}))
+    if s.get("delta_scale") == "ratio":  # the plain token ratio, no guard
+        cfg = load_config(run_dir / "config.yaml", {"adapters": overrides.get("adapters", {})})
+        from opmix_ray.main_run import steps_and_boundaries
+        _, b = steps_and_boundaries(cfg)
+        s["delta_scale"] = (b[1] - b[0]) * cfg.main.batch_size / (cfg.adapters.steps * cfg.adapters.batch_size)
+    return {"search": s, "adapters": overrides.get("adapters", {})}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_runs/levers")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--mixtures", type=int, default=16)
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t0 = [], time.time()
+    for seed in args.seeds:
+        run_dir = base_run(out, seed)
+        truth_file = run_dir / "fidelity_round_0.json"
+        if not truth_file.is_file():
+            run_fidelity(run_dir, 0, args.mixtures, truth_seeds=2)
+        for name, ov in VARIANTS.items():
+            dest = out / "adapters" / f"s{seed}" / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "")
+            dirs = train_variant(run_dir, ov, dest)
+            res = run_fidelity(run_dir, 0, truths_from=truth_file, overrides=_search_overrides(run_dir, ov),
+                               adapter_dirs=dirs, write=False)
+            for obj, o in res["objectives"].items():
+                rows.append({"variant": name, "seed": seed, "objective": obj, "delta_scale": res["delta_scale"],
+                             **{f"proxy_{k}": v for k, v in o["proxy"].items()}, "stay_regret": o["stay"]["regret"],
+                             "entropy_spearman": o["entropy"]["spearman"], "entropy_regret": o["entropy"]["regret"],
+                             "truth_seed_agreement": (o["truth_seed_agreement"] or {}).get("spearman"),
+                             "truth_spread": o["truth_spread"],
+                             "per_domain": {d: c["spearman"] for d, c in res["per_domain"].items()}})
+                r = rows[-1]
+                print(f"{name:<44} s{seed} {obj:<10} c={r['delta_scale']:.2f} spearman {r['proxy_spearman']:+.3f} "
+                      f"pearson {r['proxy_pearson']:+.3f} regret {r['proxy_regret']:.4f} | entropy "
+                      f"{r['entropy_spearman']:+.3f} / {r['entropy_regret']:.4f} | stay regret {r['stay_regret']:.4f} "
+                      f"| ceiling {r['truth_seed_agreement']:+.3f}", flush=True)
+            write_json(out / "levers.json", {"rows": rows, "wall_s": time.time() - t0,
+                                             "load_avg": os.getloadavg(), "command": " ".join(sys.argv)})
+    print(f"wrote {out / 'levers.json'} ({time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

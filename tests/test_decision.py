@@ -1,0 +1,129 @@
+"""The safe decision rule: stay is always scored, a move within the noise is never pushed, and the
+truth the fidelity instrument uses is the main run's own continuation."""
+import json
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from opmix_ray.config import load_config
+from opmix_ray.decision import adapter_noise_var, difference_var_factor, paired_se, safe_rule
+from opmix_ray.mixture import Mixture
+from opmix_ray.search import Candidates, SearchOutcome, decide
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
+W = {"a": 1.0, "b": 1.0}
+
+
+def _windows(rng, n=32, shift=0.0):
+    base = {d: 5.0 + rng.normal(0, 0.3, n) for d in W}
+    return base, {d: v + shift + rng.normal(0, 0.01, n) for d, v in base.items()}
+
+
+def test_within_noise_is_no_move_and_a_clear_gain_is_a_move():
+    rng = np.random.default_rng(0)
+    stay, leader = _windows(rng, shift=-0.001)  # a lead of 0.001 against per-window noise 0.01
+    moved, reason, fig = safe_rule(stay, leader, W, {"old": 0.2, "a": 0.8}, k=2.0, noise_var=None)
+    assert not moved and "keeping the current mixture" in reason and fig["se"] > 0
+    stay, leader = _windows(rng, shift=-0.05)
+    moved, reason, fig = safe_rule(stay, leader, W, {"old": 0.2, "a": 0.8}, k=2.0, noise_var=None)
+    assert moved and fig["stay_objective"] - fig["leader_objective"] == pytest.approx(0.05, abs=0.01)
+    # the same clear eval gain is not enough once the adapters disagree by more than it
+    moved, _, fig = safe_rule(stay, leader, W, {"old": 0.2, "a": 0.8}, k=2.0, noise_var=0.05**2)
+    assert not moved and fig["se_adapter"] > fig["se_eval"]
+
+
+def test_noise_terms():
+    assert difference_var_factor({"old": 1.0, "a": 0.0}) == 0.0  # stay against itself
+    assert difference_var_factor({"old": 0.0, "a": 1.0}) == pytest.approx(2.0)  # two independent adapters
+    assert adapter_noise_var({"a": 1.0, "b": 2.0}, {"a": 1.1, "b": 2.0}, W) == pytest.approx(0.01 / 4)
+    same = {d: np.ones(8) for d in W}
+    assert paired_se(same, same, W) == 0.0
+
+
+def _synthetic_candidates(scale: float) -> Candidates:
+    """A real tiny Llama with random LoRA-shaped deltas of size `scale` on every attention projection."""
+    import torch
+    from opmix_ray.config import ModelSection
+    from opmix_ray.model import build_model
+    model = build_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 64, 16, seed=0)
+    rng = np.random.default_rng(1)
+    coords, extra = ("old", "a", "b"), ("old#2",)
+    stacked = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.endswith("proj"):
+            stacked[name] = (scale * rng.normal(size=(4, *mod.weight.shape))).astype(np.float32)
+    val = {d: rng.integers(0, 64, size=(16, 17)) for d in ("a", "b")}
+    current = Mixture.from_dict({"a": 0.5, "b": 0.5})
+    from search_spaces import SimplexSpace
+    return Candidates(f"synthetic/{scale}", coords, model.config.to_dict(),
+                      {k: v.detach().numpy() for k, v in model.state_dict().items()}, stacked, val, current,
+                      dict(W), None, SimplexSpace(coords), extra)
+
+
+def _outcome(c: Candidates) -> SearchOutcome:
+    # the search's best trial is far from stay and claims a lead: only the rescoring can tell
+    trials = [{"objective": 4.0, "a_old": 0.1, "a_a": 0.8, "a_b": 0.1, "mix_a": 0.85, "mix_b": 0.15},
+              {"objective": 4.1, "a_old": 1.0, "a_a": 0.0, "a_b": 0.0, "mix_a": 0.5, "mix_b": 0.5}]
+    return SearchOutcome(c.current, {}, 4.0, {}, 2, 0, 0.0, trials)
+
+
+def test_a_round_whose_candidates_are_all_within_noise_ends_in_no_move():
+    cfg = load_config({"search": {"searcher": "random"}})
+    c = _synthetic_candidates(1e-7)  # every merged model is the base model, up to rounding
+    d = decide(cfg, c, _outcome(c), 0)
+    assert d.rule == "safe" and not d.moved and "keeping the current mixture" in d.reason
+    assert d.stay_objective is not None and d.leader_objective is not None and d.se_adapter is not None
+    assert abs(d.stay_objective - d.leader_objective) <= cfg.decision.k * d.se + 1e-12
+    assert d.leader_mixture == pytest.approx({"a": 0.85, "b": 0.15})
+    argmin = decide(load_config({"decision": {"rule": "argmin"}}), c, _outcome(c), 0)
+    assert argmin.moved and argmin.stay_objective is None  # the old behaviour: the best trial, however small its lead
+
+
+def test_trust_region_keeps_far_candidates_from_leading():
+    cfg = load_config({"search": {"searcher": "random"}, "decision": {"max_l1_step": 0.1, "rule": "argmin"}})
+    c = _synthetic_candidates(1e-7)
+    d = decide(cfg, c, _outcome(c), 0)
+    assert d.leader_weights == {"old": 1.0, "a": 0.0, "b": 0.0}  # only the trial at the current mixture is in reach
+
+
+@pytest.fixture(scope="module")
+def stay_run(tmp_path_factory):
+    from opmix_ray.engine import run
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
+                      {"run": {"storage_path": str(storage), "name": "stay"}, "rounds": {"num_rounds": 1},
+                       "search": {"num_samples": 3, "searcher": "random"}, "decision": {"k": 1e9}})
+    summary = run(cfg)
+    yield cfg, summary
+    ray.shutdown()
+
+
+def test_stay_is_scored_recorded_and_pushed(stay_run):
+    cfg, summary = stay_run
+    with open(os.path.join(summary["run_dir"], "history.json")) as f:
+        r = json.load(f)["rounds"][0]
+    d = r["decision"]
+    assert d["rule"] == "safe" and d["moved"] is False and d["stay_objective"] is not None
+    assert d["se"] > 0 and d["se_adapter"] is not None and "keeping the current mixture" in d["reason"]
+    assert r["weights"] == pytest.approx(r["mixture_before"])
+
+
+def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
+    """The fidelity truth for a = stay, run from the round's checkpoint, is the loss the main run
+    itself reached at the end (optimizer, schedule, sampler and caps all carried)."""
+    from opmix_ray.continuation import continue_main_run
+    from opmix_ray.data.shards import build_shards
+    from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
+    cfg, summary = stay_run
+    with open(os.path.join(summary["run_dir"], "history.json")) as f:
+        h = json.load(f)
+    total, bounds = steps_and_boundaries(cfg)
+    truth = continue_main_run(cfg, build_shards(cfg), checkpoint_path(summary["run_dir"], 0),
+                              h["rounds"][0]["mixture_before"], total - bounds[0], threads=int(cfg.main.cpus_per_worker))
+    for d, v in h["final"]["val_loss"].items():
+        assert truth["val_loss"][d] == pytest.approx(v, abs=1e-5), d
+    other = continue_main_run(cfg, build_shards(cfg), checkpoint_path(summary["run_dir"], 0),
+                              h["rounds"][0]["mixture_before"], total - bounds[0], truth_seed=1, threads=1)
+    assert other["val_loss"] != truth["val_loss"]  # a second truth seed is another data order
