@@ -30,20 +30,38 @@ from opmix_ray.storage import read_json, write_json  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "opmix_ray" / "configs" / "bench.yaml"
 
-# name -> config overrides of the proxy; {} is the run's own settings (the shipped defaults).
-BASE = {"adapters": {"init": "shared", "lr_schedule": "current", "weight_decay": 0.01}, "search": {"delta_scale": 1.0}}
-V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_decay": 0.0}, "search": {"delta_scale": 1.0}}
+# name -> config overrides of the proxy. "matched" rescales every merged delta to the 'old' adapter's norm
+# (search.delta_norm); "raw" is the plain weighted sum.
+V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_decay": 0.0},
+      "search": {"delta_scale": 1.0, "delta_norm": "raw"}}
+RAW = {"adapters": {"init": "shared", "lr_schedule": "current", "weight_decay": 0.01},
+       "search": {"delta_scale": 1.0, "delta_norm": "raw"}}
+M = {"adapters": RAW["adapters"], "search": {"delta_scale": 1.0, "delta_norm": "matched"}}
+
+
+def _with(base: dict, section: str, **kw) -> dict:
+    return {**base, section: {**base[section], **kw}}
+
+
 VARIANTS = {
-    "v1 (per-adapter init, 2x peak lr, wd 0, c 1)": V1,
-    "base (shared init, 2x current lr, wd .01, c 1)": BASE,
-    "base, per-adapter init": {**BASE, "adapters": {**BASE["adapters"], "init": "per_adapter"}},
-    "base, 2x peak lr": {**BASE, "adapters": {**BASE["adapters"], "lr_schedule": "peak"}},
-    "base, wd 0": {**BASE, "adapters": {**BASE["adapters"], "weight_decay": 0.0}},
-    "base, 60 adapter steps": {**BASE, "adapters": {**BASE["adapters"], "steps": 60}},
-    "base, c = token ratio": {**BASE, "search": {"delta_scale": "ratio"}},
-    "base, c auto (ratio, overshoot guard)": {**BASE, "search": {"delta_scale": "auto"}},
-    "base, c auto, all 8192 eval tokens": {**BASE, "search": {"delta_scale": "auto", "eval_tokens_per_domain": 8192}},
+    "v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)": V1,
+    "shared init, 2x current lr, wd .01, c 1, raw": RAW,
+    "same, norm-matched merge": M,
+    "matched, per-adapter init": _with(M, "adapters", init="per_adapter"),
+    "matched, 2x peak lr": _with(M, "adapters", lr_schedule="peak"),
+    "matched, wd 0": _with(M, "adapters", weight_decay=0.0),
+    "matched, c = token ratio": _with(M, "search", delta_scale="ratio"),
+    "matched, c auto": _with(M, "search", delta_scale="auto"),
+    "matched, 60 adapter steps": _with(M, "adapters", steps=60),
+    "matched, all 8192 eval tokens": _with(M, "search", eval_tokens_per_domain=8192),
 }
+QUICK = ["v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)", "shared init, 2x current lr, wd .01, c 1, raw",
+         "same, norm-matched merge", "matched, per-adapter init", "matched, c = token ratio", "matched, c auto"]
+
+
+def adapter_key(ov: dict) -> str:
+    a = {**RAW["adapters"], "steps": None, **ov.get("adapters", {})}
+    return f"{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}"
 
 
 def base_run(out: Path, seed: int) -> Path:
@@ -92,6 +110,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench_runs/levers")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--mixtures", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} variants: {QUICK}")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +121,9 @@ def main() -> int:
         if not truth_file.is_file():
             run_fidelity(run_dir, 0, args.mixtures, truth_seeds=2)
         for name, ov in VARIANTS.items():
-            dest = out / "adapters" / f"s{seed}" / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "")
+            if args.quick and name not in QUICK:
+                continue
+            dest = out / "adapters" / f"s{seed}" / adapter_key(ov)
             dirs = train_variant(run_dir, ov, dest)
             res = run_fidelity(run_dir, 0, truths_from=truth_file, overrides=_search_overrides(run_dir, ov),
                                adapter_dirs=dirs, write=False)

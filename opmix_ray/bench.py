@@ -73,9 +73,9 @@ def _proposals(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
 
 # "opmix-v1": OP-Mix as it was first built, kept as a bench method so a change to the proxy or the
 # decision shows side by side: a LoRA init per adapter, adapter lr 2x the main run's peak without
-# weight decay, unit step size, no caps in the search, and the argmin over the trials pushed.
+# weight decay, unit step size, raw merged deltas, no caps in the search, and the argmin over the trials pushed.
 OPMIX_V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_decay": 0.0, "replicate_old": False},
-            "search": {"delta_scale": 1.0, "caps": False}, "decision": {"rule": "argmin"}}
+            "search": {"delta_scale": 1.0, "delta_norm": "raw", "caps": False}, "decision": {"rule": "argmin"}}
 OPMIX_METHODS = ("opmix", "opmix-v1")
 
 

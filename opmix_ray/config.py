@@ -157,6 +157,11 @@ class SearchSection(_Section):
         "fewer tokens than the segment it stands for, so c = 1 under-states every move. auto: c = the "
         "segment-to-adapter token ratio, lowered to the c that minimises the 'old' adapter's own loss when "
         "larger c would overshoot (scored on the selection windows).")
+    delta_norm: Literal["raw", "matched"] = Field(
+        "raw", description="raw: the plain weighted sum of the deltas. matched: every merged delta is rescaled "
+        "to the norm of the 'old' adapter's delta, so a candidate differs from stay in direction only (a blend "
+        "of adapters trained apart moves the weights less than one adapter does). Measured worse on the "
+        "bench's round 0 (benchmarks/RESULTS.md), so not the default.")
     caps: bool = Field(True, description="Search only mixtures within the repetition caps left for the rest "
                        "of the run: a_old * p_d + a_d <= (cap_d - drawn_d) / tokens_left for every domain d.")
 

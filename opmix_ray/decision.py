@@ -1,11 +1,17 @@
 """A round's decision: push the leader, or keep the current mixture ("stay").
 
 A search scores many noisy candidates, so its best one beats stay by a little even when no move
-is better. The safe rule (decision.rule: safe) therefore scores stay, a_old = 1 (the merged model
-of the adapter trained on the current mixture), on the same windows as the leader and pushes the
-leader only when
+is better. The safe rule (decision.rule: safe) therefore scores stay on the same windows as the
+leader and pushes the leader only when
 
     objective(stay) - objective(leader) > k * SE,   SE^2 = SE_eval^2 + SE_adapter^2
+
+Stay is scored twice. a_old = 1 (the adapter trained on the current mixture, alone) is recorded,
+but the rule compares the leader with the *matched* stay s = (a_old of the leader, then
+(1 - a_old) * p_d on each domain adapter): it stands for the same mixture p and has the leader's
+own blend of adapters. A blend of several adapters moves the weights less than one adapter at full
+weight (their deltas are far from parallel), so against a_old = 1 every blend looks worse and the
+rule could never move; against the matched stay only the direction differs.
 
 - SE_eval: the standard error of the paired per-window difference (leader - stay), per domain,
   combined with the objective's weights: the two models see the same windows, so what they share
@@ -14,7 +20,7 @@ leader only when
   adapter on another data seed (adapters.replicate_old) measures it: with d_d the per-domain loss
   gap of the two 'old' adapters, one adapter at full weight has noise variance
   s1^2 = sum_d v_d d_d^2 / 2 (an upper bound on the objective's: it ignores cancellation across
-  domains), and the leader minus stay, sum_i a_i e_i - e_old, has s1^2 (sum_i a_i^2 - 2 a_old + 1).
+  domains), and the leader minus stay, sum_i (a_i - s_i) e_i, has s1^2 sum_i (a_i - s_i)^2.
 
 Without an 'old' adapter nothing stands for stay, and the rule falls back to the argmin.
 """
@@ -32,7 +38,7 @@ class Decision:
     reason: str
     rule: str
     k: float
-    stay_objective: float | None
+    stay_objective: float | None  # the matched stay the rule compares with
     leader_objective: float | None
     se: float | None
     se_eval: float | None
@@ -40,6 +46,7 @@ class Decision:
     leader_weights: dict[str, float]
     leader_mixture: dict[str, float]
     leader_source: str  # "trial" (best Tune trial) or "law" (the mixing law's proposal)
+    stay_old_objective: float | None = None  # a_old = 1: the old adapter alone
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,17 +77,35 @@ def adapter_noise_var(old: dict[str, float], replicate: dict[str, float], weight
     return float(sum(v * (old[d] - replicate[d]) ** 2 for d, v in _norm(weights).items()) / 2.0)
 
 
-def difference_var_factor(a: dict[str, float]) -> float:
-    """Var(sum_i a_i e_i - e_old) / s1^2 for independent, equal adapter noises e_i."""
-    return max(0.0, sum(x * x for x in a.values()) - 2.0 * a.get("old", 0.0) + 1.0)
+def matched_stay(a: dict[str, float], current: dict[str, float]) -> dict[str, float]:
+    """The leader's a_old, the rest of the weight on the domain adapters in the current mixture's
+    proportions: E(s) = p, with the leader's blend of adapters. Domains without their own adapter
+    (collapsed into old) only move with old, so their share stays with old."""
+    own = [d for d in current if d in a]
+    p_own = sum(current[d] for d in own)
+    if "old" not in a or p_own <= 0:
+        return {c: float(c == "old") for c in a}
+    rest = 1.0 - a["old"]
+    s = {"old": a["old"] + rest * (1.0 - p_own)}
+    s.update({d: rest * current[d] for d in own})
+    return {c: s.get(c, 0.0) for c in a}
+
+
+def difference_var_factor(a: dict[str, float], s: dict[str, float] | None = None) -> float:
+    """Var(sum_i (a_i - s_i) e_i) / s1^2 for independent, equal adapter noises e_i; s = stay (a_old = 1)
+    unless given."""
+    s = s if s is not None else {c: float(c == "old") for c in a}
+    return float(sum((a[c] - s.get(c, 0.0)) ** 2 for c in a))
 
 
 def safe_rule(stay: dict[str, np.ndarray], leader: dict[str, np.ndarray], weights: dict[str, float],
-              leader_a: dict[str, float], k: float, noise_var: float | None) -> tuple[bool, str, dict]:
-    """(move?, reason, figures) for the safe rule; noise_var is s1^2 or None when not measured."""
+              leader_a: dict[str, float], k: float, noise_var: float | None,
+              stay_a: dict[str, float] | None = None) -> tuple[bool, str, dict]:
+    """(move?, reason, figures) for the safe rule; noise_var is s1^2 or None when not measured;
+    stay_a: the adapter weights `stay` was scored with (default a_old = 1)."""
     s_obj, l_obj = weighted(stay, weights), weighted(leader, weights)
     se_eval = paired_se(leader, stay, weights)
-    se_adapter = math.sqrt(noise_var * difference_var_factor(leader_a)) if noise_var is not None else 0.0
+    se_adapter = math.sqrt(noise_var * difference_var_factor(leader_a, stay_a)) if noise_var is not None else 0.0
     se = math.sqrt(se_eval**2 + se_adapter**2)
     gain = s_obj - l_obj
     figures = {"stay_objective": s_obj, "leader_objective": l_obj, "se": se, "se_eval": se_eval,

@@ -68,17 +68,29 @@ def stack_deltas(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {m: np.stack([d[m] for d in deltas]) for m in modules}
 
 
-def merged_delta(stacked: dict[str, np.ndarray], weights) -> dict[str, np.ndarray]:
-    """{module: sum_i w_i * delta_i} (float64 accumulation, returned as float32)."""
+def merged_delta(stacked: dict[str, np.ndarray], weights, norm_to: float | None = None) -> dict[str, np.ndarray]:
+    """{module: sum_i w_i * delta_i} (float64 accumulation, returned as float32). norm_to: rescale
+    the whole merged delta (every module by one factor) to this Frobenius norm."""
     w = np.asarray(weights, dtype=np.float64)
-    return {m: np.tensordot(w, D, axes=1).astype(np.float32) for m, D in stacked.items()}
+    out = {m: np.tensordot(w, D, axes=1) for m, D in stacked.items()}
+    if norm_to is not None:
+        norm = float(np.sqrt(sum(float((x * x).sum()) for x in out.values())))
+        if norm > 0:
+            out = {m: x * (norm_to / norm) for m, x in out.items()}
+    return {m: x.astype(np.float32) for m, x in out.items()}
+
+
+def delta_norm(stacked: dict[str, np.ndarray], i: int) -> float:
+    """Frobenius norm of adapter i's whole delta (every module)."""
+    return float(np.sqrt(sum(float((D[i].astype(np.float64) ** 2).sum()) for D in stacked.values())))
 
 
 class MergedModel:
     """A base model whose adapted linears can be set to W0 + sum_i w_i * delta_i in place."""
 
-    def __init__(self, model: torch.nn.Module, stacked: dict[str, np.ndarray]):
-        self.model, self.stacked = model, stacked
+    def __init__(self, model: torch.nn.Module, stacked: dict[str, np.ndarray], norm_to: float | None = None):
+        """norm_to: every merge is rescaled to this delta norm (search.delta_norm: matched)."""
+        self.model, self.stacked, self.norm_to = model, stacked, norm_to
         try:
             self.targets = {m: model.get_submodule(m) for m in stacked}
         except AttributeError as exc:
@@ -92,7 +104,7 @@ class MergedModel:
 
     @torch.no_grad()
     def apply(self, weights) -> None:
-        for m, delta in merged_delta(self.stacked, weights).items():
+        for m, delta in merged_delta(self.stacked, weights, self.norm_to).items():
             w = self.targets[m].weight
             w.copy_(self.base[m] + torch.from_numpy(delta).to(w.device, w.dtype))
 

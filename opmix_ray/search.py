@@ -22,9 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from opmix_ray.adapters import REPLICATE
 from opmix_ray.config import Config
-from opmix_ray.decision import Decision, adapter_noise_var, safe_rule
+from opmix_ray.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
 from opmix_ray.evaluate import domain_losses, objective, window_losses
-from opmix_ray.merge import MergedModel, load_lora_delta, stack_deltas
+from opmix_ray.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import load_checkpoint, set_threads
 from opmix_ray.searchers import METRIC, MODE, create_searcher
@@ -50,6 +50,7 @@ class Candidates:
     extra: tuple[str, ...] = ()  # stacked after coords but never searched: the 'old' replicate
     scale: float = 1.0  # c, already applied to `stacked`
     driver_evals: int = 0  # evaluations outside the trials (choosing c, the decision): counted as search
+    norm_to: float | None = None  # search.delta_norm: matched -> every merge has the 'old' delta's norm
 
     def full(self, a) -> np.ndarray:
         """Weights over coords + extra (the extra adapters at 0)."""
@@ -79,6 +80,8 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     if scale != 1.0:
         cands.stacked = {m: (scale * D).astype(np.float32) for m, D in stacked.items()}
         cands.scale = scale
+    if cfg.search.delta_norm == "matched" and "old" in coords:
+        cands.norm_to = delta_norm(cands.stacked, coords.index("old"))
     return cands
 
 
@@ -148,7 +151,7 @@ def _merged_model(c: Candidates) -> MergedModel:
         conf = AutoConfig.for_model(**c.model_config)
         model = AutoModelForCausalLM.from_config(conf)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in c.base_state.items()}, strict=True)
-        _CACHE[c.key] = MergedModel(model.eval(), c.stacked)
+        _CACHE[c.key] = MergedModel(model.eval(), c.stacked, c.norm_to)
     return _CACHE[c.key]
 
 
@@ -291,21 +294,24 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
     if best is None and source == "trial":
         return Decision(moved=False, reason=f"no candidate within decision.max_l1_step={cfg.decision.max_l1_step}",
                         stay_objective=None, leader_objective=None, se=None, se_eval=None, se_adapter=None, **common)
+    stay_a = matched_stay(named, cur.as_dict())
     mm = _merged_model(candidates)
     scored = {}
-    for name, w in (("stay", candidates.unit("old")), ("leader", candidates.full(a))):
+    for name, w in (("stay", candidates.full([stay_a[c] for c in candidates.coords])),
+                    ("stay_old", candidates.unit("old")), ("leader", candidates.full(a))):
         mm.apply(w)
         scored[name] = window_losses(mm.model, candidates.val, max_tokens=candidates.max_tokens)
-    candidates.driver_evals += 2 + (REPLICATE in candidates.extra)
+    candidates.driver_evals += 3 + (REPLICATE in candidates.extra)
     noise = None
     if REPLICATE in candidates.extra:
         mm.apply(candidates.unit(REPLICATE))
         rep = {d: float(v.mean()) for d, v in window_losses(mm.model, candidates.val, max_tokens=candidates.max_tokens).items()}
-        noise = adapter_noise_var({d: float(v.mean()) for d, v in scored["stay"].items()}, rep,
+        noise = adapter_noise_var({d: float(v.mean()) for d, v in scored["stay_old"].items()}, rep,
                                   candidates.objective_weights)
     mm.reset()
     moved, reason, figures = safe_rule(scored["stay"], scored["leader"], candidates.objective_weights, named,
-                                       cfg.decision.k, noise)
+                                       cfg.decision.k, noise, stay_a)
+    figures["stay_old_objective"] = weighted(scored["stay_old"], candidates.objective_weights)
     if law:
         reason += f"; law loo_spearman {law.get('loo_spearman')}"
     return Decision(moved=moved, reason=reason, **figures, **common)

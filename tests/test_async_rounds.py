@@ -21,7 +21,8 @@ def test_async_main_run_does_not_stall_and_sync_does(tmp_path):
         # 1200 steps: long enough that an async round lands inside the run on 2 cores
         cfg = load_config(TINY, {"run": {"storage_path": str(tmp_path), "name": f"t-{mode}"},
                                  "rounds": {"mode": mode}, "main": {"total_tokens": 1228800},
-                                 "search": {"searcher": "random", "warm_start": False}})
+                                 "search": {"searcher": "random", "warm_start": False},
+                                 "decision": {"rule": "argmin"}})
         out[mode] = run(cfg)
         ray.shutdown()
     assert out["sync"]["main_stall_s"] > 5.0

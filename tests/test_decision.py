@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.decision import adapter_noise_var, difference_var_factor, paired_se, safe_rule
+from opmix_ray.decision import adapter_noise_var, difference_var_factor, matched_stay, paired_se, safe_rule
 from opmix_ray.mixture import Mixture
 from opmix_ray.search import Candidates, SearchOutcome, decide
 
@@ -38,6 +38,11 @@ def test_noise_terms():
     assert difference_var_factor({"old": 1.0, "a": 0.0}) == 0.0  # stay against itself
     assert difference_var_factor({"old": 0.0, "a": 1.0}) == pytest.approx(2.0)  # two independent adapters
     assert adapter_noise_var({"a": 1.0, "b": 2.0}, {"a": 1.1, "b": 2.0}, W) == pytest.approx(0.01 / 4)
+    p = {"a": 0.25, "b": 0.75}
+    s = matched_stay({"old": 0.4, "a": 0.5, "b": 0.1}, p)
+    assert s["old"] == pytest.approx(0.4) and sum(s.values()) == pytest.approx(1.0)
+    assert s["old"] * 0.25 + s["a"] == pytest.approx(0.25)  # it stands for the current mixture
+    assert difference_var_factor({"old": 0.4, "a": 0.15, "b": 0.45}, s) == pytest.approx(0.0)
     same = {d: np.ones(8) for d in W}
     assert paired_se(same, same, W) == 0.0
 

@@ -23,10 +23,11 @@ DRAW_TOL = 0.01
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    # warm_start off and the random searcher: the pushed mixtures are then surely not uniform,
+    # warm_start off, the random searcher and the argmin rule: the pushed mixtures are then surely not uniform,
     # so "the run trained on the pushed mixture" cannot pass by accident.
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs", "tiny.yaml"),
-                      {"run": {"storage_path": str(storage)}, "search": {"warm_start": False, "searcher": "random"}})
+                      {"run": {"storage_path": str(storage)}, "search": {"warm_start": False, "searcher": "random"},
+                       "decision": {"rule": "argmin"}})
     summary = run(cfg)
     yield cfg, summary
     ray.shutdown()

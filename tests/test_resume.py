@@ -29,8 +29,9 @@ from opmix_ray.training import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "opmix_ray" / "configs" / "tiny.yaml")
-# no warm start: a random candidate, not uniform again, wins, so the mixture really changes
-SETS = {"search": {"max_concurrent": 1, "searcher": "random", "num_samples": 3, "warm_start": False}}
+# no warm start and the argmin rule: a random candidate, not uniform again, wins, so the mixture really changes
+SETS = {"search": {"max_concurrent": 1, "searcher": "random", "num_samples": 3, "warm_start": False},
+        "decision": {"rule": "argmin"}}
 
 
 def _setup(train, cfg, path=None):
@@ -85,7 +86,7 @@ def test_resume_of_a_dir_that_is_no_run_exits_2_with_one_line(tmp_path):
 
 def _sets(tmp, name):
     return ["--set", f"run.storage_path={tmp}", "--set", f"run.name={name}",
-            *[x for k, v in SETS["search"].items() for x in ("--set", f"search.{k}={v}")]]
+            *[x for sec in SETS for k, v in SETS[sec].items() for x in ("--set", f"{sec}.{k}={v}")]]
 
 
 def _kill_group(proc) -> None:
