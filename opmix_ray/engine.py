@@ -29,7 +29,7 @@ from opmix_ray.live import arrive, clear_live, write_live
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.mixture import Mixture
 from opmix_ray.preflight import preflight
-from opmix_ray.search import build_candidates, decide, run_search
+from opmix_ray.search import build_candidates, cap_shares, decide, run_search, within_caps
 from opmix_ray.storage import RunStore, is_uri
 
 
@@ -148,7 +148,7 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
     decision = decide(cfg, cands, out, k)
     doms = current.domains
     pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
-        if decision.moved else current
+        if decision.moved else within_caps(cfg, shards, info, current)
     store.write_parquet(f"rounds/round_{k}_trials.parquet", out.trials)
     # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
     # later still leaves every finished round in the bucket.
@@ -162,6 +162,7 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
               "adapter_weights": out.weights, "objective": out.objective, "merged_val_loss": out.losses,
               "decision": decision.as_dict(), "delta_scale": cands.scale,
               "search_space": type(cands.space).__name__,
+              **({"cap_shares": cap_shares(cfg, shards, info)} if cfg.search.caps and "drawn_tokens" in info else {}),
               "base_val_loss": info["val_loss"], "drawn_before": info["drawn"],
               "mixture_before": info["mixture"], "n_trials": out.n_trials, "n_failed": out.n_failed,
               "flops": {"main_so_far": info["flops"], "adapters": flops["adapters"], "search": flops["trials"]},

@@ -79,7 +79,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     from opmix_ray.engine import init_ray
     from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.mixture import Mixture
-    from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score
+    from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score, within_caps
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "history.json").is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no history.json (fix: pass the dir of a "
@@ -108,7 +108,9 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     else:
         picked = _candidate_weights(cands, rec, n, np.random.default_rng([cfg.run.seed, 7, round_idx]))
     proxies = [score(cands, a) for _, a in picked]
-    mixtures = [candidate_mixture(cands, a) for _, a in picked]
+    # stay is what the run pushes when it does not move: the current mixture held to its caps
+    mixtures = [within_caps(cfg, shards, info, candidate_mixture(cands, a)) if label == "stay" else
+                candidate_mixture(cands, a) for label, a in picked]
     if truths_from:
         truths = [c["truth"] for c in prior["candidates"]]
     else:

@@ -99,6 +99,7 @@ def stay_run(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
                       {"run": {"storage_path": str(storage), "name": "stay"}, "rounds": {"num_rounds": 1},
+                       "data": {"max_epochs": {"licenses": 0.05}},  # binds: uniform would draw past it
                        "search": {"num_samples": 3, "searcher": "random"}, "decision": {"k": 1e9}})
     summary = run(cfg)
     yield cfg, summary
@@ -112,12 +113,20 @@ def test_stay_is_scored_recorded_and_pushed(stay_run):
     d = r["decision"]
     assert d["rule"] == "safe" and d["moved"] is False and d["stay_objective"] is not None
     assert d["se"] > 0 and d["se_adapter"] is not None and "keeping the current mixture" in d["reason"]
-    assert r["weights"] == pytest.approx(r["mixture_before"])
+    # stay was uniform, which over-draws licenses: what was pushed holds the cap share left
+    caps = r["cap_shares"]
+    assert caps["licenses"] < r["mixture_before"]["licenses"] and r["search_space"] == "PolytopeSimplex"
+    assert all(r["weights"][d] <= caps[d] + 1e-9 for d in caps)
+    assert r["weights"]["bible"] == pytest.approx(r["weights"]["python"])  # the rest keeps its ratios
+    import pyarrow.parquet as pq
+    for t in pq.read_table(os.path.join(summary["run_dir"], "rounds", "round_0_trials.parquet")).to_pylist():
+        assert t["mix_licenses"] <= caps["licenses"] + 1e-6  # every candidate the searcher proposed, too
 
 
 def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
-    """The fidelity truth for a = stay, run from the round's checkpoint, is the loss the main run
-    itself reached at the end (optimizer, schedule, sampler and caps all carried)."""
+    """The fidelity truth for a = stay (the current mixture held to its caps, as the run pushed it), run
+    from the round's checkpoint, is the loss the main run itself reached at the end (optimizer,
+    schedule, sampler and caps all carried)."""
     from opmix_ray.continuation import continue_main_run
     from opmix_ray.data.shards import build_shards
     from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
@@ -126,9 +135,9 @@ def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
         h = json.load(f)
     total, bounds = steps_and_boundaries(cfg)
     truth = continue_main_run(cfg, build_shards(cfg), checkpoint_path(summary["run_dir"], 0),
-                              h["rounds"][0]["mixture_before"], total - bounds[0], threads=int(cfg.main.cpus_per_worker))
+                              h["rounds"][0]["weights"], total - bounds[0], threads=int(cfg.main.cpus_per_worker))
     for d, v in h["final"]["val_loss"].items():
         assert truth["val_loss"][d] == pytest.approx(v, abs=1e-5), d
     other = continue_main_run(cfg, build_shards(cfg), checkpoint_path(summary["run_dir"], 0),
-                              h["rounds"][0]["mixture_before"], total - bounds[0], truth_seed=1, threads=1)
+                              h["rounds"][0]["weights"], total - bounds[0], truth_seed=1, threads=1)
     assert other["val_loss"] != truth["val_loss"]  # a second truth seed is another data order
