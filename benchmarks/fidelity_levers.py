@@ -54,9 +54,10 @@ VARIANTS = {
     "matched, c auto": _with(M, "search", delta_scale="auto"),
     "matched, 60 adapter steps": _with(M, "adapters", steps=60),
     "matched, all 8192 eval tokens": _with(M, "search", eval_tokens_per_domain=8192),
+    "raw, 60 adapter steps": _with(RAW, "adapters", steps=60),
 }
 QUICK = ["v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)", "shared init, 2x current lr, wd .01, c 1, raw",
-         "same, norm-matched merge", "matched, per-adapter init", "matched, c = token ratio", "matched, c auto"]
+         "same, norm-matched merge", "matched, c = token ratio", "matched, 60 adapter steps", "raw, 60 adapter steps"]
 
 
 def adapter_key(ov: dict) -> str:
@@ -105,13 +106,42 @@ def _search_overrides(run_dir: Path, overrides: dict) -> dict:
     return {"search": s, "adapters": overrides.get("adapters", {})}
 
 
+def table(paths: list[str]) -> str:
+    """Markdown: one row per variant, per objective Spearman and regret by seed."""
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]]
+    seeds = sorted({r["seed"] for r in rows})
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    get = {(r["variant"], r["seed"], r["objective"]): r for r in rows}
+    head = ["proxy variant"] + [f"{o} Spearman / regret, seed {s}" for o in ("mean", "target") for s in seeds]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda r: "-" if r is None else f"{r['proxy_spearman']:+.2f} / {r['proxy_regret']:.3f}"
+    for n in names:
+        out.append("| " + " | ".join([n] + [fmt(get.get((n, s, o))) for o in ("mean", "target") for s in seeds]) + " |")
+    for label, key in (("entropy of E(a) (no model)", ("entropy_spearman", "entropy_regret")),
+                       ("stay (no model)", (None, "stay_regret")), ("truth seed agreement (ceiling)",
+                                                                    ("truth_seed_agreement", None))):
+        cells = []
+        for o in ("mean", "target"):
+            for s in seeds:
+                r = next((r for r in rows if r["seed"] == s and r["objective"] == o), None)
+                sp = f"{r[key[0]]:+.2f}" if r and key[0] else ""
+                rg = f"{r[key[1]]:.3f}" if r and key[1] else ""
+                cells.append(" / ".join(x for x in (sp, rg) if x) or "-")
+        out.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_runs/levers")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--mixtures", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} variants: {QUICK}")
+    ap.add_argument("--table", nargs="+", metavar="LEVERS_JSON", help="print the markdown table of these files and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
