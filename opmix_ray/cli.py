@@ -209,7 +209,8 @@ def cmd_fidelity(args) -> int:
     for name, o in res["objectives"].items():
         p, e, agree = o["proxy"], o["entropy"], o["truth_seed_agreement"]
         sp = lambda c: f"{c['spearman']:+.3f}" if c and c["spearman"] is not None else "n/a"
-        print(f"{name:>10}: proxy Spearman {sp(p)} Pearson {p['pearson'] if p['pearson'] is None else round(p['pearson'], 3)}"
+        pe = "n/a" if p["pearson"] is None else f"{p['pearson']:+.3f}"
+        print(f"{name:>10}: proxy Spearman {sp(p)} Pearson {pe}"
               f" regret {p['regret']:.4f} | stay regret {o['stay']['regret']:.4f} | entropy Spearman {sp(e)} "
               f"regret {e['regret']:.4f} | truth seeds agree {sp(agree)}")
     for d, c in res["per_domain"].items():

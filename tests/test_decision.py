@@ -141,3 +141,19 @@ def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
     other = continue_main_run(cfg, build_shards(cfg), checkpoint_path(summary["run_dir"], 0),
                               h["rounds"][0]["weights"], total - bounds[0], truth_seed=1, threads=1)
     assert other["val_loss"] != truth["val_loss"]  # a second truth seed is another data order
+
+
+def test_fidelity_instrument_scores_stay_and_its_truth_is_the_run_itself(stay_run):
+    from opmix_ray.fidelity import run_fidelity
+    cfg, summary = stay_run
+    res = run_fidelity(summary["run_dir"], 0, n=3, truth_seeds=2)
+    labels = [c["label"] for c in res["candidates"]]
+    assert labels[:2] == ["stay", "leader"] and res["truth_seeds"] == 2
+    with open(os.path.join(summary["run_dir"], "history.json")) as f:
+        final = json.load(f)["final"]["val_loss"]
+    stay = res["candidates"][0]
+    assert all(stay["truth"][0][d] == pytest.approx(v, abs=1e-5) for d, v in final.items())
+    for name, o in res["objectives"].items():
+        assert o["proxy"]["regret"] >= 0 and o["stay"]["regret"] >= 0 and o["entropy"]["regret"] >= 0, name
+        assert o["truth_seed_agreement"] is not None
+    assert os.path.isfile(os.path.join(summary["run_dir"], "fidelity_round_0.json"))
