@@ -57,7 +57,7 @@ VARIANTS = {
     "raw, 60 adapter steps": _with(RAW, "adapters", steps=60),
 }
 QUICK = ["v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)", "shared init, 2x current lr, wd .01, c 1, raw",
-         "same, norm-matched merge", "matched, c = token ratio", "matched, 60 adapter steps", "raw, 60 adapter steps"]
+         "raw, 60 adapter steps"]
 
 
 def adapter_key(ov: dict) -> str:
