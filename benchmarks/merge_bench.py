@@ -23,6 +23,40 @@ from opmix_ray.bench_report import label, write_report  # noqa: E402
 from opmix_ray.storage import write_json  # noqa: E402
 
 
+def checks(result: dict) -> list[str]:
+    """The bars OP-Mix is held to, per seed: vs uniform (mean), the share of the oracle's target
+    headroom over uniform it captures, vs natural, and pushed shares against the caps left."""
+    by = {(label(r), r["seed"]): r for r in result["rows"]}
+    seeds = sorted({r["seed"] for r in result["rows"]})
+    oracle = result.get("oracle") or []
+    best_t = min((o["target_ppl"] for o in oracle), default=None)
+    out = []
+    for m in ("opmix", "opmix-v1"):
+        for s in seeds:
+            u, n = by.get(("uniform", s)), by.get(("natural", s))
+            om, ot = by.get((f"{m} (mean)", s)), by.get((f"{m} (target)", s))
+            if not (u and om and ot):
+                continue
+            line = (f"- {m} seed {s}: mean ppl {om['mean_ppl']:.2f} vs uniform {u['mean_ppl']:.2f} "
+                    f"({100 * (om['mean_ppl'] / u['mean_ppl'] - 1):+.2f}%), vs natural {n['mean_ppl']:.2f} "
+                    f"({100 * (om['mean_ppl'] / n['mean_ppl'] - 1):+.2f}%); target ppl {ot['target_ppl']:.2f} vs "
+                    f"uniform {u['target_ppl']:.2f} ({100 * (ot['target_ppl'] / u['target_ppl'] - 1):+.2f}%)")
+            if best_t is not None and s == oracle[0]["seed"]:
+                line += f", {100 * (u['target_ppl'] - ot['target_ppl']) / (u['target_ppl'] - best_t):.0f}% of the oracle's headroom"
+            out.append(line)
+    for r in result["rows"]:
+        if r["method"] != "opmix" or not r.get("run_dir") or "carried_from" in r:
+            continue
+        hist = json.loads((Path(r["run_dir"]) / "history.json").read_text())
+        for rec in hist["rounds"]:
+            caps = rec.get("cap_shares") or {}
+            over = {d: round(rec["weights"][d] - c, 4) for d, c in caps.items() if rec["weights"][d] > c + 1e-6}
+            d = rec.get("decision") or {}
+            out.append(f"- {label(r)} seed {r['seed']} round {rec['round']}: {'moved' if d.get('moved') else 'stayed'}"
+                       f" ({d.get('reason', '')}); pushed over a cap: {over or 'none'}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("new_out")
@@ -62,6 +96,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", merged)
     write_report(merged, out)
+    lines = checks(merged)
+    (out / "checks.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     print(f"identical in both runs: {', '.join(checked)}; carried {len(carried)} rows; wrote {out}")
     return 0
 

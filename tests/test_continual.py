@@ -28,7 +28,8 @@ def test_collapsed_plan_trains_only_affected_domains_plus_old():
     cfg = _tiny({"adapters": {"domains": ["python"]}})
     current = Mixture.from_dict({"bible": 0.5, "dictionary": 0.5, "python": 0.0})
     plan = dict(adapter_plan(current, cfg))
-    assert list(plan) == ["old", "python"]
+    assert list(plan) == ["old", "python", "old#2"]  # old#2: the replicate that measures adapter noise
+    assert plan["old#2"] == plan["old"]
     assert plan["old"] == current.as_dict()  # old = the frozen ratios of the untouched domains
     assert plan["python"]["python"] == pytest.approx(0.9)
     assert plan["python"]["bible"] == pytest.approx(0.05)

@@ -80,7 +80,7 @@ def test_adapters_are_peft_with_hashes(tiny_run):
     h = _history(summary)
     root = os.path.join(summary["run_dir"], "adapters_round_1", "adapters")
     names = sorted(os.listdir(root))
-    assert names == sorted(["old"] + h["meta"]["domains"])
+    assert names == sorted(["old", "old#2"] + h["meta"]["domains"])  # old#2: the adapter-noise replicate
     for n in names:
         meta = json.load(open(os.path.join(root, n, "opmix_meta.json")))
         assert meta["data_hash"] == h["meta"]["data_hash"] and meta["tokenizer_hash"] == h["meta"]["tokenizer_hash"]
