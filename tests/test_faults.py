@@ -167,7 +167,7 @@ def test_adapter_job_is_rerun_once_when_a_node_died_under_it(monkeypatch, tmp_pa
     current = Mixture.uniform(("bible", "dictionary"))
     calls = []
 
-    def fit(cfg, shards_ref, base, plan, k, run_dir):
+    def fit(cfg, shards_ref, base, plan, k, run_dir, lr):
         calls.append(k)
         (tmp_path / f"adapters_round_{k}").mkdir(exist_ok=True)
         if len(calls) == 1:
