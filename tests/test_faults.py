@@ -181,7 +181,7 @@ def test_adapter_job_is_rerun_once_when_a_node_died_under_it(monkeypatch, tmp_pa
     monkeypatch.setattr(adapters, "alive_nodes", lambda: {"head", "worker"})
     monkeypatch.setattr(adapters, "lost_since", lambda nodes: {"worker"})
     dirs = adapters.train_adapters(cfg, None, "base", current, 0, str(tmp_path))
-    assert calls == [0, 0] and set(dirs) == {"old", "bible", "dictionary"}
+    assert calls == [0, 0] and set(dirs) == {"old", "bible", "dictionary", "old#2"}
     monkeypatch.setattr(adapters, "lost_since", lambda nodes: set())  # no node lost: a real bug
     calls.clear()
     with pytest.raises(RuntimeError, match="an adapter worker died"):
