@@ -1,4 +1,4 @@
-"""FLOPs accounting (DESIGN.md): training 6NT, LoRA training ~4NT (no base-weight gradients),
+"""FLOPs accounting (the usual 6NT rule, Kaplan et al. 2020): training 6NT, LoRA training ~4NT (no base-weight gradients),
 evaluation 2NT, for N parameters and T tokens. Every report splits search from main-run compute."""
 from __future__ import annotations
 

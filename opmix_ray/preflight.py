@@ -1,4 +1,4 @@
-"""Checks a run's inputs before anything is written or Ray starts (issue 5: bad input).
+"""Checks a run's inputs before anything is written or Ray starts.
 
     run_dir, shards = preflight(cfg, overwrite)   # raises ConfigError / DataError / SearcherError
 

@@ -1,5 +1,5 @@
 """Bad input through the real CLI: one line on stderr naming the field and the fix, exit 2, no
-traceback, nothing written, and Ray never started (issue 5, item 5).
+traceback, nothing written, and Ray never started.
 
 Each case builds its inputs in a fresh tmp dir from a valid base (a tiny config on two small
 domains) and breaks one thing. The base itself is checked to pass validation, so no case can pass

@@ -1,4 +1,4 @@
-"""The baselines' formulas (DESIGN.md) and the benchmark's pieces, without Ray; one Tune run of
+"""The baselines' formulas (as their papers give them) and the benchmark's pieces, without Ray; one Tune run of
 fixed-mixture jobs; the whole tiny benchmark end to end is `slow`.
 
     pytest tests/test_baselines.py                 # ~30 s

@@ -60,7 +60,7 @@ def cluster(tmp_path_factory):
         yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env, "base": base,
                "worker_tmp": worker_tmp}
     finally:
-        # Not `ray stop`: it stops every Ray process of the user on the machine, other sessions'
+        # Not `ray stop`: it stops every Ray process of the user on the machine, other users'
         # too. Stop only this cluster's processes (found by their temp dirs), then remove the dirs.
         for t in reversed(started):
             _stop_node(t)

@@ -1,4 +1,4 @@
-"""Security habits (issue 5, item 6): nothing from storage is unpickled, YAML is safe_load'ed, and
+"""Security habits: nothing from storage is unpickled, YAML is safe_load'ed, and
 local mode keeps Ray on 127.0.0.1 with no dashboard."""
 import re
 from pathlib import Path

@@ -47,7 +47,7 @@ def cross_val_spearman(A: np.ndarray, y: np.ndarray, kind: str, folds: int = 5, 
 
 
 def simulate_mixtures(p: np.ndarray, upper: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n Dirichlet(p) draws (DESIGN.md) within the usage bounds; draws past a bound are dropped."""
+    """n Dirichlet(p) draws (RegMix, arXiv 2407.01492) within the usage bounds; draws past a bound are dropped."""
     W = rng.dirichlet(np.maximum(p, 1e-3), size=n)
     keep = W[np.all(W <= upper + 1e-12, axis=1)]
     return keep if len(keep) else W

@@ -4,7 +4,7 @@ Weights are over tokens: every draw is one window of seq_len + 1 tokens, so choo
 weight is choosing tokens by weight. Domains are picked by largest deficit (owed minus drawn
 tokens) rather than at random, so the draws track the weights to within two windows from the first
 batch on, and every batch holds every domain with weight >= 1 / batch_size (stratified sampling,
-which DESIGN's pilot found hard to beat). Within a domain, windows come from a seeded permutation
+which a pilot on the bundled domains found hard to beat). Within a domain, windows come from a seeded permutation
 with a fresh random offset each epoch.
 """
 from __future__ import annotations
