@@ -91,7 +91,7 @@ def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path, method: str = "op
         _say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
         s = run(c, overwrite=True)
         hist = read_json(Path(s["run_dir"]) / "history.json")
-        wall = sum(r["wall_s"]["adapters"] + r["wall_s"]["search"] for r in hist["rounds"])
+        wall = sum(sum(r["wall_s"].values()) for r in hist["rounds"])  # adapters, search, confirm
         rows.append({"method": method, "objective": name, "seed": seed, "mixture": s["final_mixture"],
                      "search_flops": s["search_flops"], "search_wall_s": wall, "main_flops": s["main_flops"],
                      "run_dir": s["run_dir"], "rounds": [r["weights"] for r in hist["rounds"]],

@@ -41,7 +41,12 @@ class DataSection(_Section):
     text_column: str = Field("text", description="Parquet column holding the documents (or token ids).")
     tokenizer: str | None = Field(None, description="tokenizer.json path; null = the bundled BPE.")
     seq_len: int = Field(128, gt=7, description="Tokens per training/eval sequence.")
-    val_tokens_per_domain: int = Field(8192, gt=0, description="Held-out tokens per domain.")
+    val_tokens_per_domain: int = Field(8192, gt=0, description="Held-out tokens per domain: what every "
+                                       "report (run, bench, fidelity) scores.")
+    selection_tokens_per_domain: int = Field(4096, ge=0, description="More held-out tokens per domain, apart "
+                                             "from val and train, that the search and the decision score "
+                                             "candidates on, so the windows that choose a mixture are not the "
+                                             "ones that report it; 0 = score candidates on val.")
     max_epochs: dict[str, float] = Field(default_factory=dict, description="Repetition caps: a domain "
                                          "is never drawn past available_tokens * max_epochs.")
     default_max_epochs: float = Field(8.0, gt=0, description="Cap for domains not in max_epochs.")
@@ -193,6 +198,9 @@ class DecisionSection(_Section):
     k: float = Field(2.0, ge=0, description="Standard errors the leader must beat stay by (safe rule).")
     max_l1_step: float | None = Field(None, gt=0, le=2, description="Trust region: only candidates whose "
                                       "mixture is within this L1 distance of the current one can lead; null = none.")
+    confirm: bool = Field(True, description="safe rule: before a move is pushed, train one more adapter on the "
+                          "leader's mixture and push only if it beats the 'old' adapter (trained on the current "
+                          "mixture) by k standard errors; costs one adapter training per move (confirm.py).")
     law_min_loo_spearman: float = Field(0.7, ge=-1, le=1, description="mixing-law searcher: its KL-regularised "
                                         "proposal leads when the law's leave-one-out Spearman on the trials "
                                         "reaches this; below it the best trial leads.")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import ray
 
-from opmix_ray.adapters import adapter_plan, train_adapters
+from opmix_ray.adapters import adapter_lr, adapter_plan, train_adapters
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
+from opmix_ray.confirm import confirm_move
 from opmix_ray.controller import MixtureController, controller_name
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.evaluate import mean_perplexity
@@ -146,6 +147,14 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
          f"candidates with {cfg.search.searcher}")
     out = run_search(cfg, cands, k, str(run_dir))
     decision = decide(cfg, cands, out, k)
+    confirmed = decision.moved and cfg.decision.rule == "safe" and cfg.decision.confirm and "old" in dirs
+    if confirmed:
+        _say(f"round {k}: {decision.reason}; confirming with an adapter trained on the leader's mixture")
+        merged_reason = decision.reason
+        decision.moved, decision.reason, decision.confirm = confirm_move(
+            cfg, shards_ref, info["path"], decision.leader_mixture, adapter_lr(cfg, info.get("lr")), k, dirs,
+            cands.objective_weights)
+        decision.confirm["merged_reason"] = merged_reason
     doms = current.domains
     pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
         if decision.moved else within_caps(cfg, shards, info, current)
@@ -155,9 +164,9 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
     for rel in (f"main/round_{k}", f"adapters_round_{k}/adapters", f"search_round_{k}"):
         store.upload_dir(rel)
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
-                      for v in shards.val.values())
+                      for v in shards.selection().values())
     flops = round_search_flops(info["n_params"], cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len,
-                               len(dirs), out.n_trials + cands.driver_evals, eval_tokens)
+                               len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed, eval_tokens)
     record = {"step": info["step"], "tokens": info["tokens"], "weights": pushed.as_dict(),
               "adapter_weights": out.weights, "objective": out.objective, "merged_val_loss": out.losses,
               "decision": decision.as_dict(), "delta_scale": cands.scale,
@@ -166,7 +175,9 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
               "base_val_loss": info["val_loss"], "drawn_before": info["drawn"],
               "mixture_before": info["mixture"], "n_trials": out.n_trials, "n_failed": out.n_failed,
               "flops": {"main_so_far": info["flops"], "adapters": flops["adapters"], "search": flops["trials"]},
-              "wall_s": {"adapters": t_adapters, "search": out.wall_s}, "searcher": cfg.search.searcher}
+              "wall_s": {"adapters": t_adapters, "search": out.wall_s,
+                         **({"confirm": decision.confirm["wall_s"]} if decision.confirm else {})},
+              "searcher": cfg.search.searcher}
     _say(f"round {k}: best objective {out.objective:.4f} after {out.n_trials} trials ({out.wall_s:.0f}s); "
          f"{decision.reason}; pushing {pushed}")
     return pushed, record

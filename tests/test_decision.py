@@ -157,3 +157,62 @@ def test_fidelity_instrument_scores_stay_and_its_truth_is_the_run_itself(stay_ru
         assert o["proxy"]["regret"] >= 0 and o["stay"]["regret"] >= 0 and o["entropy"]["regret"] >= 0, name
         assert o["truth_seed_agreement"] is not None
     assert os.path.isfile(os.path.join(summary["run_dir"], "fidelity_round_0.json"))
+
+
+def test_confirm_rule_needs_a_gain_beyond_eval_and_adapter_noise():
+    from opmix_ray.confirm import confirm_rule
+    rng = np.random.default_rng(3)
+    old, conf = _windows(rng, shift=-0.03)
+    rep = {d: v + 0.001 for d, v in old.items()}  # the adapters agree to 0.001: the gain is real
+    moved, reason, fig = confirm_rule({"old": old, "confirm": conf, "old#2": rep}, W, k=2.0)
+    assert moved and reason.startswith("confirmed") and fig["gain"] == pytest.approx(0.03, abs=0.01)
+    rep = {d: v + 0.05 for d, v in old.items()}  # two 'old' adapters differ by more than the gain
+    moved, reason, fig = confirm_rule({"old": old, "confirm": conf, "old#2": rep}, W, k=2.0)
+    assert not moved and "keeping the current mixture" in reason and fig["se_adapter"] > fig["gain"]
+
+
+def test_the_confirmation_adapter_is_the_old_adapter_but_for_its_mixture(stay_run):
+    """Trained on the current mixture, the confirmation adapter is the 'old' adapter again (same init,
+    data seed, lr and steps), so it confirms nothing; on another mixture it is another model."""
+    from opmix_ray.adapters import adapter_lr
+    from opmix_ray.confirm import confirm_rule, confirm_windows
+    from opmix_ray.data.shards import build_shards
+    from opmix_ray.main_run import checkpoint_path
+    cfg, summary = stay_run
+    run_dir = summary["run_dir"]
+    with open(os.path.join(run_dir, "history.json")) as f:
+        r = json.load(f)["rounds"][0]
+    adir = os.path.join(run_dir, "adapters_round_0", "adapters")
+    dirs = {n: os.path.join(adir, n) for n in os.listdir(adir)}
+    with open(os.path.join(checkpoint_path(run_dir, 0), "train_state.json")) as f:
+        lr = adapter_lr(cfg, json.load(f)["info"].get("lr"))
+    shards, base = build_shards(cfg), checkpoint_path(run_dir, 0)
+    same = confirm_windows(cfg, shards, base, r["mixture_before"], lr, 0, dirs, cpus=1)
+    for d in same["old"]:
+        np.testing.assert_allclose(same["confirm"][d], same["old"][d], atol=1e-4)
+    moved, _, fig = confirm_rule(same, {d: 1.0 for d in shards.domains}, k=2.0)
+    assert not moved and abs(fig["gain"]) < 1e-4 and fig["se_adapter"] > 0
+    other = confirm_windows(cfg, shards, base, {d: float(d == "python") for d in shards.domains}, lr, 0, dirs, cpus=1)
+    assert other["drawn"]["python"] == pytest.approx(1.0)
+    assert other["confirm"]["python"].mean() < same["confirm"]["python"].mean()  # it learnt python
+
+
+def test_a_move_is_confirmed_or_refused_by_real_training_before_it_is_pushed(tmp_path):
+    """k = 0 and an objective of python alone: a python-heavier leader beats stay, so the round goes to
+    the confirmation adapter; what is pushed is the leader only when the confirmation says so, and its
+    cost is on the record."""
+    from opmix_ray.engine import run
+    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
+                      {"run": {"storage_path": str(tmp_path), "name": "confirm"}, "rounds": {"num_rounds": 1},
+                       "search": {"num_samples": 4, "searcher": "random", "objective_weights": {"python": 1.0}},
+                       "decision": {"k": 0.0}})
+    summary = run(cfg)
+    ray.shutdown()
+    with open(os.path.join(summary["run_dir"], "history.json")) as f:
+        r = json.load(f)["rounds"][0]
+    d = r["decision"]
+    c = d["confirm"]
+    assert c is not None and c["se_adapter"] is not None and c["wall_s"] > 0 and r["wall_s"]["confirm"] > 0
+    assert d["moved"] == (c["gain"] > 0) and d["reason"].startswith("confirmed" if d["moved"] else "not confirmed")
+    pushed = d["leader_mixture"] if d["moved"] else r["mixture_before"]
+    assert all(r["weights"][k] == pytest.approx(v, abs=1e-6) for k, v in pushed.items())
