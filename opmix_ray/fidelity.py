@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from opmix_ray.config import ConfigError, load_config
+from opmix_ray.config import ConfigError
 from opmix_ray.evaluate import objective
 from opmix_ray.storage import read_json, write_json
 
@@ -84,7 +84,8 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     if not (run_dir / "history.json").is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no history.json (fix: pass the dir of a "
                           "finished OP-Mix run, e.g. opmix_runs/demo)")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    from opmix_ray.resume import load_run_config_only
+    cfg = load_run_config_only(run_dir, overrides)
     hist = read_json(run_dir / "history.json")
     if round_idx >= len(hist.get("rounds", [])):
         raise ConfigError(f"config error at --round: {run_dir} has {len(hist.get('rounds', []))} rounds "

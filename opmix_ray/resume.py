@@ -60,21 +60,26 @@ def load_run_config(run_dir: Path, need_history: bool = True) -> tuple[Config, d
     return _repointed(raw, run_dir), history
 
 
-def load_run_config_only(run_dir: Path) -> Config:
+def load_run_config_only(run_dir: Path, overrides: dict | None = None) -> Config:
+    """A run dir's own config (repointed at where the dir is now), plus `overrides`."""
     try:
         raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise _bad(run_dir, f"has no readable config.yaml ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise _bad(run_dir, "has a config.yaml opmix-ray did not write")
-    return _repointed(raw, run_dir)
+    return _repointed(raw, run_dir, overrides)
 
 
-def _repointed(raw: dict, run_dir: Path) -> Config:
+def _repointed(raw: dict, run_dir: Path, overrides: dict | None = None) -> Config:
     run = raw.setdefault("run", {})
+    # A run written before selection windows existed scored its candidates on val; its saved config
+    # has no such field, and today's default would split its data differently (another data hash).
+    if isinstance(raw.get("data"), dict) and "selection_tokens_per_domain" not in raw["data"]:
+        raw["data"]["selection_tokens_per_domain"] = 0
     if not is_uri(run.get("storage_path", "")):  # a URI run resumes from its local staging dir
         run["storage_path"], run["name"] = str(run_dir.parent), run_dir.name
-    return load_config(raw)
+    return load_config(raw, overrides)
 
 
 def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:

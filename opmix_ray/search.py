@@ -73,7 +73,7 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     stacked = stack_deltas([load_lora_delta(adapter_dirs[c]) for c in coords + extra])
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     space = search_space(cfg, coords, current, shards, info)
-    cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.val, current,
+    cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.selection(), current,
                        objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra)
     adapter_tokens = cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len
     scale = delta_scale(cfg, cands, model, segment_tokens / adapter_tokens if segment_tokens else None)

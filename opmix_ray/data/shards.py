@@ -33,7 +33,7 @@ class DataError(ValueError):
 class TokenShards:
     domains: tuple[str, ...]
     train: dict[str, np.ndarray]
-    val: dict[str, np.ndarray]  # [n_seq, seq_len + 1] per domain
+    val: dict[str, np.ndarray]  # [n_seq, seq_len + 1] per domain: what every report scores
     seq_len: int
     vocab_size: int
     eos_id: int
@@ -42,6 +42,13 @@ class TokenShards:
     source_hashes: dict[str, str] = field(default_factory=dict)
     eval_only: tuple[str, ...] = ()  # held-out target domains: in `val`, never in `train` or a mixture
     retired: dict[str, np.ndarray] = field(default_factory=dict)  # train tokens of domains removed live
+    # Windows the search and the decision score on (data.selection_tokens_per_domain), apart from val
+    # and train, so the windows that choose a mixture are not the ones that report it.
+    select: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def selection(self) -> dict[str, np.ndarray]:
+        """The selection windows per domain; a domain without its own (selection off) falls back to val."""
+        return {d: self.select.get(d, v) for d, v in self.val.items()}
 
     def train_tokens(self) -> dict[str, int]:
         return {d: int(len(self.train[d])) for d in self.domains}
@@ -136,17 +143,20 @@ def _read_docs(path: Path, column: str, tok: Tokenizer) -> list[np.ndarray]:
     return ids
 
 
-def _split(docs: list[np.ndarray], eos: int, need_val: int, rng: np.random.Generator):
-    order = rng.permutation(len(docs))
-    val, n = [], 0
-    for i, j in enumerate(order):
-        if n >= need_val:
-            break
-        val.append(docs[j])
-        n += len(docs[j]) + 1
-    train = [docs[j] for j in order[len(val):]]
+def _split(docs: list[np.ndarray], eos: int, need_val: int, need_sel: int, rng: np.random.Generator):
+    """(train, val, selection) token streams: whole documents in a seeded order, val first and then
+    selection, so turning selection on leaves val as it was and takes its documents from train."""
+    order = [docs[j] for j in rng.permutation(len(docs))]
+    parts, i = [], 0
+    for need in (need_val, need_sel):
+        part, n = [], 0
+        while n < need and i < len(order):
+            part.append(order[i])
+            n += len(order[i]) + 1
+            i += 1
+        parts.append(part)
     join = lambda ds: np.concatenate([np.append(d, eos) for d in ds]) if ds else np.zeros(0, np.int64)
-    return join(train), join(val)
+    return join(order[i:]), join(parts[0]), join(parts[1])
 
 
 def _open_tokenizer(cfg: Config, tok_path: Path) -> tuple[Tokenizer, str, int]:
@@ -159,36 +169,44 @@ def _open_tokenizer(cfg: Config, tok_path: Path) -> tuple[Tokenizer, str, int]:
 
 
 def _tokenize_domain(cfg: Config, name: str, path: Path, index: int, tok: Tokenizer, eos: int):
-    """(train ids, val windows [n, seq_len + 1], sha256 of the file) for one domain file."""
+    """(train ids, val windows [n, seq_len + 1], selection windows or None, sha256 of the file) for one
+    domain file."""
     seq = cfg.data.seq_len
     n_val_seq = max(1, cfg.data.val_tokens_per_domain // seq)
+    n_sel_seq = cfg.data.selection_tokens_per_domain // seq
     dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     docs = _read_docs(path, cfg.data.text_column, tok)
     rng = np.random.default_rng([cfg.run.seed, index])
-    tr, va = _split(docs, eos, n_val_seq * (seq + 1), rng)
-    if len(va) < n_val_seq * (seq + 1) or len(tr) < 4 * (seq + 1):
-        raise DataError(f"data.domains: domain '{name}' has {len(tr) + len(va)} tokens, too few for "
-                        f"{cfg.data.val_tokens_per_domain} val tokens plus training "
-                        "(fix: lower data.val_tokens_per_domain or add text)")
-    return tr.astype(dtype), va[: n_val_seq * (seq + 1)].reshape(n_val_seq, seq + 1).astype(dtype), sha
+    tr, va, se = _split(docs, eos, n_val_seq * (seq + 1), n_sel_seq * (seq + 1), rng)
+    if len(va) < n_val_seq * (seq + 1) or len(se) < n_sel_seq * (seq + 1) or len(tr) < 4 * (seq + 1):
+        raise DataError(f"data.domains: domain '{name}' has {len(tr) + len(va) + len(se)} tokens, too few for "
+                        f"{cfg.data.val_tokens_per_domain} val tokens, {cfg.data.selection_tokens_per_domain} "
+                        "selection tokens plus training (fix: lower data.val_tokens_per_domain or "
+                        "data.selection_tokens_per_domain, or add text)")
+    windows = lambda ids, n: ids[: n * (seq + 1)].reshape(n, seq + 1).astype(dtype)
+    return tr.astype(dtype), windows(va, n_val_seq), windows(se, n_sel_seq) if n_sel_seq else None, sha
 
 
 def build_shards(cfg: Config) -> TokenShards:
     """Tokenize every domain; deterministic given (data, tokenizer, seq_len, val size, seed)."""
     root, domains, tok_path = resolve_data_paths(cfg)
     tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
-    train, val, src = {}, {}, {}
+    train, val, sel, src = {}, {}, {}, {}
     for i, d in enumerate(domains + tuple(cfg.data.eval_only_domains)):
-        tr, val[d], src[d] = _tokenize_domain(cfg, d, root / f"{d}.parquet", i, tok, eos)
+        tr, val[d], se, src[d] = _tokenize_domain(cfg, d, root / f"{d}.parquet", i, tok, eos)
         if d in domains:
             train[d] = tr
+        if se is not None:
+            sel[d] = se
+    n_sel = cfg.data.selection_tokens_per_domain // cfg.data.seq_len
     data_hash = content_hash(domains, tok_hash, [src[d] for d in domains], cfg.data.seq_len,
                              cfg.data.val_tokens_per_domain, cfg.run.seed, cfg.data.text_column,
                              *(["eval_only", *cfg.data.eval_only_domains, *(src[d] for d in cfg.data.eval_only_domains)]
-                               if cfg.data.eval_only_domains else []))
+                               if cfg.data.eval_only_domains else []),
+                             *(["selection", n_sel] if n_sel else []))  # off: the hashes runs had before it
     return TokenShards(domains, train, val, cfg.data.seq_len, tok.get_vocab_size(), eos, tok_hash, data_hash, src,
-                       tuple(cfg.data.eval_only_domains))
+                       tuple(cfg.data.eval_only_domains), select=sel)
 
 
 def _run_tokenizer(cfg: Config, shards: TokenShards) -> tuple[Tokenizer, int]:
@@ -206,9 +224,10 @@ def with_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> Toke
         raise DataError(f"add-domain: the run already has a domain '{name}' (fix: pick another --name)")
     tok, eos = _run_tokenizer(cfg, shards)
     index = len(shards.domains) + len(shards.eval_only)
-    tr, va, sha = _tokenize_domain(cfg, name, Path(path), index, tok, eos)
+    tr, va, se, sha = _tokenize_domain(cfg, name, Path(path), index, tok, eos)
     return replace(shards, domains=(*shards.domains, name), train={**shards.train, name: tr},
                    val={**shards.val, name: va}, source_hashes={**shards.source_hashes, name: sha},
+                   select={**shards.select, **({name: se} if se is not None else {})},
                    data_hash=content_hash(shards.data_hash, "added", name, sha))
 
 
@@ -221,8 +240,10 @@ def revised_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> T
     """`shards` with domain `name`'s data replaced by `path` (train and held-out val both new)."""
     _known(shards, name, "revise-domain")
     tok, eos = _run_tokenizer(cfg, shards)
-    tr, va, sha = _tokenize_domain(cfg, name, Path(path), shards.domains.index(name), tok, eos)
+    tr, va, se, sha = _tokenize_domain(cfg, name, Path(path), shards.domains.index(name), tok, eos)
+    select = {d: v for d, v in shards.select.items() if d != name}
     return replace(shards, train={**shards.train, name: tr}, val={**shards.val, name: va},
+                   select={**select, **({name: se} if se is not None else {})},
                    source_hashes={**shards.source_hashes, name: sha},
                    data_hash=content_hash(shards.data_hash, "revised", name, sha))
 
@@ -242,4 +263,5 @@ def without_domain(shards: TokenShards, name: str) -> TokenShards:
 def shard_manifest(sh: TokenShards) -> dict:
     return {"domains": list(sh.domains), "data_hash": sh.data_hash, "tokenizer_hash": sh.tokenizer_hash,
             "seq_len": sh.seq_len, "vocab_size": sh.vocab_size, "train_tokens": sh.train_tokens(),
-            "val_tokens": sh.val_tokens(), "source_sha256": sh.source_hashes, "eval_only": list(sh.eval_only)}
+            "val_tokens": sh.val_tokens(),
+            "selection_tokens": {d: int(v.shape[0] * sh.seq_len) for d, v in sh.select.items()}, "source_sha256": sh.source_hashes, "eval_only": list(sh.eval_only)}
