@@ -26,6 +26,7 @@ from opmix_ray.config import load_config  # noqa: E402
 from opmix_ray.data.shards import build_shards  # noqa: E402
 from opmix_ray.fidelity import run_fidelity  # noqa: E402
 from opmix_ray.mixture import Mixture  # noqa: E402
+from opmix_ray.resume import load_run_config_only  # noqa: E402
 from opmix_ray.storage import read_json, write_json  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "opmix_ray" / "configs" / "bench.yaml"
@@ -78,7 +79,7 @@ def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
     """The round-0 adapters with the variant's adapter settings, trained here (2 threads)."""
     import torch
     torch.set_num_threads(2)
-    cfg = load_config(run_dir / "config.yaml", {"adapters": overrides.get("adapters", {})})
+    cfg = load_run_config_only(run_dir, {"adapters": overrides.get("adapters", {})})
     hist = read_json(run_dir / "history.json")
     shards = build_shards(cfg)
     ckpt = str(run_dir / "main" / "round_0")
@@ -96,10 +97,43 @@ def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
     return dirs
 
 
+MIXTURE_ADAPTER = "no merge: one adapter trained on each candidate's mixture"
+
+
+def mixture_adapter_fidelity(run_dir: Path, truth_file: Path, dest: Path) -> dict:
+    """The proxy a merge approximates: for each candidate, one LoRA adapter trained on its mixture E(a)
+    (the shipped adapter settings, the 'old' adapter's init and data seed, so candidates differ only in
+    their mixture), scored on the search's eval windows against the same truths."""
+    import torch
+    from opmix_ray.evaluate import domain_losses
+    from opmix_ray.fidelity import corr, scores
+    from opmix_ray.search import objective_weights
+    torch.set_num_threads(2)
+    cfg = load_run_config_only(run_dir, {"adapters": RAW["adapters"]})
+    shards = build_shards(cfg)
+    ckpt = str(run_dir / "main" / "round_0")
+    info = read_json(Path(ckpt) / "train_state.json")["info"]
+    prior = read_json(truth_file)
+    cands = []
+    for c in prior["candidates"]:
+        f = dest / f"{c['label']}.json"
+        if not f.is_file():
+            out = train_one(cfg, shards, ckpt, "old", c["mixture"], adapter_seeds(cfg, 0, "old"),
+                            adapter_lr(cfg, info.get("lr")))
+            write_json(f, domain_losses(out["model"], shards.selection(), max_tokens=cfg.search.eval_tokens_per_domain))
+        cands.append({**c, "proxy": read_json(f)})
+    objs = {"configured": objective_weights(cfg, shards), "mean": {d: 1.0 for d in shards.domains}}
+    if shards.eval_only:
+        objs["target"] = {d: 1.0 for d in shards.eval_only}
+    return {"delta_scale": 1.0, "objectives": {n: scores(cands, "proxy", w) for n, w in objs.items()},
+            "per_domain": {d: corr([c["proxy"][d] for c in cands], [c["truth_mean"][d] for c in cands])
+                           for d in shards.val}}
+
+
 def _search_overrides(run_dir: Path, overrides: dict) -> dict:
     s = dict(overrides.get("search", {}))
     if s.get("delta_scale") == "ratio":  # the plain token ratio, no guard
-        cfg = load_config(run_dir / "config.yaml", {"adapters": overrides.get("adapters", {})})
+        cfg = load_run_config_only(run_dir, {"adapters": overrides.get("adapters", {})})
         from opmix_ray.main_run import steps_and_boundaries
         _, b = steps_and_boundaries(cfg)
         s["delta_scale"] = (b[1] - b[0]) * cfg.main.batch_size / (cfg.adapters.steps * cfg.adapters.batch_size)
@@ -137,6 +171,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--mixtures", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} variants: {QUICK}")
+    ap.add_argument("--mixture-adapters", action="store_true",
+                    help=f"also score the no-merge reference ({MIXTURE_ADAPTER}); 16 adapter trainings per seed")
+    ap.add_argument("--only-mixture-adapters", action="store_true", help="score only the no-merge reference")
     ap.add_argument("--table", nargs="+", metavar="LEVERS_JSON", help="print the markdown table of these files and exit")
     args = ap.parse_args()
     if args.table:
@@ -150,13 +187,17 @@ def main() -> int:
         truth_file = run_dir / "fidelity_round_0.json"
         if not truth_file.is_file():
             run_fidelity(run_dir, 0, args.mixtures, truth_seeds=2)
-        for name, ov in VARIANTS.items():
-            if args.quick and name not in QUICK:
-                continue
-            dest = out / "adapters" / f"s{seed}" / adapter_key(ov)
-            dirs = train_variant(run_dir, ov, dest)
-            res = run_fidelity(run_dir, 0, truths_from=truth_file, overrides=_search_overrides(run_dir, ov),
-                               adapter_dirs=dirs, write=False)
+        todo = [] if args.only_mixture_adapters else [n for n in VARIANTS if not args.quick or n in QUICK]
+        if args.mixture_adapters or args.only_mixture_adapters:
+            todo.append(MIXTURE_ADAPTER)
+        for name in todo:
+            if name == MIXTURE_ADAPTER:
+                res = mixture_adapter_fidelity(run_dir, truth_file, out / "adapters" / f"s{seed}" / "per_candidate")
+            else:
+                ov = VARIANTS[name]
+                dirs = train_variant(run_dir, ov, out / "adapters" / f"s{seed}" / adapter_key(ov))
+                res = run_fidelity(run_dir, 0, truths_from=truth_file, overrides=_search_overrides(run_dir, ov),
+                                   adapter_dirs=dirs, write=False)
             for obj, o in res["objectives"].items():
                 rows.append({"variant": name, "seed": seed, "objective": obj, "delta_scale": res["delta_scale"],
                              **{f"proxy_{k}": v for k, v in o["proxy"].items()}, "stay_regret": o["stay"]["regret"],
