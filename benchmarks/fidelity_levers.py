@@ -26,7 +26,7 @@ from opmix_ray.config import load_config  # noqa: E402
 from opmix_ray.data.shards import build_shards  # noqa: E402
 from opmix_ray.fidelity import run_fidelity  # noqa: E402
 from opmix_ray.mixture import Mixture  # noqa: E402
-from opmix_ray.resume import load_run_config_only  # noqa: E402
+from opmix_ray.run_config import load_run_config_only  # noqa: E402
 from opmix_ray.storage import read_json, write_json  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "opmix_ray" / "configs" / "bench.yaml"

@@ -24,7 +24,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import yaml
+from opmix_ray.config import parse_overrides
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 3  # a Ray node died; `opmix-ray resume RUN_DIR` continues (faults.py)
@@ -44,34 +44,6 @@ def _bad_input_errors() -> tuple[type, ...]:
     return ConfigError, DataError, MixtureError, AdapterError, SearcherError, FileNotFoundError
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """--set a.b=value pairs -> nested dict (values parsed as YAML scalars)."""
-    out: dict = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            from opmix_ray.config import ConfigError
-            raise ConfigError(f"config error at --set {pair}: expected key=value (fix: e.g. --set main.lr=0.001)")
-        parts = key.strip().split(".")
-        if not all(parts):
-            from opmix_ray.config import ConfigError
-            raise ConfigError(f"config error at --set {pair}: '{key}' is not a dotted field name "
-                              "(fix: e.g. --set search.num_samples=32)")
-        node = out
-        *parents, leaf = parts
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                from opmix_ray.config import ConfigError
-                raise ConfigError(f"config error at --set {pair}: '{p}' is set twice, once as a value "
-                                  "(fix: set the section's fields one by one)")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            from opmix_ray.config import ConfigError
-            raise ConfigError(f"config error at --set {pair}: '{value}' is not a YAML value "
-                              "(fix: quote it, e.g. --set run.name='\"x\"')") from None
-    return out
 
 
 def _load(path: str, over: dict):
@@ -103,7 +75,7 @@ def _print_run(summary: dict, baseline: dict | None = None) -> None:
 
 
 def cmd_run(args) -> int:
-    over = _overrides(args.set)
+    over = parse_overrides(args.set)
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
@@ -157,7 +129,7 @@ def cmd_demo(args) -> int:
     from opmix_ray.config import load_config
     from opmix_ray.engine import run
     path = resources.files("opmix_ray") / "configs" / "demo.yaml"
-    over = _overrides(args.set)
+    over = parse_overrides(args.set)
     if args.storage_path:
         over.setdefault("run", {})["storage_path"] = args.storage_path
     cfg = load_config(Path(str(path)), over)
@@ -193,7 +165,7 @@ def cmd_results(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    cfg = _load(args.config, _overrides(args.set))
+    cfg = _load(args.config, parse_overrides(args.set))
     from opmix_ray.bench import run_bench
     result = run_bench(cfg, args.out, overwrite=args.overwrite)
     from opmix_ray.bench_report import markdown
@@ -222,7 +194,7 @@ def cmd_fidelity(args) -> int:
 
 
 def cmd_continual(args) -> int:
-    cfg = _load(args.config, _overrides(args.set))
+    cfg = _load(args.config, parse_overrides(args.set))
     from opmix_ray.continual import run_continual
     result = run_continual(cfg, args.out, overwrite=args.overwrite)
     from opmix_ray.continual import markdown

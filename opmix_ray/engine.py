@@ -22,6 +22,7 @@ from opmix_ray.adapters import adapter_lr, adapter_plan, train_adapters
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.confirm import confirm_move
+from opmix_ray.console import say as _say
 from opmix_ray.controller import MixtureController, controller_name
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.evaluate import mean_perplexity
@@ -32,10 +33,6 @@ from opmix_ray.mixture import Mixture
 from opmix_ray.preflight import preflight
 from opmix_ray.search import build_candidates, cap_shares, decide, run_search, within_caps
 from opmix_ray.storage import RunStore, is_uri
-
-
-def _say(msg: str) -> None:
-    print(f"[opmix {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def init_ray(cfg: Config) -> None:

@@ -84,7 +84,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     if not (run_dir / "history.json").is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no history.json (fix: pass the dir of a "
                           "finished OP-Mix run, e.g. opmix_runs/demo)")
-    from opmix_ray.resume import load_run_config_only
+    from opmix_ray.run_config import load_run_config_only
     cfg = load_run_config_only(run_dir, overrides)
     hist = read_json(run_dir / "history.json")
     if round_idx >= len(hist.get("rounds", [])):

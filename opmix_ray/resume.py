@@ -26,60 +26,12 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-
-from opmix_ray.config import Config, ConfigError, load_config
+from opmix_ray.config import Config, ConfigError
 from opmix_ray.live import replay_changes
 from opmix_ray.main_run import STATE_JSON, checkpoint_path
 from opmix_ray.mixture import Mixture
+from opmix_ray.run_config import bad_run_dir, load_run_config
 from opmix_ray.storage import RunStore, fetch_run, is_uri, read_json, redact
-
-
-def _bad(run_dir: Path, why: str) -> ConfigError:
-    return ConfigError(f"config error at RUN_DIR: {run_dir} {why} (fix: pass a run dir that `opmix-ray run` "
-                       "wrote, e.g. opmix_runs/NAME)")
-
-
-def load_run_config(run_dir: Path, need_history: bool = True) -> tuple[Config, dict]:
-    """The run's own config (re-pointed at run_dir, which may have moved) and its history (a live
-    run has none before its first push: need_history=False gives {"rounds": []} then)."""
-    if not run_dir.is_dir():
-        raise _bad(run_dir, "is not a directory")
-    if not need_history and not (run_dir / "history.json").is_file():
-        return load_run_config_only(run_dir), {"rounds": []}
-    missing = [f for f in ("config.yaml", "history.json") if not (run_dir / f).is_file()]
-    if missing:
-        raise _bad(run_dir, f"is not an opmix-ray run dir (no {' or '.join(missing)})")
-    try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        history = read_json(run_dir / "history.json")
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise _bad(run_dir, f"has an unreadable config.yaml or history.json ({type(exc).__name__})") from None
-    if not isinstance(raw, dict) or not isinstance(history, dict) or "rounds" not in history:
-        raise _bad(run_dir, "has a config.yaml or history.json opmix-ray did not write")
-    return _repointed(raw, run_dir), history
-
-
-def load_run_config_only(run_dir: Path, overrides: dict | None = None) -> Config:
-    """A run dir's own config (repointed at where the dir is now), plus `overrides`."""
-    try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise _bad(run_dir, f"has no readable config.yaml ({type(exc).__name__})") from None
-    if not isinstance(raw, dict):
-        raise _bad(run_dir, "has a config.yaml opmix-ray did not write")
-    return _repointed(raw, run_dir, overrides)
-
-
-def _repointed(raw: dict, run_dir: Path, overrides: dict | None = None) -> Config:
-    run = raw.setdefault("run", {})
-    # A run written before selection windows existed scored its candidates on val; its saved config
-    # has no such field, and today's default would split its data differently (another data hash).
-    if isinstance(raw.get("data"), dict) and "selection_tokens_per_domain" not in raw["data"]:
-        raw["data"]["selection_tokens_per_domain"] = 0
-    if not is_uri(run.get("storage_path", "")):  # a URI run resumes from its local staging dir
-        run["storage_path"], run["name"] = str(run_dir.parent), run_dir.name
-    return load_config(raw, overrides)
 
 
 def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
@@ -92,7 +44,7 @@ def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
     if last >= 0 and ok(last):
         return {"round": last, "weights": pushed[last]["weights"]}
     if last >= 0:
-        raise _bad(run_dir, f"has no resumable checkpoint main/round_{last} ({STATE_JSON} missing: written "
+        raise bad_run_dir(run_dir, f"has no resumable checkpoint main/round_{last} ({STATE_JSON} missing: written "
                             "by an opmix-ray without resume support?)")
     return None
 
@@ -117,7 +69,8 @@ def resume(run_dir: str | Path) -> dict:
     """Continue the run in run_dir (a local dir, or a URI run's s3://.../NAME) to its end; return
     its summary (see the module docstring)."""
     from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine import _say, drive, finish, init_ray
+    from opmix_ray.console import say as _say
+    from opmix_ray.engine import drive, finish, init_ray
     from opmix_ray.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
     t_start = time.time()
     if is_uri(run_dir):  # the run's bucket copy: resume in its staging dir, mirroring to the bucket

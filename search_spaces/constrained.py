@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search_spaces.simplex import SimplexSpace
+from search_spaces.simplex import SimplexSpace, project_to_box_simplex
 
 _TOL = 1e-9
 
@@ -163,16 +163,9 @@ class ConstrainedSimplex:
                     and np.all(w >= self.lower - tol) and np.all(w <= self.upper + tol))
 
     def project(self, w) -> np.ndarray:
-        """The nearest feasible point (Euclidean) to any w: clip(w + tau, lower, upper) with tau by
-        bisection so it sums to 1. Used to make a warm start or a proposal feasible."""
-        w = np.nan_to_num(np.asarray(w, dtype=np.float64), nan=0.0)
-        lo, hi = -1.0 - np.abs(w).max() - 1, 1.0 + np.abs(w).max() + 1
-        for _ in range(200):
-            tau = 0.5 * (lo + hi)
-            s = np.clip(w + tau, self.lower, self.upper).sum()
-            lo, hi = (tau, hi) if s < 1 else (lo, tau)
-        out = np.clip(w + 0.5 * (lo + hi), self.lower, self.upper)
-        return out / out.sum()
+        """The nearest feasible point (Euclidean) to any w. Used to make a warm start or a proposal
+        feasible."""
+        return project_to_box_simplex(w, self.lower, self.upper)
 
     def bounds(self) -> dict[str, tuple[float, float]]:
         return {c: (round(float(lo), 6), round(float(hi), 6)) for c, lo, hi in zip(self.coords, self.lower, self.upper)}

@@ -95,5 +95,18 @@ class SimplexSpace:
 
     def project(self, w) -> np.ndarray:
         """Nearest point of the simplex (Euclidean), for proposals that drift off it numerically."""
-        from search_spaces.constrained import ConstrainedSimplex
-        return ConstrainedSimplex(self.coords).project(w)
+        k = len(self.coords)
+        return project_to_box_simplex(w, np.zeros(k), np.ones(k))
+
+
+def project_to_box_simplex(w, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """The nearest point (Euclidean) to any w with lower <= x <= upper and sum(x) = 1:
+    clip(w + tau, lower, upper), tau by bisection so that it sums to 1."""
+    w = np.nan_to_num(np.asarray(w, dtype=np.float64), nan=0.0)
+    lo, hi = -1.0 - np.abs(w).max() - 1, 1.0 + np.abs(w).max() + 1
+    for _ in range(200):
+        tau = 0.5 * (lo + hi)
+        s = np.clip(w + tau, lower, upper).sum()
+        lo, hi = (tau, hi) if s < 1 else (lo, tau)
+    out = np.clip(w + 0.5 * (lo + hi), lower, upper)
+    return out / out.sum()
