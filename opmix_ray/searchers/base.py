@@ -102,7 +102,7 @@ class MixtureSearcher(Searcher):
     def load_state(self, state: dict) -> None:
         pass
 
-    # --- helpers for subclasses ---
+    # --- for subclasses ---
     def rng(self, n: int) -> np.random.Generator:
         """A generator that depends only on (seed, n): draws survive save/restore unchanged."""
         return np.random.default_rng([self.seed & 0xFFFFFFFF, int(n)])
