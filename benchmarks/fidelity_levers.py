@@ -165,6 +165,28 @@ def table(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def pairs(fidelity_json: str, mixture_adapters_json: str) -> str:
+    """Markdown: per candidate and objective, its gain over stay (stay minus candidate; > 0 = better)
+    by the merged proxy, by the no-merge proxy and by the truth: what a check of the leader against
+    stay would have seen."""
+    fid, mix = json.loads(Path(fidelity_json).read_text()), json.loads(Path(mixture_adapters_json).read_text())
+    losses = mix["per_candidate_losses"]
+    train = [d for d in fid["candidates"][0]["mixture"]]
+    target = [d for d in fid["candidates"][0]["truth_mean"] if d not in train]
+    out = ["| candidate | " + " | ".join(f"{o}: merge / no merge / truth" for o in ("mean", "target")) + " |",
+           "|---|---|---|"]
+    stay = next(c for c in fid["candidates"] if c["label"] == "stay")
+    avg = lambda m, ds: sum(m[d] for d in ds) / len(ds)
+    for c in fid["candidates"]:
+        cells = []
+        for ds in (train, target):
+            g = [avg(stay["proxy"], ds) - avg(c["proxy"], ds), avg(losses["stay"], ds) - avg(losses[c["label"]], ds),
+                 avg(stay["truth_mean"], ds) - avg(c["truth_mean"], ds)]
+            cells.append(" / ".join(f"{x:+.3f}" for x in g))
+        out.append(f"| {c['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_runs/levers")
@@ -174,8 +196,13 @@ def main() -> int:
     ap.add_argument("--mixture-adapters", action="store_true",
                     help=f"also score the no-merge reference ({MIXTURE_ADAPTER}); 16 adapter trainings per seed")
     ap.add_argument("--only-mixture-adapters", action="store_true", help="score only the no-merge reference")
+    ap.add_argument("--pairs", nargs=2, metavar=("FIDELITY_JSON", "MIXTURE_ADAPTERS_JSON"),
+                    help="print every candidate's gain over stay by merge, no-merge proxy and truth, and exit")
     ap.add_argument("--table", nargs="+", metavar="LEVERS_JSON", help="print the markdown table of these files and exit")
     args = ap.parse_args()
+    if args.pairs:
+        print(pairs(*args.pairs))
+        return 0
     if args.table:
         print(table(args.table))
         return 0
