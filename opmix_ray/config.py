@@ -356,7 +356,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                    raise ConfigError(f"config error at --set {pair}: '{p}' is set twice, once as a value "
+                raise ConfigError(f"config error at --set {pair}: '{p}' is set twice, once as a value "
                                   "(fix: set the section's fields one by one)")
         try:
             node[leaf] = yaml.safe_load(value)

@@ -146,3 +146,11 @@ def test_bundled_configs_load(path):
 
 def test_there_are_bundled_configs():
     assert CONFIGS
+
+
+def test_the_config_reference_is_generated_from_the_models():
+    """docs/config.md is what `python -m opmix_ray.config_doc` writes: regenerate it after changing a field."""
+    from pathlib import Path
+    from opmix_ray.config_doc import reference
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == reference(), "docs/config.md is stale: python -m opmix_ray.config_doc > docs/config.md"
