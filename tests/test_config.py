@@ -154,3 +154,12 @@ def test_the_config_reference_is_generated_from_the_models():
     from opmix_ray.config_doc import reference
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == reference(), "docs/config.md is stale: python -m opmix_ray.config_doc > docs/config.md"
+
+
+def test_the_readme_config_is_a_valid_run():
+    import re
+    from pathlib import Path
+    from opmix_ray.config import load_config
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cfg = load_config(yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1)))
+    assert cfg.main.total_tokens // (cfg.main.batch_size * cfg.data.seq_len) == 400  # as the README says
