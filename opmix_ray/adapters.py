@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.faults import alive_nodes, lost_since
@@ -108,7 +109,7 @@ def adapter_loop(loop_cfg: dict) -> None:
             out = train_one(cfg, shards, loop_cfg["base_path"], name, weights, seeds, loop_cfg["lr"], device)
             out_dir = os.path.join(tmp, name)
             out.pop("model").save_pretrained(out_dir, safe_serialization=True)
-            write_json(os.path.join(out_dir, "opmix_meta.json"), {
+            write_json(os.path.join(out_dir, rundir.ADAPTER_META), {
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
                 "base_checkpoint": loop_cfg["base_path"], "data_hash": shards.data_hash,
                 "tokenizer_hash": shards.tokenizer_hash, "domains": list(shards.domains),
@@ -133,7 +134,7 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
                                      resources_per_worker={"CPU": 1}),
         # controller_failure_limit: Train's default retries a worker group that cannot start
         # forever, which after a node loss means a hang; one more try, then it is ours to handle.
-        run_config=RunConfig(storage_path=run_dir, name=f"adapters_round_{round_idx}",
+        run_config=RunConfig(storage_path=run_dir, name=rundir.adapters_job(round_idx),
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)),
     )
     return trainer.fit()
@@ -159,7 +160,7 @@ def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, ro
                 raise
         print(f"[opmix] round {round_idx}: node(s) {sorted(n[:12] for n in lost)} died under the adapter "
               "job; rerunning it on the nodes left", flush=True)
-        shutil.rmtree(os.path.join(run_dir, f"adapters_round_{round_idx}"), ignore_errors=True)
+        shutil.rmtree(os.path.join(run_dir, rundir.adapters_job(round_idx)), ignore_errors=True)
     root = result.checkpoint.path
     dirs = {name: os.path.join(root, name) for name, _ in plan}
     missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, "adapter_model.safetensors"))]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opmix_ray import rundir
 from opmix_ray.baselines import (
     OBJECTIVE_FREE,
     BaselineContext,
@@ -90,7 +91,7 @@ def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path, method: str = "op
         c.run.name, c.search.objective_weights = f"{method}-{name}-s{seed}", obj
         _say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
         s = run(c, overwrite=True)
-        hist = read_json(Path(s["run_dir"]) / "history.json")
+        hist = read_json(rundir.at(s["run_dir"], rundir.HISTORY))
         wall = sum(sum(r["wall_s"].values()) for r in hist["rounds"])  # adapters, search, confirm
         rows.append({"method": method, "objective": name, "seed": seed, "mixture": s["final_mixture"],
                      "search_flops": s["search_flops"], "search_wall_s": wall, "main_flops": s["main_flops"],

@@ -24,6 +24,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from opmix_ray import rundir
 from opmix_ray.config import parse_overrides
 
 EXIT_BAD_INPUT = 2
@@ -64,14 +65,14 @@ def _load(path: str, over: dict):
 def _print_run(summary: dict, baseline: dict | None = None) -> None:
     from opmix_ray.report import comparison_line, load_run, mixture_table, plot_history
     history, _ = load_run(summary["run_dir"])
-    png = plot_history(history, Path(summary["run_dir"]) / "mixture.png", baseline)
+    png = plot_history(history, rundir.at(summary["run_dir"], rundir.MIXTURE_PNG), baseline)
     print("\nmixture per round (token shares), tokens really drawn in the last segment, final val perplexity:")
     print(mixture_table(history, baseline))
     if baseline:
         print(comparison_line(summary, baseline))
     print(f"search FLOPs {summary['search_flops']:.3g} vs main-run FLOPs {summary['main_flops']:.3g}; "
           f"wall {summary['wall_s']:.0f}s")
-    print(f"plot: {png}\nhistory: {summary['run_dir']}/history.json (+ history.parquet)")
+    print(f"plot: {png}\nhistory: {summary['run_dir']}/{rundir.HISTORY} (+ {rundir.HISTORY_PARQUET})")
 
 
 def cmd_run(args) -> int:
@@ -91,7 +92,7 @@ def cmd_resume(args) -> int:
     from opmix_ray.resume import resume
     summary = resume(args.run_dir)
     if summary.get("already_finished"):
-        print(f"run {summary['run_dir']} had already finished (summary.json); nothing to resume")
+        print(f"run {summary['run_dir']} had already finished ({rundir.SUMMARY}); nothing to resume")
         return 0
     _print_run(summary)
     return 0
@@ -189,7 +190,7 @@ def cmd_fidelity(args) -> int:
         if c["spearman"] is not None:
             print(f"{d:>10}: Spearman {c['spearman']:+.3f}  Pearson {c['pearson']:+.3f}")
     print(f"{res['n']} candidates x {res['truth_seeds']} truth seeds, {res['truth_steps']} continuation steps each, "
-          f"{res['wall_s']:.0f}s; details in {res['run_dir']}/fidelity_round_{res['round']}.json")
+          f"{res['wall_s']:.0f}s; details in {res['run_dir']}/{rundir.fidelity(res['round'])}")
     return 0
 
 

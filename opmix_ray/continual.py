@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.storage import atomic_write_bytes, write_json
 
@@ -83,7 +84,7 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
     c.search.objective_weights = {d: 1.0 for d in seen}
     s = run(c, overwrite=True)
     return {"val_loss": s["final_val_loss"], "mixture": s["final_mixture"], "main_flops": s["main_flops"],
-            "search_flops": s["search_flops"], "ckpt": str(Path(s["run_dir"]) / "main" / "round_final"),
+            "search_flops": s["search_flops"], "ckpt": str(rundir.at(s["run_dir"], rundir.checkpoint(rundir.FINAL))),
             "wall_s": s["wall_s"]}
 
 

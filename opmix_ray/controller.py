@@ -14,6 +14,7 @@ import asyncio
 
 import ray
 
+from opmix_ray import rundir
 from opmix_ray.mixture import Mixture
 from opmix_ray.storage import RunStore
 
@@ -139,9 +140,9 @@ class MixtureController:
         return {"meta": self.meta, "rounds": self.history, "final": self.final}
 
     def _persist(self) -> None:
-        self.store.write_json("history.json", {"meta": self.meta, "rounds": self.history, "final": self.final})
+        self.store.write_json(rundir.HISTORY, {"meta": self.meta, "rounds": self.history, "final": self.final})
         rows = [flatten_record(r) for r in self.history]
         if self.final is not None:
             rows.append(flatten_record({"round": -1, **self.final}))  # -1 = end of run
         if rows:
-            self.store.write_parquet("history.parquet", rows)
+            self.store.write_parquet(rundir.HISTORY_PARQUET, rows)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from opmix_ray import rundir
 from opmix_ray.adapters import adapter_lr, adapter_plan, train_adapters
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
@@ -114,7 +115,7 @@ def _domain_changes(cfg: Config, ctl, k: int, shards, current: Mixture, store: R
     shards, current, round_cfg = arrive(cfg, store.local_dir, shards, current, changes)
     ref = ray.put(shards)
     ray.get(ctl.domains_changed.remote(k, current.as_dict(), [ref], changes))
-    store.write_json("data_manifest.json", shard_manifest(shards))
+    store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))
     what = ", ".join(f"{c['op']} {c['name']}" for c in changes)
     _say(f"round {k}: domain changes ({what}); " + (f"adapters for {round_cfg.adapters.domains} plus 'old' "
          "(the other domains, ratios frozen)" if round_cfg else "no new data: pushing the renormalised mixture"))
@@ -155,10 +156,10 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
     doms = current.domains
     pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
         if decision.moved else within_caps(cfg, shards, info, current)
-    store.write_parquet(f"rounds/round_{k}_trials.parquet", out.trials)
+    store.write_parquet(rundir.trials(k), out.trials)
     # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
     # later still leaves every finished round in the bucket.
-    for rel in (f"main/round_{k}", f"adapters_round_{k}/adapters", f"search_round_{k}"):
+    for rel in (rundir.checkpoint(k), rundir.adapter_root(k), rundir.search_job(k)):
         store.upload_dir(rel)
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
                       for v in shards.selection().values())
@@ -185,8 +186,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     t_start = time.time()
     run_dir, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, Ray not started
     store = _prepare_run_dir(cfg, run_dir, overwrite)
-    store.write_yaml("config.yaml", cfg.model_dump(mode="json"))
-    store.write_json("data_manifest.json", shard_manifest(shards))
+    store.write_yaml(rundir.CONFIG, cfg.model_dump(mode="json"))
+    store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))
     init_ray(cfg)
     staged = f" (staged in {run_dir})" if store.remote else ""
     _say(f"run '{cfg.run.name}' -> {store.location}{staged}; domains {list(shards.domains)}; "
@@ -255,10 +256,10 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
            unapplied: list[dict] | None = None) -> dict:
     """Write summary.json from the history of a run whose main run has ended; return it."""
     final = history["final"]
-    store.upload_dir("main/round_final")
+    store.upload_dir(rundir.checkpoint(rundir.FINAL))
     if store.remote:  # the plot goes to the bucket too (the CLI re-plots locally, with a baseline)
         from opmix_ray.report import plot_history
-        store.write_bytes("mixture.png", plot_history(history, store.local_dir / "mixture.png").read_bytes())
+        store.write_bytes(rundir.MIXTURE_PNG, plot_history(history, store.local_dir / rundir.MIXTURE_PNG).read_bytes())
     summary = {"run": cfg.run.name, "run_dir": str(store.local_dir), "baseline": cfg.run.baseline,
                "final_val_loss": final["val_loss"],
                "final_val_ppl_mean": mean_perplexity({d: final["val_loss"][d] for d in shards.domains}),
@@ -272,5 +273,5 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
         summary["unapplied_domain_changes"] = unapplied
     if store.remote:  # run_dir stays local (the staging dir): callers read and plot from it
         summary["run_uri"] = store.location
-    store.write_json("summary.json", summary)  # last: its presence means the run finished
+    store.write_json(rundir.SUMMARY, summary)  # last: its presence means the run finished
     return summary

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from opmix_ray import rundir
 from opmix_ray.config import ConfigError
 from opmix_ray.evaluate import objective
 from opmix_ray.storage import read_json, write_json
@@ -81,26 +82,26 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     from opmix_ray.mixture import Mixture
     from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score, within_caps
     run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / "history.json").is_file():
-        raise ConfigError(f"config error at RUN_DIR: {run_dir} has no history.json (fix: pass the dir of a "
+    if not (run_dir / rundir.HISTORY).is_file():
+        raise ConfigError(f"config error at RUN_DIR: {run_dir} has no {rundir.HISTORY} (fix: pass the dir of a "
                           "finished OP-Mix run, e.g. opmix_runs/demo)")
     from opmix_ray.run_config import load_run_config_only
     cfg = load_run_config_only(run_dir, overrides)
-    hist = read_json(run_dir / "history.json")
+    hist = read_json(run_dir / rundir.HISTORY)
     if round_idx >= len(hist.get("rounds", [])):
         raise ConfigError(f"config error at --round: {run_dir} has {len(hist.get('rounds', []))} rounds "
                           "(fix: pick an earlier round)")
     t0, rec = time.time(), hist["rounds"][round_idx]
     shards = build_shards(cfg)
     current = Mixture.from_dict(rec["mixture_before"], shards.domains)
-    adir = run_dir / f"adapters_round_{round_idx}" / "adapters"
+    adir = rundir.at(run_dir, rundir.adapter_root(round_idx))
     dirs = adapter_dirs or {p.name: str(p) for p in sorted(adir.iterdir()) if (p / "adapter_model.safetensors").is_file()}
     dirs = {c: dirs[c] for c in sorted(dirs, key=lambda c: (c != "old", c))}  # 'old' first, as the plan has it
     ckpt = checkpoint_path(str(run_dir), round_idx)
     total, bounds = steps_and_boundaries(cfg)
     start = bounds[round_idx]
     end = bounds[round_idx + 1] if round_idx + 1 < len(bounds) else total
-    info = read_json(Path(ckpt) / "train_state.json")["info"]
+    info = read_json(Path(ckpt) / rundir.STATE_JSON)["info"]
     cands = build_candidates(cfg, f"fidelity/{round_idx}/{time.time()}", ckpt, dirs, shards, current, info,
                              (end - start) * cfg.main.batch_size * shards.seq_len)
     if truths_from:
@@ -140,5 +141,5 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
                              for d in shards.val},
               "candidates": candidates, "wall_s": time.time() - t0}
     if write:
-        write_json(run_dir / f"fidelity_round_{round_idx}.json", result)
+        write_json(rundir.at(run_dir, rundir.fidelity(round_idx)), result)
     return result

@@ -27,11 +27,12 @@ import socket
 import tempfile
 from pathlib import Path
 
+from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.storage import atomic_write_bytes, read_json
 
-LIVE_FILE = "live.json"
-ADDED_DIR = "added_domains"
+LIVE_FILE = rundir.LIVE
+ADDED_DIR = rundir.ADDED_DOMAINS
 
 
 def write_live(run_dir: Path, controller: str) -> None:
@@ -84,7 +85,7 @@ def replay_changes(cfg: Config, run_dir: Path, shards, meta: dict):
 
 
 def _live_info(run_dir: Path) -> dict:
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / rundir.SUMMARY).is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has finished (fix: start a new run, or use "
                           "`opmix-ray continual` with a schedule)")
     if not (run_dir / LIVE_FILE).is_file():

@@ -20,6 +20,8 @@ import torch
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from opmix_ray import rundir
+from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 from opmix_ray.config import Config
 from opmix_ray.controller import controller_name
 from opmix_ray.data.sampler import MixtureSampler
@@ -30,8 +32,6 @@ from opmix_ray.model import build_model, load_checkpoint, n_params, pick_device,
 from opmix_ray.storage import atomic_write_bytes
 from opmix_ray.training import make_optimizer, train_step
 
-STATE_JSON = "train_state.json"  # written last, after the checkpoint dir is persisted: a resumable round
-STATE_TENSORS = "train_state.safetensors"
 
 
 def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[int]]:
@@ -45,7 +45,7 @@ def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[in
 
 
 def checkpoint_path(run_dir: str, round_idx: int | str) -> str:
-    return os.path.join(run_dir, "main", f"round_{round_idx}")
+    return os.path.join(run_dir, rundir.checkpoint(round_idx))
 
 
 def _report_checkpoint(model, name: str, metrics: dict, state: tuple[dict, dict] | None = None,
@@ -268,7 +268,7 @@ def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, num_w
                            "run_dir": run_dir, "namespace": namespace, "resume": resume},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": cfg.main.cpus_per_worker}),
-        run_config=RunConfig(storage_path=run_dir, name="main"),
+        run_config=RunConfig(storage_path=run_dir, name=rundir.MAIN),
     )
     # pinned to the driver's node: Train puts its controller where fit() is called (faults.py)
     return _fit.options(scheduling_strategy=on_driver_node()).remote(trainer)

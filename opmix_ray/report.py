@@ -7,20 +7,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from opmix_ray import rundir
 from opmix_ray.storage import atomic_write_bytes, is_file, join, read_json, redact
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
     """history.json and summary.json (None while running) of a run dir or a run's URI
     (s3://bucket/runs/demo, through pyarrow.fs)."""
-    hist, summ = join(run_dir, "history.json"), join(run_dir, "summary.json")
+    hist, summ = join(run_dir, rundir.HISTORY), join(run_dir, rundir.SUMMARY)
     try:
         found = is_file(hist)
     except (ValueError, OSError) as exc:  # a URI pyarrow cannot open or reach
         raise FileNotFoundError(f"cannot read {redact(str(run_dir), query=False)} ({str(exc).splitlines()[0][:200]}) "
                                 "(fix: check the URI, the credentials in the environment and the endpoint)") from None
     if not found:
-        raise FileNotFoundError(f"{redact(str(run_dir), query=False)} has no history.json (fix: pass the run dir "
+        raise FileNotFoundError(f"{redact(str(run_dir), query=False)} has no {rundir.HISTORY} (fix: pass the run dir "
                                 "<storage_path>/<run.name> of a finished or running run)")
     return read_json(hist), (read_json(summ) if is_file(summ) else None)
 

@@ -26,9 +26,10 @@ import shutil
 import time
 from pathlib import Path
 
+from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.live import replay_changes
-from opmix_ray.main_run import STATE_JSON, checkpoint_path
+from opmix_ray.main_run import checkpoint_path
 from opmix_ray.mixture import Mixture
 from opmix_ray.run_config import bad_run_dir, load_run_config
 from opmix_ray.storage import RunStore, fetch_run, is_uri, read_json, redact
@@ -37,14 +38,14 @@ from opmix_ray.storage import RunStore, fetch_run, is_uri, read_json, redact
 def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
     """{"round": k, "weights": pushed winner or None (redo round k)}, or None to start over."""
     pushed = {r["round"]: r for r in rounds}
-    ok = lambda k: (Path(checkpoint_path(str(run_dir), k)) / STATE_JSON).is_file()
+    ok = lambda k: (Path(checkpoint_path(str(run_dir), k)) / rundir.STATE_JSON).is_file()
     last = max(pushed, default=-1)
     if cfg.rounds.mode == "sync" and ok(last + 1):
         return {"round": last + 1, "weights": None}
     if last >= 0 and ok(last):
         return {"round": last, "weights": pushed[last]["weights"]}
     if last >= 0:
-        raise bad_run_dir(run_dir, f"has no resumable checkpoint main/round_{last} ({STATE_JSON} missing: written "
+        raise bad_run_dir(run_dir, f"has no resumable checkpoint {rundir.checkpoint(last)} ({rundir.STATE_JSON} missing: written "
                             "by an opmix-ray without resume support?)")
     return None
 
@@ -55,12 +56,12 @@ def _clear_after(run_dir: Path, point: dict | None, n_rounds: int) -> None:
     first_redo = 0 if point is None else point["round"] + (point["weights"] is not None)
     keep_main = -1 if point is None else point["round"]
     for k in range(n_rounds):
-        rels = [f"adapters_round_{k}", f"search_round_{k}", f"rounds/round_{k}_trials.parquet"] if k >= first_redo else []
-        rels += [f"main/round_{k}"] if k > keep_main else []
+        rels = [rundir.adapters_job(k), rundir.search_job(k), rundir.trials(k)] if k >= first_redo else []
+        rels += [rundir.checkpoint(k)] if k > keep_main else []
         for rel in rels:
             p = run_dir / rel
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    for rel in ("main/round_final", "main/checkpoint_manager_snapshot.json"):
+    for rel in (rundir.checkpoint(rundir.FINAL), rundir.MAIN_SNAPSHOT):
         p = run_dir / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -82,8 +83,8 @@ def resume(run_dir: str | Path) -> dict:
                               "credentials come from the environment)") from None
     run_dir = Path(run_dir).expanduser().resolve()
     cfg, history = load_run_config(run_dir)
-    if (run_dir / "summary.json").is_file():
-        return {**read_json(run_dir / "summary.json"), "already_finished": True}
+    if (run_dir / rundir.SUMMARY).is_file():
+        return {**read_json(run_dir / rundir.SUMMARY), "already_finished": True}
     check_searcher(cfg)
     check_ray_address(cfg)
     shards = build_shards(cfg)

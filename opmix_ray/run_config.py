@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError, load_config
 from opmix_ray.storage import is_uri, read_json
 
@@ -20,29 +21,29 @@ def load_run_config(run_dir: Path, need_history: bool = True) -> tuple[Config, d
     run has none before its first push: need_history=False gives {"rounds": []} then)."""
     if not run_dir.is_dir():
         raise bad_run_dir(run_dir, "is not a directory")
-    if not need_history and not (run_dir / "history.json").is_file():
+    if not need_history and not (run_dir / rundir.HISTORY).is_file():
         return load_run_config_only(run_dir), {"rounds": []}
-    missing = [f for f in ("config.yaml", "history.json") if not (run_dir / f).is_file()]
+    missing = [f for f in (rundir.CONFIG, rundir.HISTORY) if not (run_dir / f).is_file()]
     if missing:
         raise bad_run_dir(run_dir, f"is not an opmix-ray run dir (no {' or '.join(missing)})")
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        history = read_json(run_dir / "history.json")
+        raw = yaml.safe_load((run_dir / rundir.CONFIG).read_text()) or {}
+        history = read_json(run_dir / rundir.HISTORY)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise bad_run_dir(run_dir, f"has an unreadable config.yaml or history.json ({type(exc).__name__})") from None
+        raise bad_run_dir(run_dir, f"has an unreadable {rundir.CONFIG} or {rundir.HISTORY} ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or not isinstance(history, dict) or "rounds" not in history:
-        raise bad_run_dir(run_dir, "has a config.yaml or history.json opmix-ray did not write")
+        raise bad_run_dir(run_dir, f"has a {rundir.CONFIG} or {rundir.HISTORY} opmix-ray did not write")
     return _repointed(raw, run_dir), history
 
 
 def load_run_config_only(run_dir: Path, overrides: dict | None = None) -> Config:
     """A run dir's own config (repointed at where the dir is now), plus `overrides`."""
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        raw = yaml.safe_load((run_dir / rundir.CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise bad_run_dir(run_dir, f"has no readable config.yaml ({type(exc).__name__})") from None
+        raise bad_run_dir(run_dir, f"has no readable {rundir.CONFIG} ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
-        raise bad_run_dir(run_dir, "has a config.yaml opmix-ray did not write")
+        raise bad_run_dir(run_dir, f"has a {rundir.CONFIG} opmix-ray did not write")
     return _repointed(raw, run_dir, overrides)
 
 

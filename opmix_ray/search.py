@@ -20,6 +20,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from opmix_ray import rundir
 from opmix_ray.adapters import REPLICATE
 from opmix_ray.config import Config
 from opmix_ray.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
@@ -247,7 +248,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         # A trial whose worker dies (OOM kill, node lost, kill -9) is rerun on a fresh actor: a
         # trial is one merge + one eval, so a retry is cheap and the candidate is not lost. A NaN
         # objective is no error and is not retried: the searcher records it failed (base.py).
-        run_config=tune.RunConfig(storage_path=run_dir, name=f"search_round_{round_idx}", verbose=0,
+        run_config=tune.RunConfig(storage_path=run_dir, name=rundir.search_job(round_idx), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
                                   callbacks=[retries]),
     )
@@ -255,7 +256,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
     if not trials:
         raise RuntimeError(f"round {round_idx}: every search trial failed (fix: see the trial errors in "
-                           f"{run_dir}/search_round_{round_idx})")
+                           f"{run_dir}/{rundir.search_job(round_idx)})")
     best = min(trials, key=lambda m: m[METRIC])
     doms = candidates.current.domains
     weights = {k: best[f"a_{k}"] for k in candidates.coords}

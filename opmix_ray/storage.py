@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
+from opmix_ray import rundir
+
 STAGING_ENV = "OPMIX_RAY_STAGING"  # where URI runs stage locally (default ~/.cache/opmix-ray/staging)
 
 
@@ -66,7 +68,7 @@ def fetch_run(run_uri: str) -> Path:
     than the bucket, so an existing staging dir is used as it is."""
     storage, name = split_run_uri(run_uri)
     local = staging_dir(storage, name)
-    if not (local / "history.json").is_file():
+    if not (local / rundir.HISTORY).is_file():
         fs, root = remote_fs(storage)
         local.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,

@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from opmix_ray.main_run import STATE_JSON, STATE_TENSORS
+from opmix_ray import rundir
+from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 
 _READERS = {
     ".json": lambda p: json.loads(p.read_bytes()),
@@ -54,23 +55,23 @@ def _missing(run_dir: Path, history: dict) -> list[str]:
     out = []
     for rec in history.get("rounds", []):
         k = rec["round"]
-        ckpt = run_dir / "main" / f"round_{k}"
+        ckpt = rundir.at(run_dir, rundir.checkpoint(k))
         for name in (STATE_JSON, STATE_TENSORS, "config.json", "model.safetensors"):
             if not (ckpt / name).is_file():
-                out.append(f"main/round_{k}/{name}: missing for pushed round {k}")
-        if not list((run_dir / f"adapters_round_{k}").glob("adapters/*/adapter_model.safetensors")):
-            out.append(f"adapters_round_{k}: no adapters for pushed round {k}")
-    if (run_dir / "summary.json").is_file() and history.get("final") is None:
-        out.append("summary.json: present but history.json has no end of run")
+                out.append(f"{rundir.checkpoint(k)}/{name}: missing for pushed round {k}")
+        if not list(rundir.at(run_dir, rundir.adapter_root(k)).glob("*/adapter_model.safetensors")):
+            out.append(f"{rundir.adapters_job(k)}: no adapters for pushed round {k}")
+    if (run_dir / rundir.SUMMARY).is_file() and history.get("final") is None:
+        out.append(f"{rundir.SUMMARY}: present but {rundir.HISTORY} has no end of run")
     return out
 
 
 def check_run_dir(run_dir: str | Path) -> list[str]:
     """Problems found in a run dir (empty list: every artifact is whole)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "history.json").is_file():
-        return [f"{run_dir}: no history.json (not an opmix-ray run dir, or it never started)"]
+    if not (run_dir / rundir.HISTORY).is_file():
+        return [f"{run_dir}: no {rundir.HISTORY} (not an opmix-ray run dir, or it never started)"]
     out = _unreadable(run_dir)
-    if not any(o.startswith("history.json") for o in out):
-        out += _missing(run_dir, json.loads((run_dir / "history.json").read_bytes()))
+    if not any(o.startswith(rundir.HISTORY) for o in out):
+        out += _missing(run_dir, json.loads((run_dir / rundir.HISTORY).read_bytes()))
     return out

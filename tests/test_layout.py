@@ -64,3 +64,33 @@ def test_the_import_graph_is_acyclic():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+RUN_DIR_NAMES = ("config.yaml", "data_manifest.json", "history.json", "history.parquet", "summary.json",
+                 "mixture.png", "live.json", "added_domains", "train_state", "opmix_meta.json", "round_final",
+                 "main/round_", "adapters_round_", "search_round_", "rounds/round_", "fidelity_round_",
+                 "checkpoint_manager_snapshot")
+
+
+def _strings(tree: ast.AST):
+    """Every string constant in the code, f-string parts included, docstrings left out."""
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.lineno, node.value
+
+
+def test_run_dir_names_are_spelled_only_in_rundir():
+    """A run dir's layout is opmix_ray/rundir.py: every other module names its files through it."""
+    found = []
+    for name, f in _modules().items():
+        if name == "opmix_ray.rundir":
+            continue
+        for line, text in _strings(ast.parse(f.read_text())):
+            found += [f"{f.relative_to(ROOT)}:{line}: {text!r}" for n in RUN_DIR_NAMES if n in text]
+    assert not found, "\n".join(found)

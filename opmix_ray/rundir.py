@@ -1,0 +1,68 @@
+"""Every path and file name inside a run dir, here and nowhere else.
+
+    <storage_path>/<name>/
+      config.yaml                        the resolved config                      CONFIG
+      data_manifest.json                 tokens per domain, hashes                DATA_MANIFEST
+      history.json, history.parquet      one record per round, then the final     HISTORY, HISTORY_PARQUET
+      summary.json                       written last: the run finished           SUMMARY
+      main/round_<k>/, main/round_final/ HF checkpoints (+ train_state.*)         checkpoint(k)
+      adapters_round_<k>/adapters/<a>/   PEFT adapters + opmix_meta.json          adapter_root(k)
+      search_round_<k>/                  the round's Tune experiment              search_job(k)
+      rounds/round_<k>_trials.parquet    every candidate scored                   trials(k)
+      fidelity_round_<k>.json            `opmix-ray fidelity`                      fidelity(k)
+      mixture.png, live.json, added_domains/
+
+Paths are relative to the run dir (strings, so that a bucket mirror can use them as keys);
+`at(run_dir, rel)` joins one onto a local dir.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = "config.yaml"
+DATA_MANIFEST = "data_manifest.json"
+HISTORY = "history.json"
+HISTORY_PARQUET = "history.parquet"
+SUMMARY = "summary.json"
+MIXTURE_PNG = "mixture.png"
+LIVE = "live.json"  # while a run trains: where add-domain and friends find its controller
+ADDED_DOMAINS = "added_domains"
+MAIN = "main"  # the main run's Ray Train experiment
+FINAL = "final"  # the checkpoint at the end of the main run: checkpoint(FINAL)
+STATE_JSON = "train_state.json"  # written last in a checkpoint dir: the round is resumable
+STATE_TENSORS = "train_state.safetensors"
+ADAPTERS = "adapters"  # the adapter job's checkpoint dir name
+ADAPTER_META = "opmix_meta.json"
+MAIN_SNAPSHOT = f"{MAIN}/checkpoint_manager_snapshot.json"  # Ray Train's own bookkeeping
+
+
+def checkpoint(k: int | str) -> str:
+    """The main run's checkpoint at round boundary k (or FINAL)."""
+    return f"{MAIN}/round_{k}"
+
+
+def adapters_job(k: int) -> str:
+    """Round k's adapter job (a Ray Train experiment)."""
+    return f"adapters_round_{k}"
+
+
+def adapter_root(k: int) -> str:
+    """Round k's adapter dirs, one per adapter name."""
+    return f"{adapters_job(k)}/{ADAPTERS}"
+
+
+def search_job(k: int) -> str:
+    """Round k's Tune experiment."""
+    return f"search_round_{k}"
+
+
+def trials(k: int) -> str:
+    return f"rounds/round_{k}_trials.parquet"
+
+
+def fidelity(k: int) -> str:
+    return f"fidelity_round_{k}.json"
+
+
+def at(run_dir: str | Path, rel: str) -> Path:
+    return Path(run_dir) / rel
