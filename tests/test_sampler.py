@@ -158,3 +158,15 @@ def test_too_short_domain_raises_with_fix():
     sizes = dict(SIZE, tiny=L + 1)
     with pytest.raises(ValueError, match="fix:"):
         MixtureSampler(_train(sizes), Mixture.uniform(DOMS), L)
+
+
+def test_pushing_the_same_mixture_changes_no_draw():
+    """A round that stays pushes the weights the sampler already has: the draws go on exactly as
+    on a fixed mixture (a reset of the segment counters would reorder them)."""
+    w = Mixture(DOMS, (0.4, 0.3, 0.2, 0.1))
+    fixed, stays = MixtureSampler(_train(), w, L, seed=3), MixtureSampler(_train(), w, L, seed=3)
+    for i in range(30):
+        if i % 7 == 0:
+            stays.set_mixture(Mixture(DOMS, (0.4, 0.3, 0.2, 0.1)))
+        np.testing.assert_array_equal(fixed.next_batch(5)[0], stays.next_batch(5)[0])
+    assert fixed.drawn_segment == stays.drawn_segment

@@ -69,8 +69,14 @@ class MixtureSampler:
         self.cap_tokens[name], self.drawn_total[name], self.drawn_segment[name] = float(cap_tokens), 0, 0
 
     def set_mixture(self, mixture: Mixture) -> None:
-        """Switch weights; the per-segment counters restart so draws track the new mixture."""
+        """Switch weights; the per-segment counters restart so draws track the new mixture. The same
+        weights again (a round that decided to stay) change nothing, so a run that always stays
+        draws exactly what a run on that fixed mixture draws."""
         mixture.check_compatible(self.domains)
+        current = getattr(self, "mixture", None)  # None while __init__ sets the first one
+        if current is not None and np.array_equal(mixture.as_array(), current.as_array()):
+            self.mixture = mixture
+            return
         self.mixture = mixture
         self.drawn_segment = {d: 0 for d in self.domains}
 
