@@ -216,3 +216,21 @@ def test_a_move_is_confirmed_or_refused_by_real_training_before_it_is_pushed(tmp
     assert d["moved"] == (c["gain"] > 0) and d["reason"].startswith("confirmed" if d["moved"] else "not confirmed")
     pushed = d["leader_mixture"] if d["moved"] else r["mixture_before"]
     assert all(r["weights"][k] == pytest.approx(v, abs=1e-6) for k, v in pushed.items())
+
+
+def test_a_run_that_always_stays_is_the_fixed_mixture_run(tmp_path):
+    """Staying is free: with no cap binding, an OP-Mix run whose every round keeps the mixture ends
+    with the same losses as the uniform baseline of the same seed and budget."""
+    from opmix_ray.engine import run
+    over = {"run": {"storage_path": str(tmp_path)}, "rounds": {"num_rounds": 1}, "data": {"default_max_epochs": 64},
+            "search": {"num_samples": 2, "searcher": "random"}, "decision": {"k": 1e9}}
+    stays = run(load_config(os.path.join(CONFIGS, "tiny.yaml"), {**over, "run": {**over["run"], "name": "stays"}}))
+    fixed = run(load_config(os.path.join(CONFIGS, "tiny.yaml"),
+                            {**over, "run": {**over["run"], "name": "fixed", "baseline": "uniform"}}))
+    ray.shutdown()
+    with open(os.path.join(stays["run_dir"], "history.json")) as f:
+        h = json.load(f)
+    assert h["rounds"][0]["decision"]["moved"] is False
+    with open(os.path.join(fixed["run_dir"], "history.json")) as f:
+        base = json.load(f)["final"]["val_loss"]
+    assert h["final"]["val_loss"] == base

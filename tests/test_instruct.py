@@ -190,6 +190,7 @@ def test_in_stream_finds_whole_documents_on_token_boundaries():
 def test_trained_sample_is_in_the_training_stream_and_heldout_is_not(built):
     out, _ = built
     cfg = load_config({"data": {"path": str(out), "seq_len": 64, "val_tokens_per_domain": 1024,
+                                "selection_tokens_per_domain": 0,  # as the instruct configs have it
                                 "domains": ["bible", "dict_pos", "py_doc"]}})
     sh = build_shards(cfg)
     sets = load_sets(out, TOK, sh.eos_id, sh.train)
