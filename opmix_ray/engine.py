@@ -32,7 +32,7 @@ from opmix_ray.live import arrive, clear_live, write_live
 from opmix_ray.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.mixture import Mixture
 from opmix_ray.preflight import preflight
-from opmix_ray.search import build_candidates, cap_shares, decide, run_search, within_caps
+from opmix_ray.search import build_candidates, cap_shares, decide, run_search
 from opmix_ray.storage import RunStore, is_uri
 
 
@@ -154,8 +154,10 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
             cands.objective_weights)
         decision.confirm["merged_reason"] = merged_reason
     doms = current.domains
+    # A stay changes nothing: the sampler keeps its weights, counters and cap handling, so a run
+    # that always stays is the fixed-mixture run bit for bit (docs/DECISIONS.md).
     pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
-        if decision.moved else within_caps(cfg, shards, info, current)
+        if decision.moved else current
     store.write_parquet(rundir.trials(k), out.trials)
     # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
     # later still leaves every finished round in the bucket.

@@ -80,7 +80,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     from opmix_ray.engine import init_ray
     from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.mixture import Mixture
-    from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score, within_caps
+    from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / rundir.HISTORY).is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no {rundir.HISTORY} (fix: pass the dir of a "
@@ -110,13 +110,13 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     else:
         picked = _candidate_weights(cands, rec, n, np.random.default_rng([cfg.run.seed, 7, round_idx]))
     proxies = [score(cands, a) for _, a in picked]
-    # stay is what the run pushes when it does not move: the current mixture held to its caps. The
+    # stay is what the run keeps when it does not move: the current mixture, unchanged. The
     # candidate the round pushed trains on the pushed weights as recorded (the sampler breaks ties
     # between equal shares by order, so a last-bit difference would change its draws).
     moved = (rec.get("decision") or {}).get("moved", True)
     pushed = Mixture.from_dict(rec["weights"], shards.domains)
     mixtures = [pushed if (label == "stay" and not moved) or (label == "leader" and moved and rec.get("decision"))
-                else within_caps(cfg, shards, info, candidate_mixture(cands, a)) if label == "stay"
+                else current if label == "stay"
                 else candidate_mixture(cands, a) for label, a in picked]
     if truths_from:
         truths = [c["truth"] for c in prior["candidates"]]

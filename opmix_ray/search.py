@@ -94,21 +94,6 @@ def cap_shares(cfg: Config, shards, info: dict) -> dict[str, float]:
             for d in shards.domains}
 
 
-def within_caps(cfg: Config, shards, info: dict | None, mixture: Mixture) -> Mixture:
-    """`mixture` with every domain held to its cap share left (search.caps), the excess handed to the
-    others in proportion, as the sampler would once a cap is hit: so no pushed share exceeds it,
-    including that of a stay whose mixture predates the caps binding."""
-    if not cfg.search.caps or not info or "drawn_tokens" not in info:
-        return mixture
-    from search_spaces import capped_proportional
-    caps = cap_shares(cfg, shards, info)
-    c = np.array([min(1.0, caps.get(d, 1.0)) for d in mixture.domains])
-    w = mixture.as_array()
-    if c.sum() < 1.0 or np.all(w <= c + 1e-12):
-        return mixture  # nothing binds, or nothing can satisfy every cap (the sampler copes)
-    return Mixture.normalised(mixture.domains, capped_proportional(w, c), mixture.data_hash)
-
-
 def search_space(cfg: Config, coords: tuple[str, ...], current: Mixture, shards, info: dict | None):
     """The plain simplex, or (search.caps) the polytope a_old * p_d + a_d <= cap share left."""
     plain = SimplexSpace(coords)
