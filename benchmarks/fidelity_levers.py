@@ -66,9 +66,13 @@ def adapter_key(ov: dict) -> str:
     return f"{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}"
 
 
-def base_run(out: Path, seed: int) -> Path:
+def base_run(out: Path, seed: int, schedule: str = "cosine") -> Path:
+    """bench.yaml's OP-Mix run at `seed`; schedule wsd anneals the lr before every round boundary,
+    so round 0 decides at an annealed checkpoint, as the OP-Mix paper does."""
     from opmix_ray.engine import run
-    cfg = load_config(CONFIG, {"run": {"seed": seed, "name": f"bench-s{seed}", "storage_path": str(out / "runs")}})
+    name = f"bench-s{seed}" if schedule == "cosine" else f"bench-{schedule}-s{seed}"
+    cfg = load_config(CONFIG, {"run": {"seed": seed, "name": name, "storage_path": str(out / "runs")},
+                               "main": {"schedule": schedule}})
     run_dir = out / "runs" / cfg.run.name
     if not (run_dir / "summary.json").is_file():
         run(cfg, overwrite=True)
@@ -193,6 +197,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--mixtures", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} variants: {QUICK}")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these variants")
+    ap.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                    help="the main run's lr schedule (main.schedule) in the base runs")
     ap.add_argument("--mixture-adapters", action="store_true",
                     help=f"also score the no-merge reference ({MIXTURE_ADAPTER}); 16 adapter trainings per seed")
     ap.add_argument("--only-mixture-adapters", action="store_true", help="score only the no-merge reference")
@@ -210,23 +217,24 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
     for seed in args.seeds:
-        run_dir = base_run(out, seed)
+        run_dir = base_run(out, seed, args.schedule)
         truth_file = run_dir / "fidelity_round_0.json"
         if not truth_file.is_file():
             run_fidelity(run_dir, 0, args.mixtures, truth_seeds=2)
-        todo = [] if args.only_mixture_adapters else [n for n in VARIANTS if not args.quick or n in QUICK]
+        todo = [] if args.only_mixture_adapters else [n for n in VARIANTS if (not args.quick or n in QUICK)
+                                                      and (not args.variants or n in args.variants)]
         if args.mixture_adapters or args.only_mixture_adapters:
             todo.append(MIXTURE_ADAPTER)
         for name in todo:
             if name == MIXTURE_ADAPTER:
-                res = mixture_adapter_fidelity(run_dir, truth_file, out / "adapters" / f"s{seed}" / "per_candidate")
+                res = mixture_adapter_fidelity(run_dir, truth_file, out / "adapters" / run_dir.name / "per_candidate")
             else:
                 ov = VARIANTS[name]
-                dirs = train_variant(run_dir, ov, out / "adapters" / f"s{seed}" / adapter_key(ov))
+                dirs = train_variant(run_dir, ov, out / "adapters" / run_dir.name / adapter_key(ov))
                 res = run_fidelity(run_dir, 0, truths_from=truth_file, overrides=_search_overrides(run_dir, ov),
                                    adapter_dirs=dirs, write=False)
             for obj, o in res["objectives"].items():
-                rows.append({"variant": name, "seed": seed, "objective": obj, "delta_scale": res["delta_scale"],
+                rows.append({"variant": name, "seed": seed, "schedule": args.schedule, "objective": obj, "delta_scale": res["delta_scale"],
                              **{f"proxy_{k}": v for k, v in o["proxy"].items()}, "stay_regret": o["stay"]["regret"],
                              "entropy_spearman": o["entropy"]["spearman"], "entropy_regret": o["entropy"]["regret"],
                              "truth_seed_agreement": (o["truth_seed_agreement"] or {}).get("spearman"),
