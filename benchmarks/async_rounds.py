@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.engine import run
+from opmix_ray.engine.driver import run
 from opmix_ray.storage import write_json
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opmix_ray.adapters import REPLICATE, adapter_lr, adapter_plan, adapter_seeds, train_one  # noqa: E402
 from opmix_ray.config import load_config  # noqa: E402
 from opmix_ray.data.shards import build_shards  # noqa: E402
-from opmix_ray.fidelity import run_fidelity  # noqa: E402
+from opmix_ray.engine.adapters import REPLICATE, adapter_lr, adapter_plan, adapter_seeds, train_one  # noqa: E402
+from opmix_ray.experiments.fidelity import run_fidelity  # noqa: E402
 from opmix_ray.mixture import Mixture  # noqa: E402
 from opmix_ray.run_config import load_run_config_only  # noqa: E402
 from opmix_ray.storage import read_json, write_json  # noqa: E402
@@ -69,7 +69,7 @@ def adapter_key(ov: dict) -> str:
 def base_run(out: Path, seed: int, schedule: str = "cosine") -> Path:
     """bench.yaml's OP-Mix run at `seed`; schedule wsd anneals the lr before every round boundary,
     so round 0 decides at an annealed checkpoint, as the OP-Mix paper does."""
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     name = f"bench-s{seed}" if schedule == "cosine" else f"bench-{schedule}-s{seed}"
     cfg = load_config(CONFIG, {"run": {"seed": seed, "name": name, "storage_path": str(out / "runs")},
                                "main": {"schedule": schedule}})
@@ -109,9 +109,10 @@ def mixture_adapter_fidelity(run_dir: Path, truth_file: Path, dest: Path) -> dic
     (the shipped adapter settings, the 'old' adapter's init and data seed, so candidates differ only in
     their mixture), scored on the search's eval windows against the same truths."""
     import torch
+
+    from opmix_ray.engine.trials import objective_weights
     from opmix_ray.evaluate import domain_losses
-    from opmix_ray.fidelity import corr, scores
-    from opmix_ray.search import objective_weights
+    from opmix_ray.experiments.fidelity import corr, scores
     torch.set_num_threads(2)
     cfg = load_run_config_only(run_dir, {"adapters": RAW["adapters"]})
     shards = build_shards(cfg)
@@ -138,7 +139,7 @@ def _search_overrides(run_dir: Path, overrides: dict) -> dict:
     s = dict(overrides.get("search", {}))
     if s.get("delta_scale") == "ratio":  # the plain token ratio, no guard
         cfg = load_run_config_only(run_dir, {"adapters": overrides.get("adapters", {})})
-        from opmix_ray.main_run import steps_and_boundaries
+        from opmix_ray.engine.main_run import steps_and_boundaries
         _, b = steps_and_boundaries(cfg)
         s["delta_scale"] = (b[1] - b[0]) * cfg.main.batch_size / (cfg.adapters.steps * cfg.adapters.batch_size)
     return {"search": s, "adapters": overrides.get("adapters", {})}

@@ -5,7 +5,7 @@
 
 Without --run-dir it first runs the OP-Mix config once (engine.run, storage in a temp dir) and then
 uses round 0's checkpoint + adapters. Candidates come from the seeded `random` searcher: the Tune
-mode runs opmix_ray.search.run_search (Tuner, ConcurrencyLimiter, reuse_actors=True) with a subclass
+mode runs opmix_ray.engine.trials.run_search (Tuner, ConcurrencyLimiter, reuse_actors=True) with a subclass
 that only timestamps suggest/complete in the driver; the loop mode draws the same sequence by calling
 an identically seeded searcher's suggest() in-process, then calls search.score() with torch threads =
 cores. Headline = steady-state ratio (one-time setup excluded: Tuner start, actor start and each
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opmix_ray import search
-from opmix_ray.adapters import adapter_plan
 from opmix_ray.config import load_config
 from opmix_ray.data.shards import build_shards
-from opmix_ray.engine import init_ray, run
+from opmix_ray.engine import trials as search
+from opmix_ray.engine.adapters import adapter_plan
+from opmix_ray.engine.driver import init_ray, run
 from opmix_ray.searchers import METRIC, create_searcher
 from opmix_ray.searchers._random import RandomSimplexSearcher
 from opmix_ray.storage import write_json

@@ -1,0 +1,27 @@
+"""opmix-ray: OP-Mix on Ray. The public API (each name loads on first use, so `import opmix_ray`
+starts neither torch nor Ray):
+
+    from opmix_ray import load_config, run
+    summary = run(load_config("opmix_ray/configs/demo.yaml"))
+
+run / resume: a whole run, or the continuation of one whose driver died (opmix_ray/engine/);
+load_config: the typed YAML config (opmix_ray/config.py); Mixture (opmix_ray/mixture.py);
+MixtureSearcher, create_searcher: write or build a searcher (opmix_ray/searchers/).
+"""
+from importlib import import_module
+
+_PUBLIC = {
+    "run": "opmix_ray.engine.driver",
+    "resume": "opmix_ray.engine.resume",
+    "load_config": "opmix_ray.config",
+    "Mixture": "opmix_ray.mixture",
+    "MixtureSearcher": "opmix_ray.searchers",
+    "create_searcher": "opmix_ray.searchers",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'opmix_ray' has no attribute {name!r}")

@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A bad config value; str(err) is one line naming the field and the fix."""
+from opmix_ray.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -200,13 +198,13 @@ class DecisionSection(_Section):
                                       "mixture is within this L1 distance of the current one can lead; null = none.")
     confirm: bool = Field(True, description="safe rule: before a move is pushed, train one more adapter on the "
                           "leader's mixture and push only if it beats the 'old' adapter (trained on the current "
-                          "mixture) by k standard errors; costs one adapter training per move (confirm.py).")
+                          "mixture) by k standard errors; costs one adapter training per move (engine/confirm.py).")
     law_min_loo_spearman: float = Field(0.7, ge=-1, le=1, description="mixing-law searcher: its KL-regularised "
                                         "proposal leads when the law's leave-one-out Spearman on the trials "
                                         "reaches this; below it the best trial leads.")
 
 
-class RayInit(_Section):
+class RaySection(_Section):
     address: str | None = Field(None, description="Ray address; null = start local Ray on 127.0.0.1.")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
                                  "main.cpus_per_worker (the main run idles while a round runs).")
@@ -265,7 +263,7 @@ class Config(_Section):
     adapters: AdaptersSection = Field(default_factory=AdaptersSection)
     search: SearchSection = Field(default_factory=SearchSection)
     decision: DecisionSection = Field(default_factory=DecisionSection)
-    ray: RayInit = Field(default_factory=RayInit)
+    ray: RaySection = Field(default_factory=RaySection)
     bench: BenchSection = Field(default_factory=BenchSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
 
@@ -329,10 +327,17 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def config_help() -> str:
-    """Every section and field with its default and help text."""
+# sections that only `opmix-ray bench` / `opmix-ray continual` read; a run ignores them
+EXPERIMENT_SECTIONS = ("bench", "schedule")
+
+
+def config_help(experiments: bool = False) -> str:
+    """Every section and field a run reads, with its default and help text; experiments=True adds
+    the sections only `opmix-ray bench` and `opmix-ray continual` read."""
     lines = []
     for sec_name, sec_field in Config.model_fields.items():
+        if sec_name in EXPERIMENT_SECTIONS and not experiments:
+            continue
         lines.append(f"{sec_name}:")
         for name, f in sec_field.default_factory().__class__.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default

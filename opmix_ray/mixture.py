@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opmix_ray.errors import MixtureError
+
 _TOL = 1e-6
-
-
-class MixtureError(ValueError):
-    """An invalid mixture; the message names the domain and the fix."""
 
 
 @dataclass(frozen=True)

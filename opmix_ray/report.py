@@ -27,7 +27,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
 
 
 def all_domains(meta: dict) -> list[str]:
-    """The run's training domains now, then those removed live (still scored; live.py)."""
+    """The run's training domains now, then those removed live (still scored; engine/domains.py)."""
     gone = [c["name"] for c in meta.get("domain_changes", []) if c["op"] == "remove"]
     return list(meta["domains"]) + [d for d in dict.fromkeys(gone) if d not in meta["domains"]]
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import yaml
 
 from opmix_ray import rundir
-from opmix_ray.config import Config, ConfigError, load_config
+from opmix_ray.config import Config, load_config
+from opmix_ray.errors import RunDirError
 from opmix_ray.storage import is_uri, read_json
 
 
-def bad_run_dir(run_dir: Path, why: str) -> ConfigError:
-    return ConfigError(f"config error at RUN_DIR: {run_dir} {why} (fix: pass a run dir that `opmix-ray run` "
+def bad_run_dir(run_dir: Path, why: str) -> RunDirError:
+    return RunDirError(f"config error at RUN_DIR: {run_dir} {why} (fix: pass a run dir that `opmix-ray run` "
                        "wrote, e.g. opmix_runs/NAME)")
 
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from opmix_ray.compute import eval_flops, train_flops
 from opmix_ray.config import MainSection, ModelSection
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.evaluate import domain_losses
@@ -63,11 +64,13 @@ def main_lr_at(main: MainSection, step: int, total: int, anneal_at: list[int] | 
 
 
 def optimizer_step(model, opt, sched, loss: torch.Tensor) -> float:
-    """Backward, clip to norm 1, step, advance the schedule."""
+    """Backward, clip to norm 1, step, advance the schedule (None: a constant lr). Every training
+    loop (main run, adapters, baselines) steps through here."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    sched.step()
+    if sched is not None:
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
@@ -102,7 +105,7 @@ def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mix
     n, t = n_params(model), steps * main.batch_size * shards.seq_len
     eval_t = sum(min(v.shape[0], (eval_tokens or 10**12) // shards.seq_len) * shards.seq_len for v in shards.val.values())
     return {"val_loss": val, "drawn": {d: sampler.drawn_total[d] / t for d in sampler.domains},
-            "n_params": n, "tokens": t, "flops": 6.0 * n * t + 2.0 * n * eval_t, "wall_s": time.time() - t0}
+            "n_params": n, "tokens": t, "flops": train_flops(n, t) + eval_flops(n, eval_t), "wall_s": time.time() - t0}
 
 
 def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:

@@ -232,7 +232,7 @@ def test_cases_are_many():
 def test_base_config_is_valid(tmp_path, good_data):
     """The base passes every check (so each case fails for its own reason) and writes nothing."""
     from opmix_ray.config import load_config
-    from opmix_ray.preflight import preflight
+    from opmix_ray.engine.preflight import preflight
     cfg = load_config(_write(tmp_path, _base(tmp_path, good_data)))
     run_dir, shards = preflight(cfg)
     assert shards.domains == ("bible", "python") and not (tmp_path / "runs").exists()
@@ -251,7 +251,7 @@ def test_bad_input_in_process(name, field, build, tmp_path, good_data, capsys):
 
 def test_corrupted_adapter_safetensors(tmp_path):
     """The adapter loader (used for every trial's merge): corrupted, truncated or missing files."""
-    from opmix_ray.merge import AdapterError, load_lora_delta
+    from opmix_ray.engine.merge import AdapterError, load_lora_delta
     conf = json.dumps({"r": 4, "lora_alpha": 8})
     cases = {"garbage": b"\x00" * 64, "truncated": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"}
     for name, blob in cases.items():

@@ -69,7 +69,7 @@ def cluster(tmp_path_factory):
 
 
 def _stop_node(temp_dir: Path, hard: bool = False) -> None:
-    """Stop the processes of one node, found by its session dir (ours only, by pid); hard: SIGKILL
+    """Stop the processes of one node, found by its Ray temp dir (ours only, by pid); hard: SIGKILL
     all of them at once, as a machine that vanishes would."""
     import psutil
     pids = set()

@@ -127,7 +127,7 @@ def test_empty_yaml_is_defaults(tmp_path):
 
 
 def test_config_help_lists_every_section_and_field():
-    text = config_help()
+    text = config_help(experiments=True)
     lines = text.splitlines()
     for section, f in Config.model_fields.items():
         assert f"{section}:" in lines
@@ -136,6 +136,12 @@ def test_config_help_lists_every_section_and_field():
             assert field.description and field.description in text
     assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "decision", "ray",
                                       "bench", "schedule"}
+
+
+def test_config_help_for_a_run_leaves_out_the_experiment_sections():
+    lines = config_help().splitlines()
+    assert "run:" in lines and "decision:" in lines
+    assert "bench:" not in lines and "schedule:" not in lines
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -149,16 +155,18 @@ def test_there_are_bundled_configs():
 
 
 def test_the_config_reference_is_generated_from_the_models():
-    """docs/config.md is what `python -m opmix_ray.config_doc` writes: regenerate it after changing a field."""
+    """docs/config.md is what `python -m opmix_ray.cli.config_doc` writes: regenerate it after changing a field."""
     from pathlib import Path
-    from opmix_ray.config_doc import reference
+
+    from opmix_ray.cli.config_doc import reference
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
-    assert doc.read_text() == reference(), "docs/config.md is stale: python -m opmix_ray.config_doc > docs/config.md"
+    assert doc.read_text() == reference(), "docs/config.md is stale: python -m opmix_ray.cli.config_doc > docs/config.md"
 
 
 def test_the_readme_config_is_a_valid_run():
     import re
     from pathlib import Path
+
     from opmix_ray.config import load_config
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     cfg = load_config(yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1)))

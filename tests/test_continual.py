@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from opmix_ray.adapters import adapter_plan
 from opmix_ray.config import ConfigError, load_config
-from opmix_ray.continual import check_schedule
+from opmix_ray.engine.adapters import adapter_plan
+from opmix_ray.engine.preflight import preflight
+from opmix_ray.experiments.continual import check_schedule
 from opmix_ray.mixture import Mixture
-from opmix_ray.preflight import preflight
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 
@@ -66,7 +66,7 @@ def test_explicit_initial_mixture_with_a_domain_not_yet_arrived(tmp_path):
     init = {d: (0.5 if d in ("bible", "python") else 0.0) for d in doms}
     cfg = _tiny({"run": {"storage_path": str(tmp_path)}, "rounds": {"initial": init}}, name="tiny.yaml")
     _, shards = preflight(cfg)
-    from opmix_ray.engine import _initial_mixture
+    from opmix_ray.engine.driver import _initial_mixture
     assert _initial_mixture(cfg, shards).as_dict() == init
 
 

@@ -16,7 +16,7 @@ if ROOT not in sys.path:  # a user runs from the repo root; pytest may not put i
 
 from examples.my_searcher import MySearcher  # noqa: E402
 from opmix_ray.searchers import create_searcher  # noqa: E402
-from opmix_ray.testing import SearcherConformance  # noqa: E402
+from opmix_ray.searchers.testing import SearcherConformance  # noqa: E402
 from search_spaces import SimplexSpace  # noqa: E402
 
 DOTTED = "examples.my_searcher:MySearcher"
@@ -32,7 +32,7 @@ class TestExampleConformance(SearcherConformance):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     from opmix_ray.config import load_config
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
 
     storage = tmp_path_factory.mktemp("custom")
     cfg = load_config(os.path.join(ROOT, "opmix_ray", "configs", "tiny.yaml"),

@@ -8,9 +8,9 @@ import pytest
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.decision import adapter_noise_var, difference_var_factor, matched_stay, paired_se, safe_rule
+from opmix_ray.engine.decision import adapter_noise_var, difference_var_factor, matched_stay, paired_se, safe_rule
+from opmix_ray.engine.trials import Candidates, SearchOutcome, decide
 from opmix_ray.mixture import Mixture
-from opmix_ray.search import Candidates, SearchOutcome, decide
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 W = {"a": 1.0, "b": 1.0}
@@ -50,6 +50,7 @@ def test_noise_terms():
 def _synthetic_candidates(scale: float) -> Candidates:
     """A real tiny Llama with random LoRA-shaped deltas of size `scale` on every attention projection."""
     import torch
+
     from opmix_ray.config import ModelSection
     from opmix_ray.model import build_model
     model = build_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 64, 16, seed=0)
@@ -95,7 +96,7 @@ def test_trust_region_keeps_far_candidates_from_leading():
 
 @pytest.fixture(scope="module")
 def stay_run(tmp_path_factory):
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
                       {"run": {"storage_path": str(storage), "name": "stay"}, "rounds": {"num_rounds": 1},
@@ -127,9 +128,9 @@ def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
     """The fidelity truth for a = stay (the current mixture, unchanged, as the run kept it), run
     from the round's checkpoint, is the loss the main run itself reached at the end (optimizer,
     schedule, sampler and caps all carried)."""
-    from opmix_ray.continuation import continue_main_run
     from opmix_ray.data.shards import build_shards
-    from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
+    from opmix_ray.engine.continuation import continue_main_run
+    from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     cfg, summary = stay_run
     with open(os.path.join(summary["run_dir"], "history.json")) as f:
         h = json.load(f)
@@ -144,7 +145,7 @@ def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
 
 
 def test_fidelity_instrument_scores_stay_and_its_truth_is_the_run_itself(stay_run):
-    from opmix_ray.fidelity import run_fidelity
+    from opmix_ray.experiments.fidelity import run_fidelity
     cfg, summary = stay_run
     res = run_fidelity(summary["run_dir"], 0, n=3, truth_seeds=2)
     labels = [c["label"] for c in res["candidates"]]
@@ -160,7 +161,7 @@ def test_fidelity_instrument_scores_stay_and_its_truth_is_the_run_itself(stay_ru
 
 
 def test_confirm_rule_needs_a_gain_beyond_eval_and_adapter_noise():
-    from opmix_ray.confirm import confirm_rule
+    from opmix_ray.engine.confirm import confirm_rule
     rng = np.random.default_rng(3)
     old, conf = _windows(rng, shift=-0.03)
     rep = {d: v + 0.001 for d, v in old.items()}  # the adapters agree to 0.001: the gain is real
@@ -174,10 +175,10 @@ def test_confirm_rule_needs_a_gain_beyond_eval_and_adapter_noise():
 def test_the_confirmation_adapter_is_the_old_adapter_but_for_its_mixture(stay_run):
     """Trained on the current mixture, the confirmation adapter is the 'old' adapter again (same init,
     data seed, lr and steps), so it confirms nothing; on another mixture it is another model."""
-    from opmix_ray.adapters import adapter_lr
-    from opmix_ray.confirm import confirm_rule, confirm_windows
     from opmix_ray.data.shards import build_shards
-    from opmix_ray.main_run import checkpoint_path
+    from opmix_ray.engine.adapters import adapter_lr
+    from opmix_ray.engine.confirm import confirm_rule, confirm_windows
+    from opmix_ray.engine.main_run import checkpoint_path
     cfg, summary = stay_run
     run_dir = summary["run_dir"]
     with open(os.path.join(run_dir, "history.json")) as f:
@@ -201,7 +202,7 @@ def test_a_move_is_confirmed_or_refused_by_real_training_before_it_is_pushed(tmp
     """k = 0 and an objective of python alone: a python-heavier leader beats stay, so the round goes to
     the confirmation adapter; what is pushed is the leader only when the confirmation says so, and its
     cost is on the record."""
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
                       {"run": {"storage_path": str(tmp_path), "name": "confirm"}, "rounds": {"num_rounds": 1},
                        "search": {"num_samples": 4, "searcher": "random", "objective_weights": {"python": 1.0}},
@@ -221,7 +222,7 @@ def test_a_move_is_confirmed_or_refused_by_real_training_before_it_is_pushed(tmp
 def test_a_run_that_always_stays_is_the_fixed_mixture_run(stay_run):
     """Staying is free: an OP-Mix run whose every round keeps the mixture ends with the same losses
     as the uniform baseline of the same seed and budget, also when a repetition cap binds."""
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     cfg, summary = stay_run
     fixed = run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "fixed", "baseline": "uniform"})}))
     with open(os.path.join(summary["run_dir"], "history.json")) as f:

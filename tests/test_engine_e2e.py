@@ -12,8 +12,8 @@ import pytest
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.engine import run
-from opmix_ray.main_run import steps_and_boundaries
+from opmix_ray.engine.driver import run
+from opmix_ray.engine.main_run import steps_and_boundaries
 
 # Deficit sampling keeps |drawn_d - w_d * T| within 2 windows (tests/test_sampler.py); a segment of
 # the tiny run has >= 24 steps x 16 windows, so shares are within 2/384 of the weights.

@@ -1,4 +1,4 @@
-"""Fault tolerance of a round's search, through the real Ray Tune search in opmix_ray/search.py.
+"""Fault tolerance of a round's search, through the real Ray Tune search in opmix_ray/engine/trials.py.
 
 - a candidate whose merged model scores NaN is recorded failed and the search goes on;
 - a trial worker killed with SIGKILL mid-search is rerun (FailureConfig), no candidate is lost.
@@ -17,10 +17,10 @@ import pytest
 import ray
 
 from opmix_ray.config import ModelSection, load_config
-from opmix_ray.engine import init_ray
+from opmix_ray.engine.driver import init_ray
+from opmix_ray.engine.trials import TRIAL_RETRIES, Candidates, run_search
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model
-from opmix_ray.search import TRIAL_RETRIES, Candidates, run_search
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs", "tiny.yaml")
 DOMAINS = ("a", "b")
@@ -130,23 +130,24 @@ def test_sigkill_of_a_trial_worker_is_retried_and_nothing_is_lost(tmp_path, tune
 
 
 def test_lost_node_ends_the_cli_with_one_line_and_exit_3(monkeypatch, capsys, tmp_path):
-    """What a job's log ends with when a node died under the run (faults.py); the multi-node
+    """What a job's log ends with when a node died under the run (engine/faults.py); the multi-node
     test (pytest -m cluster) provokes it for real by killing the worker node."""
-    from opmix_ray import cli, engine
-    from opmix_ray.faults import interrupted
+    from opmix_ray import cli, errors
+    from opmix_ray.engine import driver as engine
+    from opmix_ray.engine.faults import interrupted
 
     def dies(cfg, overwrite=False):
         raise interrupted({"94593ee324139e8f"}, "round 1", str(tmp_path), RuntimeError("worker died"))
     monkeypatch.setattr(engine, "run", dies)
-    assert cli.main(["run", TINY, "--set", f"run.storage_path={tmp_path}"]) == cli.EXIT_INTERRUPTED == 3
+    assert cli.main(["run", TINY, "--set", f"run.storage_path={tmp_path}"]) == errors.EXIT_INTERRUPTED == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("opmix-ray: error: the run lost Ray node(s) 94593ee32413 during round 1")
     assert f"opmix-ray resume {tmp_path}" in err[0]
 
 
 def test_check_finds_a_truncated_artifact_and_a_leftover_temp_file(tmp_path):
+    from opmix_ray.cli.check import check_run_dir
     from opmix_ray.storage import write_json
-    from opmix_ray.verify import check_run_dir
     write_json(tmp_path / "history.json", {"meta": {}, "rounds": [], "final": None})
     assert check_run_dir(tmp_path) == []
     (tmp_path / "summary.json").write_text('{"run": "x", "final_val')  # a torn write
@@ -162,7 +163,7 @@ def test_adapter_job_is_rerun_once_when_a_node_died_under_it(monkeypatch, tmp_pa
     rerun once from scratch; a failure with every node alive is raised at once."""
     from types import SimpleNamespace
 
-    from opmix_ray import adapters
+    from opmix_ray.engine import adapters
     cfg = load_config(TINY)
     current = Mixture.uniform(("bible", "dictionary"))
     calls = []

@@ -1,4 +1,4 @@
-"""Domain-set changes on a live run (live.py: add, remove, revise, split): the sampler, shard and
+"""Domain-set changes on a live run (engine/domains.py: add, remove, revise, split): the sampler, shard and
 collapse pieces in the default suite; a real run that gets changes mid-flight is `slow`.
 
     pytest tests/test_live_domains.py                 # seconds
@@ -17,7 +17,8 @@ import pytest
 from opmix_ray.config import load_config
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, build_shards, revised_domain, with_domain, without_domain
-from opmix_ray.live import arrive
+from opmix_ray.engine.adapters import adapter_plan
+from opmix_ray.engine.domains import arrive
 from opmix_ray.mixture import Mixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,13 +88,17 @@ def test_arrive_collapses_untouched_domains_and_zeroes_the_affected(tmp_path):
     (tmp_path / "m.parquet").write_bytes((BUNDLED_DIR / "manpages.parquet").read_bytes())
     changes = [{"op": "remove", "name": "dictionary"}, {"op": "add", "name": "fortunes", "file": "f.parquet"},
                {"op": "revise", "name": "python", "file": "m.parquet"}]
-    new, old, round_cfg = arrive(cfg, tmp_path, sh, current, changes)
+    before = cfg.model_dump()
+    new, old, affected = arrive(cfg, tmp_path, sh, current, changes)
     assert new.domains == ("bible", "python", "fortunes")
     # old = the untouched domains with their ratios frozen: only bible is left untouched
     assert old.as_dict() == {"bible": 1.0, "python": 0.0, "fortunes": 0.0}
-    assert round_cfg.adapters.domains == ["fortunes", "python"] and round_cfg.adapters.include_old
+    assert affected == ["fortunes", "python"]
+    # the plan: 'old' plus the affected domains, from the argument; the user's config is untouched
+    assert [n for n, _ in adapter_plan(old, cfg, affected)][:3] == ["old", "python", "fortunes"]
+    assert cfg.model_dump() == before
     _, renorm, none = arrive(cfg, tmp_path, sh, current, changes[:1])  # a removal alone: no search
-    assert none is None and renorm.as_dict() == pytest.approx({"bible": 0.5 / 0.7, "python": 0.2 / 0.7})
+    assert none == [] and renorm.as_dict() == pytest.approx({"bible": 0.5 / 0.7, "python": 0.2 / 0.7})
 
 
 @pytest.mark.parametrize("cmd", [["add-domain", "F"], ["remove-domain", "bible"], ["revise-domain", "bible", "F"],

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
 
 from opmix_ray.config import ModelSection
-from opmix_ray.merge import AdapterError, MergedModel, load_lora_delta, merged_delta, stack_deltas
+from opmix_ray.engine.merge import AdapterError, MergedModel, load_lora_delta, merged_delta, stack_deltas
 from opmix_ray.model import build_model
 
 SMALL = ModelSection(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

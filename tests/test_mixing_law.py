@@ -9,7 +9,7 @@ from scipy.optimize import minimize
 
 from opmix_ray.searchers import SearcherError, create_searcher
 from opmix_ray.searchers._mixing_law import KL_LAMBDA, MixingLawSearcher, fit_laws, propose_mixture
-from opmix_ray.testing import drive, synthetic_result
+from opmix_ray.searchers.testing import drive, synthetic_result
 from search_spaces import SimplexSpace
 
 COORDS = ("old", "python", "bible", "fortunes")

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.engine import run
+from opmix_ray.engine.driver import run
 
 
 @pytest.mark.slow

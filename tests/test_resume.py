@@ -22,7 +22,7 @@ import torch
 
 from opmix_ray.config import ModelSection, load_config
 from opmix_ray.data.sampler import MixtureSampler
-from opmix_ray.main_run import STATE_JSON, STATE_TENSORS, _train_state, load_train_state
+from opmix_ray.engine.main_run import STATE_JSON, STATE_TENSORS, _train_state, load_train_state
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, load_checkpoint
 from opmix_ray.training import make_optimizer, train_step
@@ -124,13 +124,13 @@ KEYS = ("round", "step", "weights", "objective", "adapter_weights", "merged_val_
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     import ray
 
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     ref = run(load_config(TINY, {"run": {"storage_path": str(tmp_path), "name": "ref"}, **SETS}))
     ray.shutdown()
     run_dir = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "opmix_ray.cli", "run", TINY, *_sets(tmp_path, "killed")],
-                            cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=_env())
+                            cwd=ROOT, process_group=0, stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         if (run_dir / "history.json").is_file() and _rounds(run_dir):

@@ -1,4 +1,4 @@
-"""Every built-in searcher through the conformance suite (opmix_ray.testing), plus the base class's
+"""Every built-in searcher through the conformance suite (opmix_ray.searchers.testing), plus the base class's
 own guarantees and the registry's errors."""
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from opmix_ray.searchers import MixtureSearcher, SearcherError, create_searcher, registered
-from opmix_ray.testing import PLAIN, SearcherConformance, drive, synthetic_result
+from opmix_ray.searchers.testing import PLAIN, SearcherConformance, drive, synthetic_result
 from search_spaces import ConstrainedSimplex, SimplexSpace
 
 # Small model-based settings so the suite reaches the model phase within its 14 trials.
@@ -85,6 +85,17 @@ class _Fixed(MixtureSearcher):
         return self.out
 
 
+class _NoPropose(MixtureSearcher):
+    pass
+
+
+def test_a_searcher_without_propose_is_refused_naming_the_method():
+    with pytest.raises(TypeError, match="propose"):
+        _NoPropose(space=PLAIN)
+    with pytest.raises(SearcherError, match=r"does not implement \['propose'\]"):
+        create_searcher(f"{__name__}:_NoPropose", space=PLAIN)
+
+
 @pytest.mark.parametrize("out", [[0.5, 0.6, 0.0, 0.0], [np.nan, 0.5, 0.5, 0.0], [-0.1, 0.5, 0.6, 0.0], [1.0, 0.0]])
 def test_off_space_suggestion_is_an_error_naming_the_searcher(out):
     with pytest.raises(SearcherError, match="_Fixed suggested"):
@@ -138,7 +149,7 @@ def test_registry_errors_name_the_field_and_fix():
 
 
 def test_dotted_path_and_context_kwargs():
-    # a searcher that does not take objective_weights still builds when search.py offers it
+    # a searcher that does not take objective_weights still builds when engine/trials.py offers it
     s = create_searcher("opmix_ray.searchers._random:RandomSimplexSearcher", space=PLAIN, seed=0,
                         objective_weights={"python": 1.0})
     assert type(s).__name__ == "RandomSimplexSearcher"
@@ -149,7 +160,7 @@ def test_dotted_path_and_context_kwargs():
 # --- the mixing law itself ---
 
 def test_mixing_law_fit_recovers_a_known_law_and_proposes_its_optimum():
-    from opmix_ray.searchers._mixing_law import fit_laws, propose_mixture
+    from opmix_ray.searchers import fit_laws, propose_mixture
 
     rng = np.random.default_rng(0)
     A = rng.dirichlet(np.ones(4), 16)

@@ -22,7 +22,7 @@ FORBIDDEN = [
 
 
 def test_sources_found():
-    assert len(SOURCES) > 10 and any(p.name == "engine.py" for p in SOURCES)
+    assert len(SOURCES) > 10 and any(p.as_posix().endswith("opmix_ray/engine/driver.py") for p in SOURCES)
 
 
 @pytest.mark.parametrize("what, pattern, fix", FORBIDDEN, ids=[f[0] for f in FORBIDDEN])
@@ -38,8 +38,9 @@ def test_no_unsafe_deserialisation(what, pattern, fix):
 
 def test_local_mode_binds_loopback_without_dashboard(monkeypatch):
     import ray
-    from opmix_ray import engine
+
     from opmix_ray.config import load_config
+    from opmix_ray.engine import driver as engine
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -52,8 +53,9 @@ def test_local_mode_binds_loopback_without_dashboard(monkeypatch):
 def test_inside_a_ray_job_joins_the_cluster(monkeypatch):
     """A submitted job gets RAY_ADDRESS from Ray: the run joins that cluster, never starts its own."""
     import ray
-    from opmix_ray import engine
+
     from opmix_ray.config import load_config
+    from opmix_ray.engine import driver as engine
     seen = {}
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -10,11 +10,11 @@ import os
 import socket
 
 import pytest
-from pyarrow.fs import FileSelector
 import ray
+from pyarrow.fs import FileSelector
 
 from opmix_ray.config import ConfigError, load_config
-from opmix_ray.preflight import check_storage
+from opmix_ray.engine.preflight import check_storage
 from opmix_ray.storage import STAGING_ENV, RunStore, is_file, join, read_json, remote_fs
 
 BUCKET = "opmix-test"
@@ -113,7 +113,7 @@ def test_preflight_rejects_unusable_uri(s3, uri, why):
 @pytest.mark.slow  # ~100 s on 2 shared cores: a full tiny run (2 rounds) plus the uploads
 def test_engine_run_lands_in_bucket(s3, capsys):
     from opmix_ray.cli import main
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     ray.shutdown()  # a Ray started earlier would not have this module's AWS env in its workers
     cfg = _cfg(s3, "tiny-s3", num_samples=3)
     try:

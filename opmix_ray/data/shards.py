@@ -19,14 +19,11 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from opmix_ray.config import Config
+from opmix_ray.errors import DataError
 from opmix_ray.mixture import Mixture, content_hash
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "corpus"
 EOS_TOKEN = "<|endoftext|>"
-
-
-class DataError(ValueError):
-    """Bad domain data; the message names the domain/file and the fix."""
 
 
 @dataclass
@@ -219,7 +216,7 @@ def _run_tokenizer(cfg: Config, shards: TokenShards) -> tuple[Tokenizer, int]:
 
 def with_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> TokenShards:
     """`shards` plus training domain `name` read from `path` (a domain arriving in a live run:
-    live.py); the same split rules, and a data hash that chains the old one."""
+    engine/domains.py); the same split rules, and a data hash that chains the old one."""
     if name in shards.domains or name in shards.eval_only:
         raise DataError(f"add-domain: the run already has a domain '{name}' (fix: pick another --name)")
     tok, eos = _run_tokenizer(cfg, shards)

@@ -22,11 +22,21 @@ _REGISTRY = {
     "mixing-law": "opmix_ray.searchers._mixing_law:MixingLawSearcher",
 }
 
-# Facts about the run that search.py offers every searcher; one that does not take a keyword
+# Facts about the run that engine/trials.py offers every searcher; one that does not take a keyword
 # simply does not get it (a user's 3-argument searcher keeps working).
 CONTEXT_KWARGS = ("objective_weights",)
 
-__all__ = ["create_searcher", "registered", "METRIC", "MODE", "MixtureSearcher", "SearcherError"]
+# the mixing-law math, shared with the Olmix baseline (loaded on first use: it needs scipy)
+_LAW = ("KL_LAMBDA", "fit_laws", "propose_mixture")
+
+__all__ = ["create_searcher", "registered", "METRIC", "MODE", "MixtureSearcher", "SearcherError", *_LAW]
+
+
+def __getattr__(name: str):
+    if name in _LAW:
+        from opmix_ray.searchers import _mixing_law
+        return getattr(_mixing_law, name)
+    raise AttributeError(f"module 'opmix_ray.searchers' has no attribute {name!r}")
 
 
 def registered() -> list[str]:
@@ -58,6 +68,10 @@ def create_searcher(name: str, *, space, seed: int = 0, points_to_evaluate=None,
     factory = _import(_REGISTRY.get(name, name))
     if not callable(factory):
         raise SearcherError(f"search.searcher: '{name}' is not a class or factory (fix: point at a Searcher class)")
+    missing = sorted(getattr(factory, "__abstractmethods__", ()))
+    if missing:
+        raise SearcherError(f"search.searcher: '{name}' does not implement {missing} (fix: define "
+                            "propose(self, trial_id) returning weights over space.coords, None or FINISHED)")
     for k in CONTEXT_KWARGS:
         if k in kwargs and not _accepts(factory, k):
             kwargs.pop(k)

@@ -9,7 +9,7 @@ A subclass writes three small methods and gets the rest right for free:
             ...
         # state() / load_state(s): only if the subclass keeps state of its own (JSON-able dicts)
 
-What the base guarantees (and opmix_ray.testing checks for every searcher):
+What the base guarantees (and opmix_ray.searchers.testing checks for every searcher):
 - every suggestion is on the space (finite, on the simplex, within bounds and the space's linear
   rows A_ub @ w <= b_ub, via space.contains) or a SearcherError
   saying which searcher broke it; weights are sent as the space's own params;
@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABCMeta, abstractmethod
 
 import numpy as np
 from ray.tune.search import Searcher
 
+from opmix_ray.errors import SearcherError
+
 METRIC = "objective"  # what a trial reports and every searcher minimises
 MODE = "min"
-
-
-class SearcherError(ValueError):
-    """A bad searcher name, path or argument; the message names the config field and the fix."""
 
 
 def clean_value(result: dict | None, error: bool = False, metric: str = METRIC) -> float | None:
@@ -62,8 +61,9 @@ def _floats(d: dict | None, prefix: str) -> dict[str, float]:
     return out
 
 
-class MixtureSearcher(Searcher):
-    """Base class for searchers over a mixture space (SimplexSpace / ConstrainedSimplex / ...)."""
+class MixtureSearcher(Searcher, metaclass=ABCMeta):
+    """Base class for searchers over a mixture space (SimplexSpace / ConstrainedSimplex / ...).
+    A subclass must implement `propose`; Python refuses to build one that does not."""
 
     def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, metric: str = METRIC,
                  mode: str = MODE):
@@ -88,9 +88,9 @@ class MixtureSearcher(Searcher):
         self._finished = False
 
     # --- what a subclass implements ---
+    @abstractmethod
     def propose(self, trial_id: str):
         """Next candidate: weights over space.coords, a config dict, None (not now) or FINISHED."""
-        raise NotImplementedError
 
     def observe(self, trial_id: str, weights: np.ndarray, value: float | None, result: dict | None) -> None:
         """A trial finished; value is None when it failed (NaN, inf, missing metric, error)."""

@@ -4,7 +4,7 @@
   (`on_driver_node`), so losing any other node cannot take the run's history or its Train
   controller with it.
 - A round's adapter job that fails because a node died is rerun once on what is left
-  (adapters.train_adapters); Tune reruns trials on their own (search.py, FailureConfig).
+  (adapters.train_adapters); Tune reruns trials on their own (engine/trials.py, FailureConfig).
 - Anything else that fails while a node is missing (most often the main run's worker was on it)
   ends the run with RunInterrupted: one line naming the lost nodes, what is saved, and the
   `opmix-ray resume` command. The CLI exits with status 3.
@@ -18,9 +18,7 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-
-class RunInterrupted(RuntimeError):
-    """The run cannot go on because Ray lost a node; the message says how to continue."""
+from opmix_ray.errors import RunInterrupted
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:

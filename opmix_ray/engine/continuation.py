@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 
+from opmix_ray.compute import eval_flops, train_flops
 from opmix_ray.config import Config
+from opmix_ray.engine.main_run import _make_sampler, load_train_state, steps_and_boundaries
 from opmix_ray.evaluate import domain_losses
-from opmix_ray.main_run import _make_sampler, load_train_state, steps_and_boundaries
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import load_checkpoint, n_params, set_threads
 from opmix_ray.training import make_optimizer, train_step
@@ -58,7 +59,7 @@ def continue_main_run(cfg: Config, shards, checkpoint: str, weights: dict[str, f
     tokens = steps * cfg.main.batch_size * shards.seq_len
     eval_tokens = sum(v.shape[0] * shards.seq_len for v in shards.val.values())
     return {"val_loss": val, "drawn": sampler.segment_fractions(), "tokens": tokens,
-            "flops": 6.0 * n * tokens + 2.0 * n * eval_tokens, "wall_s": time.time() - t0}
+            "flops": train_flops(n, tokens) + eval_flops(n, eval_tokens), "wall_s": time.time() - t0}
 
 
 def continue_many(cfg: Config, shards, checkpoint: str, jobs: list[dict], steps: int) -> list[dict]:

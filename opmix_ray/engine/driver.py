@@ -1,12 +1,12 @@
 """A whole OP-Mix run: data -> main run -> per round (adapters -> merge/search -> push) -> report.
 
     from opmix_ray.config import load_config
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     summary = run(load_config("opmix_ray/configs/demo.yaml"))
 
-Each step lives in its own module: data/ (shards, sampler), main_run.py, adapters.py, merge.py,
-search.py + searchers/, controller.py (push); live.py applies domain-set changes queued on a
-live run, faults.py what a lost node does. This file only sequences them.
+Each step lives in its own module: data/ (shards, sampler), engine/main_run.py, engine/adapters.py, engine/merge.py,
+engine/trials.py + searchers/, engine/controller.py (push); engine/domains.py applies domain-set changes queued on a
+live run, engine/faults.py what a lost node does. This file only sequences them.
 """
 from __future__ import annotations
 
@@ -19,20 +19,21 @@ from pathlib import Path
 import ray
 
 from opmix_ray import rundir
-from opmix_ray.adapters import adapter_lr, adapter_plan, train_adapters
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
-from opmix_ray.confirm import confirm_move
 from opmix_ray.console import say as _say
-from opmix_ray.controller import MixtureController, controller_name
 from opmix_ray.data.shards import shard_manifest
+from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, train_adapters
+from opmix_ray.engine.confirm import confirm_move
+from opmix_ray.engine.controller import MixtureController, controller_name
+from opmix_ray.engine.domains import arrive, clear_live, write_live
+from opmix_ray.engine.faults import alive_nodes, interrupted, lost_since, on_driver_node
+from opmix_ray.engine.main_run import launch_main_run, steps_and_boundaries
+from opmix_ray.engine.preflight import preflight
+from opmix_ray.engine.records import BoundaryInfo, RoundRecord
+from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_search
 from opmix_ray.evaluate import mean_perplexity
-from opmix_ray.faults import alive_nodes, interrupted, lost_since, on_driver_node
-from opmix_ray.live import arrive, clear_live, write_live
-from opmix_ray.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.mixture import Mixture
-from opmix_ray.preflight import preflight
-from opmix_ray.search import build_candidates, cap_shares, decide, run_search
 from opmix_ray.storage import RunStore, is_uri
 
 
@@ -106,41 +107,34 @@ def _initial_mixture(cfg: Config, shards):
 
 
 def _domain_changes(cfg: Config, ctl, k: int, shards, current: Mixture, store: RunStore):
-    """Apply the domain-set changes queued since the last round (live.py): (shards, their new
-    ObjectRef or None, the old mixture over the new domains, this round's config: adapters for the
-    affected domains plus 'old', or None when nothing needs a search, the changes)."""
+    """Apply the domain-set changes queued since the last round (engine/domains.py): (shards, their new
+    ObjectRef or None, the old mixture over the new domains, the affected domains (adapters for them
+    plus 'old'; [] when nothing needs a search; None when nothing changed), the changes)."""
     changes = ray.get(ctl.take_changes.remote())
     if not changes:
-        return shards, None, current, cfg, []
-    shards, current, round_cfg = arrive(cfg, store.local_dir, shards, current, changes)
+        return shards, None, current, None, []
+    shards, current, affected = arrive(cfg, store.local_dir, shards, current, changes)
     ref = ray.put(shards)
     ray.get(ctl.domains_changed.remote(k, current.as_dict(), [ref], changes))
     store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))
     what = ", ".join(f"{c['op']} {c['name']}" for c in changes)
-    _say(f"round {k}: domain changes ({what}); " + (f"adapters for {round_cfg.adapters.domains} plus 'old' "
-         "(the other domains, ratios frozen)" if round_cfg else "no new data: pushing the renormalised mixture"))
-    return shards, ref, current, round_cfg, changes
+    _say(f"round {k}: domain changes ({what}); " + (f"adapters for {affected} plus 'old' "
+         "(the other domains, ratios frozen)" if affected else "no new data: pushing the renormalised mixture"))
+    return shards, ref, current, affected, changes
 
 
-def _reuse_record(k: int, info: dict, current: Mixture) -> dict:
-    """A round with nothing to search (only removals): the renormalised mixture is reused."""
-    return {"step": info["step"], "tokens": info["tokens"], "weights": current.as_dict(), "adapter_weights": {},
-            "objective": None, "merged_val_loss": {}, "base_val_loss": info["val_loss"],
-            "drawn_before": info["drawn"], "mixture_before": info["mixture"], "n_trials": 0, "n_failed": 0,
-            "flops": {"main_so_far": info["flops"], "adapters": 0.0, "search": 0.0},
-            "wall_s": {"adapters": 0.0, "search": 0.0}, "searcher": "reuse"}
-
-
-def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
+def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, shards_ref, store: RunStore,
+           affected: list[str] | None = None) -> tuple[Mixture, RoundRecord]:
     run_dir = store.local_dir
     t0 = time.time()
-    _say(f"round {k}: training {len(adapter_plan(current, cfg))} LoRA adapters on the step-{info['step']} checkpoint")
-    dirs = train_adapters(cfg, shards_ref, info["path"], current, k, str(run_dir), info.get("lr"))
+    _say(f"round {k}: training {len(adapter_plan(current, cfg, affected))} LoRA adapters on the "
+         f"step-{info.step} checkpoint")
+    dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
     t_adapters = time.time() - t0
     total, boundaries = steps_and_boundaries(cfg)
-    nxt = next((b for b in boundaries if b > info["step"]), total)
-    cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info["path"], dirs, shards, current, info,
-                             (nxt - info["step"]) * cfg.main.batch_size * shards.seq_len)
+    nxt = next((b for b in boundaries if b > info.step), total)
+    cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
+                             (nxt - info.step) * cfg.main.batch_size * shards.seq_len)
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
     out = run_search(cfg, cands, k, str(run_dir))
@@ -150,7 +144,7 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
         _say(f"round {k}: {decision.reason}; confirming with an adapter trained on the leader's mixture")
         merged_reason = decision.reason
         decision.moved, decision.reason, decision.confirm = confirm_move(
-            cfg, shards_ref, info["path"], decision.leader_mixture, adapter_lr(cfg, info.get("lr")), k, dirs,
+            cfg, shards_ref, info.path, decision.leader_mixture, adapter_lr(cfg, info.lr), k, dirs,
             cands.objective_weights)
         decision.confirm["merged_reason"] = merged_reason
     doms = current.domains
@@ -165,19 +159,19 @@ def _round(cfg, k, info, current, shards, shards_ref, store: RunStore) -> tuple:
         store.upload_dir(rel)
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
                       for v in shards.selection().values())
-    flops = round_search_flops(info["n_params"], cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len,
+    flops = round_search_flops(info.n_params, adapter_tokens(cfg, shards.seq_len),
                                len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed, eval_tokens)
-    record = {"step": info["step"], "tokens": info["tokens"], "weights": pushed.as_dict(),
-              "adapter_weights": out.weights, "objective": out.objective, "merged_val_loss": out.losses,
-              "decision": decision.as_dict(), "delta_scale": cands.scale,
-              "search_space": type(cands.space).__name__,
-              **({"cap_shares": cap_shares(cfg, shards, info)} if cfg.search.caps and "drawn_tokens" in info else {}),
-              "base_val_loss": info["val_loss"], "drawn_before": info["drawn"],
-              "mixture_before": info["mixture"], "n_trials": out.n_trials, "n_failed": out.n_failed,
-              "flops": {"main_so_far": info["flops"], "adapters": flops["adapters"], "search": flops["trials"]},
-              "wall_s": {"adapters": t_adapters, "search": out.wall_s,
-                         **({"confirm": decision.confirm["wall_s"]} if decision.confirm else {})},
-              "searcher": cfg.search.searcher}
+    record = RoundRecord(
+        step=info.step, tokens=info.tokens, weights=pushed, adapter_weights=out.weights, objective=out.objective,
+        merged_val_loss=out.losses, decision=decision.as_dict(), delta_scale=cands.scale,
+        search_space=type(cands.space).__name__,
+        cap_shares=cap_shares(cfg, shards, info) if cfg.search.caps and info.has_caps_state else None,
+        base_val_loss=info.val_loss, drawn_before=info.drawn, mixture_before=info.mixture,
+        n_trials=out.n_trials, n_failed=out.n_failed,
+        flops={"main_so_far": info.flops, "adapters": flops["adapters"], "search": flops["trials"]},
+        wall_s={"adapters": t_adapters, "search": out.wall_s,
+                **({"confirm": decision.confirm["wall_s"]} if decision.confirm else {})},
+        searcher=cfg.search.searcher)
     _say(f"round {k}: best objective {out.objective:.4f} after {out.n_trials} trials ({out.wall_s:.0f}s); "
          f"{decision.reason}; pushing {pushed}")
     return pushed, record
@@ -205,7 +199,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
 def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_start: float,
           rounds: list[dict] | None = None, resume: dict | None = None) -> dict:
     """Start the controller and the main run, run rounds from the first one not in `rounds` (the
-    rounds a resumed run already pushed; resume.py), then write the summary. Ray must be up."""
+    rounds a resumed run already pushed; engine/resume.py), then write the summary. Ray must be up."""
     run_dir = store.local_dir
     shards_ref = ray.put(shards)
     total, boundaries = meta["total_steps"], meta["boundaries"]
@@ -226,16 +220,16 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
                 k = _latest_boundary(ctl, k, len(boundaries))  # skip snapshots a long round overtook
                 if k is None:
                     break  # the main run ended while the last round ran
-            info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
-            shards, new_ref, current, round_cfg, changes = _domain_changes(cfg, ctl, k, shards, current, store)
+            info = BoundaryInfo.from_dict(_wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen))
+            shards, new_ref, current, affected, changes = _domain_changes(cfg, ctl, k, shards, current, store)
             shards_ref = new_ref or shards_ref
-            if round_cfg is None:
-                record = _reuse_record(k, info, current)
+            if changes and not affected:
+                record = RoundRecord.reuse(info, current)
             else:
-                current, record = _round(round_cfg, k, info, current, shards, shards_ref, store)
+                current, record = _round(cfg, k, info, current, shards, shards_ref, store, affected)
             if changes:
-                record["domain_changes"] = [f"{c['op']} {c['name']}" for c in changes]
-            ray.get(ctl.push.remote(k, current.as_dict(), record))
+                record.domain_changes = [f"{c['op']} {c['name']}" for c in changes]
+            ray.get(ctl.push.remote(k, current.as_dict(), record.as_dict()))
             k += 1
         _wait(main_ref, main_ref, ctl, seen)
     except Exception as exc:

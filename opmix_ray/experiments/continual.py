@@ -21,7 +21,7 @@ Metric: mean val loss over every domain seen so far (forgetting included) and FL
 With `schedule.instruct_eval: true` (continual instruction tuning, configs/continual_instruct.yaml)
 the later stages add instruction tasks (opmix_ray/data/instruct.py), and every checkpoint is also
 scored on the tasks seen so far: exact match and answer loss, held-out and trained-sample
-(opmix_ray/instruct_eval.py); the stage-0 checkpoint is scored zero-shot on every task.
+(opmix_ray/experiments/instruct.py); the stage-0 checkpoint is scored zero-shot on every task.
 Fixed-mixture stages run as Tune trials (training.run_fixed_jobs) and restart AdamW with warmup at
 each stage, as the engine's stage runs do.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from opmix_ray import rundir
+from opmix_ray.compute import train_flops
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.storage import atomic_write_bytes, write_json
 
@@ -73,7 +74,7 @@ def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage) -> dict:
 
 
 def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     c = cfg.model_copy(deep=True)
     c.run.name, c.run.storage_path, c.run.baseline = f"{method}-stage{stage}", str(out / "runs"), "none"
     c.model.path = init
@@ -91,8 +92,8 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
 def _instruct_scorer(cfg: Config, shards):
     """(checkpoint, domains) -> {"instruct": scores of the tasks among domains}, {} when there are none;
     and each task's majority-answer exact match."""
-    from opmix_ray import instruct_eval
     from opmix_ray.data.shards import load_tokenizer, resolve_data_paths
+    from opmix_ray.experiments import instruct as instruct_eval
     tok, _ = load_tokenizer(resolve_data_paths(cfg)[2])
     sets = instruct_eval.load_sets(cfg.data.path, tok, shards.eos_id, shards.train)
 
@@ -104,8 +105,8 @@ def _instruct_scorer(cfg: Config, shards):
 
 def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
     from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine import init_ray
-    from opmix_ray.preflight import check_against_data
+    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.engine.preflight import check_against_data
     from opmix_ray.training import run_fixed_jobs
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
     seen_by_stage = check_schedule(cfg)
@@ -129,7 +130,7 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
                          shards, str(out / "tune"), "stage_0", 1)[0]
     ckpt = dict.fromkeys(methods, str(out / "stage_0" / "pretrained"))
     mix = dict.fromkeys(methods, _weights(doms, dict.fromkeys(st0.add, 1.0)))
-    flops = {m: {"main": 6.0 * pre["n_params"] * st0.tokens, "search": 0.0} for m in methods}
+    flops = {m: {"main": train_flops(pre["n_params"], st0.tokens), "search": 0.0} for m in methods}
     zero_shot = scorer(str(out / "stage_0" / "pretrained"), doms)  # every task, before any is trained on
     rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m],
              **_score(pre["val_loss"], st0.add), **zero_shot} for m in methods]
@@ -149,7 +150,7 @@ def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> 
             _say(f"stage {s}: +{new}; {', '.join(j['method'] for j in jobs)} as Tune trials")
             for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
                 results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "ckpt": j["save_path"],
-                                        "main_flops": 6.0 * res["n_params"] * j["tokens"], "search_flops": 0.0,
+                                        "main_flops": train_flops(res["n_params"], j["tokens"]), "search_flops": 0.0,
                                         "wall_s": res["wall_s"]}
         for m in [m for m in methods if m.startswith("opmix")]:
             _say(f"stage {s}: {m} (adapters for {new if m == 'opmix' else seen} + old)")
@@ -199,7 +200,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(f"{r['val_loss'][d]:.4f}" for d in seen[-1]) + " |")
     tasks = [d for d in seen[-1] if any(d in r.get("instruct", {}) for r in rows if r["stage"] > 0)]
     if tasks:
-        from opmix_ray.instruct_eval import markdown as instruct_markdown
+        from opmix_ray.experiments.instruct import markdown as instruct_markdown
         lines += ["", instruct_markdown(rows, tasks, result.get("instruct_majority_em")).rstrip("\n")]
     lines += ["", "Stage mixtures (token shares):", ""]
     for r in rows:

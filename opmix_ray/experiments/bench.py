@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from opmix_ray import rundir
-from opmix_ray.baselines import (
+from opmix_ray.compute import train_flops
+from opmix_ray.config import Config, ConfigError
+from opmix_ray.experiments.baselines import (
     OBJECTIVE_FREE,
     BaselineContext,
     propose,
     usage_upper_bounds,
 )
-from opmix_ray.config import Config, ConfigError
 from opmix_ray.storage import read_json, write_json
 
 
@@ -82,7 +83,7 @@ OPMIX_METHODS = ("opmix", "opmix-v1")
 
 def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path, method: str = "opmix") -> list[dict]:
     from opmix_ray.config import load_config
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     rows = []
     for name, obj in objectives(shards).items():
         c = seed_config(cfg, seed, out_dir)
@@ -131,7 +132,7 @@ def _train_fixed_rows(cfg: Config, rows: list[dict], shards_by_seed: dict, out_d
     oracle = []
     for job, res in zip(jobs, done):
         sh = shards_by_seed[job["seed"]]
-        m = {**metrics(res["val_loss"], sh), "main_flops": 6.0 * res["n_params"] * cfg.main.total_tokens,
+        m = {**metrics(res["val_loss"], sh), "main_flops": train_flops(res["n_params"], cfg.main.total_tokens),
              "main_wall_s": res["wall_s"], "drawn": res["drawn"]}
         if "row" in job:
             rows[job["row"]].update(m)
@@ -143,10 +144,10 @@ def _train_fixed_rows(cfg: Config, rows: list[dict], shards_by_seed: dict, out_d
 
 def run_bench(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Run the whole benchmark; returns {rows, oracle, fidelity, wall_s} (also in OUT/results.json)."""
-    from opmix_ray.bench_report import write_report
     from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine import init_ray
-    from opmix_ray.preflight import check_against_data, check_searcher
+    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.engine.preflight import check_against_data, check_searcher
+    from opmix_ray.experiments.report import write_report
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
     if (out / "results.json").exists() and not overwrite:
         raise ConfigError(f"config error at --out: {out} holds a finished benchmark (fix: pass --overwrite "
@@ -172,7 +173,7 @@ def run_bench(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict
     fidelity = None
     first_opmix = next((r for r in rows if r["method"] == "opmix"), None)
     if cfg.bench.fidelity_mixtures and first_opmix:
-        from opmix_ray.fidelity import run_fidelity
+        from opmix_ray.experiments.fidelity import run_fidelity
         _say(f"fidelity: {cfg.bench.fidelity_mixtures} mixtures on {first_opmix['run_dir']} round 0")
         fidelity = run_fidelity(first_opmix["run_dir"], 0, cfg.bench.fidelity_mixtures)
     result = {"rows": rows, "oracle": oracle, "fidelity": fidelity, "wall_s": time.time() - t0,

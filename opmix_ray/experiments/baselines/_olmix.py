@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from opmix_ray.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
+from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
 from opmix_ray.mixture import Mixture
-from opmix_ray.searchers._mixing_law import KL_LAMBDA, fit_laws, propose_mixture
+from opmix_ray.searchers import KL_LAMBDA, fit_laws, propose_mixture
 
 
 def olmix(ctx: BaselineContext, objective: dict[str, float], restarts: int = 32) -> BaselineResult:

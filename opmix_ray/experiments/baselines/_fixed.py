@@ -1,5 +1,5 @@
 """The two mixtures that cost nothing to find."""
-from opmix_ray.baselines.base import BaselineContext, BaselineResult
+from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult
 
 
 def uniform(ctx: BaselineContext, objective) -> BaselineResult:

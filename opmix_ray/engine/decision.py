@@ -47,7 +47,7 @@ class Decision:
     leader_mixture: dict[str, float]
     leader_source: str  # "trial" (best Tune trial) or "law" (the mixing law's proposal)
     stay_old_objective: float | None = None  # a_old = 1: the old adapter alone
-    confirm: dict | None = None  # decision.confirm: the confirmation adapter's figures (confirm.py)
+    confirm: dict | None = None  # decision.confirm: the confirmation adapter's figures (engine/confirm.py)
 
     def as_dict(self) -> dict:
         return asdict(self)

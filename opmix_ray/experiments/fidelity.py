@@ -6,7 +6,7 @@ On a finished OP-Mix run's round k, for `mixtures` adapter-weight vectors a (alw
 the round's leader; equal weights; then draws from the round's search space, caps included):
   proxy = the merged-adapter objective the search ranks by (search.score, in this process);
   truth = the exact continuation of the main run from round k's checkpoint on E(a) up to the next
-          boundary (continuation.py: optimizer moments, schedule, sampler state and repetition
+          boundary (engine/continuation.py: optimizer moments, schedule, sampler state and repetition
           counters restored), once per truth seed. Seed 0 is the run's own data order: for the
           mixture the run pushed, its truth is the main run's own loss at the next boundary.
 Per objective (mean, target, the run's own) it reports Spearman and Pearson of proxy vs truth,
@@ -77,10 +77,11 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     overrides: config changes for the proxy only (search.* such as delta_scale, eval tokens);
     adapter_dirs: score these adapters instead of the run's own."""
     from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine import init_ray
-    from opmix_ray.main_run import checkpoint_path, steps_and_boundaries
+    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
+    from opmix_ray.engine.records import BoundaryInfo
+    from opmix_ray.engine.trials import build_candidates, candidate_mixture, objective_weights, score
     from opmix_ray.mixture import Mixture
-    from opmix_ray.search import build_candidates, candidate_mixture, objective_weights, score
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / rundir.HISTORY).is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no {rundir.HISTORY} (fix: pass the dir of a "
@@ -101,7 +102,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     total, bounds = steps_and_boundaries(cfg)
     start = bounds[round_idx]
     end = bounds[round_idx + 1] if round_idx + 1 < len(bounds) else total
-    info = read_json(Path(ckpt) / rundir.STATE_JSON)["info"]
+    info = BoundaryInfo.from_dict(read_json(Path(ckpt) / rundir.STATE_JSON)["info"])
     cands = build_candidates(cfg, f"fidelity/{round_idx}/{time.time()}", ckpt, dirs, shards, current, info,
                              (end - start) * cfg.main.batch_size * shards.seq_len)
     if truths_from:
@@ -121,7 +122,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     if truths_from:
         truths = [c["truth"] for c in prior["candidates"]]
     else:
-        from opmix_ray.continuation import continue_many
+        from opmix_ray.engine.continuation import continue_many
         init_ray(cfg)
         jobs = [{"weights": m.as_dict(), "truth_seed": s} for m in mixtures for s in range(truth_seeds)]
         rows = continue_many(cfg, shards, ckpt, jobs, end - start)

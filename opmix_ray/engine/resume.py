@@ -1,9 +1,9 @@
 """`opmix-ray resume RUN_DIR`: continue a run whose driver died, from its last completed step.
 
-    from opmix_ray.resume import resume
+    from opmix_ray.engine.resume import resume
     summary = resume("opmix_runs/tiny")      # {"already_finished": True, ...} if it had finished
 
-What a run leaves (engine.py, main_run.py): history.json gets each round's record when the round
+What a run leaves (engine/driver.py, engine/main_run.py): history.json gets each round's record when the round
 is pushed, and each round boundary k leaves main/round_k = the HF checkpoint + train_state.*
 (AdamW moments, LR-schedule position, sampler streams, torch RNG; safetensors + JSON, no pickle),
 train_state.json written last. From that:
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
-from opmix_ray.live import replay_changes
-from opmix_ray.main_run import checkpoint_path
+from opmix_ray.engine.domains import replay_changes
+from opmix_ray.engine.main_run import checkpoint_path
 from opmix_ray.mixture import Mixture
 from opmix_ray.run_config import bad_run_dir, load_run_config
 from opmix_ray.storage import RunStore, fetch_run, is_uri, read_json, redact
@@ -69,10 +69,10 @@ def _clear_after(run_dir: Path, point: dict | None, n_rounds: int) -> None:
 def resume(run_dir: str | Path) -> dict:
     """Continue the run in run_dir (a local dir, or a URI run's s3://.../NAME) to its end; return
     its summary (see the module docstring)."""
-    from opmix_ray.data.shards import build_shards
     from opmix_ray.console import say as _say
-    from opmix_ray.engine import drive, finish, init_ray
-    from opmix_ray.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
+    from opmix_ray.data.shards import build_shards
+    from opmix_ray.engine.driver import drive, finish, init_ray
+    from opmix_ray.engine.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
     t_start = time.time()
     if is_uri(run_dir):  # the run's bucket copy: resume in its staging dir, mirroring to the bucket
         try:
@@ -93,7 +93,7 @@ def resume(run_dir: str | Path) -> dict:
     if meta.get("data_hash") != shards.data_hash:
         raise ConfigError(f"config error at data.path: the data no longer hashes to the run's "
                           f"{meta.get('data_hash')} (fix: restore the data the run started on)")
-    shards = replay_changes(cfg, run_dir, shards, meta)  # the live domain-set changes (live.py)
+    shards = replay_changes(cfg, run_dir, shards, meta)  # the live domain-set changes (engine/domains.py)
     store = RunStore(run_dir, cfg.run.storage_path if is_uri(cfg.run.storage_path) else None, cfg.run.name)
     domains = tuple(meta["domains"])
     current = (Mixture.from_dict(rounds[-1]["weights"], domains, shards.data_hash) if rounds

@@ -27,28 +27,31 @@ from ray.train.torch import TorchTrainer
 from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.data.sampler import MixtureSampler
-from opmix_ray.faults import alive_nodes, lost_since
+from opmix_ray.engine.faults import alive_nodes, lost_since
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import lm_loss, load_checkpoint, n_params, pick_device, set_threads
 from opmix_ray.storage import write_json
-
+from opmix_ray.training import optimizer_step
 
 REPLICATE = "old#2"  # a second adapter on the current mixture, another data seed: the adapter-noise probe
 
 
-def adapter_plan(current: Mixture, cfg: Config) -> list[tuple[str, dict[str, float]]]:
+def adapter_plan(current: Mixture, cfg: Config, affected: list[str] | None = None) -> list[tuple[str, dict[str, float]]]:
     """[(adapter name, probe mixture)]: 'old' on p, then each domain on share*d + (1-share)*p, then
-    the replicate of 'old' (never a search coordinate; search.py keeps it out of the space)."""
-    plan = [("old", current.as_dict())] if cfg.adapters.include_old else []
+    the replicate of 'old' (never a search coordinate; engine/trials.py keeps it out of the space).
+    affected: the domains a live change touched (engine/domains.py); only they get their own adapter,
+    and 'old' carries the rest, whatever adapters.domains and include_old say."""
+    include_old = cfg.adapters.include_old or affected is not None
+    plan = [("old", current.as_dict())] if include_old else []
     share = cfg.adapters.probe_domain_share
-    own = cfg.adapters.domains
+    own = affected if affected is not None else cfg.adapters.domains
     for i, d in enumerate(current.domains):
         if own is not None and d not in own:
             continue  # collapsed into 'old'
         w = (1.0 - share) * current.as_array()
         w[i] += share
         plan.append((d, Mixture.normalised(current.domains, w).as_dict()))
-    if cfg.adapters.include_old and cfg.adapters.replicate_old:
+    if include_old and cfg.adapters.replicate_old:
         plan.append((REPLICATE, current.as_dict()))
     return plan
 
@@ -57,6 +60,11 @@ def adapter_lr(cfg: Config, main_lr_now: float | None) -> float:
     """lr_multiplier x the main run's lr at the checkpoint (lr_schedule: current) or at its peak."""
     base = main_lr_now if cfg.adapters.lr_schedule == "current" and main_lr_now is not None else cfg.main.lr
     return cfg.adapters.lr_multiplier * base
+
+
+def adapter_tokens(cfg: Config, seq_len: int) -> int:
+    """Tokens one adapter trains on (its FLOPs in compute.lora_flops)."""
+    return cfg.adapters.steps * cfg.adapters.batch_size * seq_len
 
 
 def adapter_seeds(cfg: Config, round_idx: int | str, name: str) -> tuple[int, int]:
@@ -83,15 +91,10 @@ def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, see
     losses = []
     for _ in range(cfg.adapters.steps):
         batch, _ = sampler.next_batch(cfg.adapters.batch_size)
-        loss = lm_loss(model, torch.as_tensor(batch, device=device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(model, opt, None, lm_loss(model, torch.as_tensor(batch, device=device))))
     return {"model": model, "first_loss": losses[0], "final_loss": float(np.mean(losses[-5:])),
             "drawn": sampler.segment_fractions(), "n_params": n_params(model.get_base_model()),
-            "tokens": cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len}
+            "tokens": adapter_tokens(cfg, shards.seq_len)}
 
 
 def adapter_loop(loop_cfg: dict) -> None:
@@ -119,7 +122,7 @@ def adapter_loop(loop_cfg: dict) -> None:
                          checkpoint_dir_name="adapters")
 
 
-ADAPTER_NODE_RETRIES = 1  # reruns of a round's adapter job after a node died under it (faults.py)
+ADAPTER_NODE_RETRIES = 1  # reruns of a round's adapter job after a node died under it (engine/faults.py)
 
 
 def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int, run_dir: str, lr: float):
@@ -141,11 +144,13 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
 
 
 def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,
-                   run_dir: str, main_lr_now: float | None = None) -> dict[str, str]:
+                   run_dir: str, main_lr_now: float | None = None,
+                   affected: list[str] | None = None) -> dict[str, str]:
     """Train the round's adapters on `base_path`; return {adapter name: adapter dir}. If a Ray node
     dies under the job, it is rerun from scratch on the nodes left (ADAPTER_NODE_RETRIES times).
-    main_lr_now: the main run's lr at the checkpoint (adapters.lr_schedule: current)."""
-    plan = adapter_plan(current, cfg)
+    main_lr_now: the main run's lr at the checkpoint (adapters.lr_schedule: current); affected: see
+    adapter_plan."""
+    plan = adapter_plan(current, cfg, affected)
     lr = adapter_lr(cfg, main_lr_now)
     for attempt in range(ADAPTER_NODE_RETRIES + 1):
         nodes = alive_nodes()
@@ -166,5 +171,5 @@ def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, ro
     missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, "adapter_model.safetensors"))]
     if missing:
         raise RuntimeError(f"adapters {missing} missing from {root} after training (fix: check the "
-                           "adapter job's logs under the Ray session dir)")
+                           "adapter job's logs under /tmp/ray/, or the Ray temp dir you set)")
     return dirs

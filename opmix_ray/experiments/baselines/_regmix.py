@@ -16,7 +16,7 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from opmix_ray.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
+from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
 from opmix_ray.mixture import Mixture
 
 LGBM_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 7, "min_data_in_leaf": 3,

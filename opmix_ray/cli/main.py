@@ -5,7 +5,7 @@
     opmix-ray submit CONFIG.yaml --address http://HEAD:8265 [--runtime-env cluster/runtime_env.yaml] [--no-wait]
     opmix-ray resume opmix_runs/demo       # continue a run whose driver died (kill -9, lost node)
     opmix-ray add-domain opmix_runs/demo new.parquet   # a domain joins a live run at its next round
-    opmix-ray remove-domain|revise-domain|split-domain opmix_runs/demo ...   # see live.py
+    opmix-ray remove-domain|revise-domain|split-domain opmix_runs/demo ...   # see engine/domains.py
     opmix-ray check opmix_runs/demo        # every artifact whole? (after a crash or a lost node)
     opmix-ray results opmix_runs/demo
     opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # every method, 3 seeds (~1 h)
@@ -20,29 +20,17 @@ and exits with status 2; nothing is left half-written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
 
 from opmix_ray import rundir
 from opmix_ray.config import parse_overrides
+from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, RunInterrupted
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 3  # a Ray node died; `opmix-ray resume RUN_DIR` continues (faults.py)
-
-
-def _interrupted_error() -> type:
-    from opmix_ray.faults import RunInterrupted
-    return RunInterrupted
-
-
-def _bad_input_errors() -> tuple[type, ...]:
-    from opmix_ray.config import ConfigError
-    from opmix_ray.data.shards import DataError
-    from opmix_ray.merge import AdapterError
-    from opmix_ray.mixture import MixtureError
-    from opmix_ray.searchers import SearcherError
-    return ConfigError, DataError, MixtureError, AdapterError, SearcherError, FileNotFoundError
+# FileNotFoundError: a path the user named (a config, a domain file) that is not there
+BAD_INPUT = (BadInput, FileNotFoundError)
 
 
 
@@ -80,16 +68,14 @@ def cmd_run(args) -> int:
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
-    from opmix_ray.engine import (
-        run,  # after the config is valid: a bad one fails in ~1 s
-    )
+    from opmix_ray.engine.driver import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
     return 0
 
 
 def cmd_resume(args) -> int:
-    from opmix_ray.resume import resume
+    from opmix_ray.engine.resume import resume
     summary = resume(args.run_dir)
     if summary.get("already_finished"):
         print(f"run {summary['run_dir']} had already finished ({rundir.SUMMARY}); nothing to resume")
@@ -99,8 +85,8 @@ def cmd_resume(args) -> int:
 
 
 def cmd_domains(args) -> int:
-    """add-domain / remove-domain / revise-domain / split-domain on a live run (live.py)."""
-    from opmix_ray.live import change_domains
+    """add-domain / remove-domain / revise-domain / split-domain on a live run (engine/domains.py)."""
+    from opmix_ray.cli.domains import change_domains
     if args.cmd == "add-domain":
         changes = [{"op": "add", "name": args.name or Path(args.path).stem, "path": args.path}]
     elif args.cmd == "remove-domain":
@@ -117,7 +103,7 @@ def cmd_domains(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from opmix_ray.verify import check_run_dir
+    from opmix_ray.cli.check import check_run_dir
     problems = check_run_dir(args.run_dir)
     for line in problems:
         print(f"opmix-ray check: {line}")
@@ -128,7 +114,7 @@ def cmd_check(args) -> int:
 
 def cmd_demo(args) -> int:
     from opmix_ray.config import load_config
-    from opmix_ray.engine import run
+    from opmix_ray.engine.driver import run
     path = resources.files("opmix_ray") / "configs" / "demo.yaml"
     over = parse_overrides(args.set)
     if args.storage_path:
@@ -148,7 +134,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from opmix_ray.submit import submit
+    from opmix_ray.cli.submit import submit
     return submit(args.config, args.address, args.runtime_env, wait=not args.no_wait, sets=args.set,
                   overwrite=args.overwrite, submission_id=args.submission_id)
 
@@ -167,9 +153,9 @@ def cmd_results(args) -> int:
 
 def cmd_bench(args) -> int:
     cfg = _load(args.config, parse_overrides(args.set))
-    from opmix_ray.bench import run_bench
+    from opmix_ray.experiments.bench import run_bench
     result = run_bench(cfg, args.out, overwrite=args.overwrite)
-    from opmix_ray.bench_report import markdown
+    from opmix_ray.experiments.report import markdown
     print(markdown(result))
     print(f"wrote {args.out}/results.json, results.md, ppl_vs_search_flops.png, mixtures.png "
           f"({result['wall_s']:.0f}s)")
@@ -177,7 +163,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from opmix_ray.fidelity import run_fidelity
+    from opmix_ray.experiments.fidelity import run_fidelity
     res = run_fidelity(args.run_dir, args.round, args.mixtures, args.truth_seeds)
     for name, o in res["objectives"].items():
         p, e, agree = o["proxy"], o["entropy"], o["truth_seed_agreement"]
@@ -196,17 +182,22 @@ def cmd_fidelity(args) -> int:
 
 def cmd_continual(args) -> int:
     cfg = _load(args.config, parse_overrides(args.set))
-    from opmix_ray.continual import run_continual
+    from opmix_ray.experiments.continual import run_continual
     result = run_continual(cfg, args.out, overwrite=args.overwrite)
-    from opmix_ray.continual import markdown
+    from opmix_ray.experiments.continual import markdown
     print(markdown(result))
     print(f"wrote {args.out}/results.json and results.md ({result['wall_s']:.0f}s)")
     return 0
 
 
+def cmd_data_build(args) -> int:
+    from opmix_ray.data.build import main as build_main
+    return build_main(args.rest)
+
+
 def cmd_config_help(args) -> int:
     from opmix_ray.config import config_help
-    print(config_help())
+    print(config_help(experiments=args.experiments))
     return 0
 
 
@@ -228,7 +219,7 @@ def _experiment(sub, name: str, help_text: str, out: str, fn) -> None:
 
 
 def _domain_commands(sub) -> None:
-    """Domain-set changes on a live run (live.py): each takes the run's dir first."""
+    """Domain-set changes on a live run (engine/domains.py): each takes the run's dir first."""
     ad = sub.add_parser("add-domain", help="add a data domain to a live run; it joins at the next round")
     ad.add_argument("run_dir", help="the live run's dir, e.g. opmix_runs/NAME")
     ad.add_argument("path", help="a parquet file with the run's text column")
@@ -294,31 +285,37 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment(sub, "continual", "continual midtraining: domains arrive in stages (schedule:)",
                 "continual_runs/default", cmd_continual)
     c = sub.add_parser("config-help", help="every config field with its default and meaning")
+    c.add_argument("--experiments", action="store_true", help="also the sections only bench and continual read")
     c.set_defaults(fn=cmd_config_help)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
+    # its own parser (opmix_ray/data/build.py) reads the rest of the line, --help included
     b = data.add_parser("build", help="build a corpus of real-text domains from local sources", add_help=False)
-    b.set_defaults(fn=None)
+    b.set_defaults(fn=cmd_data_build, passthrough=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["data", "build"]:
-        from opmix_ray.data.build import main as build_main
-        return build_main(argv[2:])
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.rest = rest
     except SystemExit as exc:  # a usage error (one line, status 2) or --help (status 0)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     try:
         return args.fn(args)
-    except _bad_input_errors() as exc:
+    except BAD_INPUT as exc:
         msg = " ".join(str(exc).split())  # one line, whatever a library put in the message
         print(f"opmix-ray: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except _interrupted_error() as exc:  # a node died: one line saying how to continue, no traceback
+    except RunInterrupted as exc:  # a node died: one line saying how to continue, no traceback
         print(f"opmix-ray: error: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`opmix-ray config-help | head`): not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """docs/config.md, generated from the config models so that it cannot drift from them.
 
-    python -m opmix_ray.config_doc > docs/config.md      (tests/test_config.py checks it is current)
+    python -m opmix_ray.cli.config_doc > docs/config.md      (tests/test_config.py checks it is current)
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from opmix_ray.config import Config
 
 HEAD = """# Config reference
 
-Generated from `opmix_ray/config.py` by `python -m opmix_ray.config_doc > docs/config.md`; do not
+Generated from `opmix_ray/config.py` by `python -m opmix_ray.cli.config_doc > docs/config.md`; do not
 edit by hand. A run is one YAML file with these sections; unknown keys are errors, and a bad value
 stops the run with one line naming the field and the fix (exit 2). `opmix-ray config-help` prints
 the same in the terminal. `bench` and `schedule` are read only by `opmix-ray bench` and

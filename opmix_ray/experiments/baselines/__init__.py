@@ -1,7 +1,7 @@
 """Baselines users compare OP-Mix against. Each returns the Mixture it would train the main run
 on, plus the search FLOPs and seconds it spent finding it.
 
-    from opmix_ray.baselines import BaselineContext, propose
+    from opmix_ray.experiments.baselines import BaselineContext, propose
     ctx = BaselineContext(cfg, shards, storage_path="/tmp/bench/seed_0")
     result = propose("regmix", ctx, objective={"manpages": 1.0})
 
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import importlib
 
-from opmix_ray.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
+from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
 
 _REGISTRY = {
-    "uniform": "opmix_ray.baselines._fixed:uniform",
-    "natural": "opmix_ray.baselines._fixed:natural",
-    "regmix": "opmix_ray.baselines._regmix:regmix_lightgbm",
-    "regmix-linear": "opmix_ray.baselines._regmix:regmix_linear",
-    "olmix": "opmix_ray.baselines._olmix:olmix",
-    "doremi": "opmix_ray.baselines._doremi:doremi",
+    "uniform": "opmix_ray.experiments.baselines._fixed:uniform",
+    "natural": "opmix_ray.experiments.baselines._fixed:natural",
+    "regmix": "opmix_ray.experiments.baselines._regmix:regmix_lightgbm",
+    "regmix-linear": "opmix_ray.experiments.baselines._regmix:regmix_linear",
+    "olmix": "opmix_ray.experiments.baselines._olmix:olmix",
+    "doremi": "opmix_ray.experiments.baselines._doremi:doremi",
 }
 # Methods whose mixture does not depend on the objective: proposed once per seed.
 OBJECTIVE_FREE = ("uniform", "natural", "doremi")

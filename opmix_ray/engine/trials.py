@@ -1,12 +1,12 @@
 """One round's search: a Ray Tune Tuner whose trials merge the adapters and score the result.
 
 A candidate is a weight vector a over the adapters ({old, d_1..d_k}); a trial sets the model's
-adapted weights to W0 + c * sum_i a_i * delta_i (merge.py; c = search.delta_scale), measures
+adapted weights to W0 + c * sum_i a_i * delta_i (engine/merge.py; c = search.delta_scale), measures
 per-domain validation loss and reports the objective plus the mixture a stands for,
 E(a)[d] = a_old * p_d + a_d. The space holds only mixtures within the repetition caps left
 (search.caps). The base weights, the stacked deltas and the validation windows go into the object
 store once (tune.with_parameters) and each reused trial actor builds its model once per round.
-What the round then pushes is decision.py's call (`decide`).
+What the round then pushes is engine/decision.py's call (`decide`).
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from ray.tune.search import ConcurrencyLimiter
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from opmix_ray import rundir
-from opmix_ray.adapters import REPLICATE
 from opmix_ray.config import Config
-from opmix_ray.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
+from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
+from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
+from opmix_ray.engine.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
+from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.evaluate import domain_losses, objective, window_losses
-from opmix_ray.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import load_checkpoint, set_threads
 from opmix_ray.searchers import METRIC, MODE, create_searcher
@@ -65,7 +66,7 @@ class Candidates:
 
 
 def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[str, str], shards,
-                     current: Mixture, info: dict | None = None, segment_tokens: int | None = None) -> Candidates:
+                     current: Mixture, info: BoundaryInfo | None = None, segment_tokens: int | None = None) -> Candidates:
     """info: the boundary's report (caps need drawn_tokens, total_steps, tokens_per_step, step);
     segment_tokens: the main-run tokens until the next decision (delta_scale: auto)."""
     model = load_checkpoint(base_path)
@@ -76,8 +77,8 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     space = search_space(cfg, coords, current, shards, info)
     cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.selection(), current,
                        objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra)
-    adapter_tokens = cfg.adapters.steps * cfg.adapters.batch_size * shards.seq_len
-    scale = delta_scale(cfg, cands, model, segment_tokens / adapter_tokens if segment_tokens else None)
+    ratio = segment_tokens / adapter_tokens(cfg, shards.seq_len) if segment_tokens else None
+    scale = delta_scale(cfg, cands, model, ratio)
     if scale != 1.0:
         cands.stacked = {m: (scale * D).astype(np.float32) for m, D in stacked.items()}
         cands.scale = scale
@@ -86,18 +87,18 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     return cands
 
 
-def cap_shares(cfg: Config, shards, info: dict) -> dict[str, float]:
+def cap_shares(cfg: Config, shards, info: BoundaryInfo) -> dict[str, float]:
     """Per domain, the share of the tokens left that its repetition cap still allows."""
-    left = (info["total_steps"] - info["step"]) * info["tokens_per_step"]
+    left = (info.total_steps - info.step) * info.tokens_per_step
     caps = shards.cap_tokens(cfg)
-    return {d: float(max(0.0, caps[d] - info["drawn_tokens"].get(d, 0)) / left) if left > 0 else 1.0
+    return {d: float(max(0.0, caps[d] - info.drawn_tokens.get(d, 0)) / left) if left > 0 else 1.0
             for d in shards.domains}
 
 
-def search_space(cfg: Config, coords: tuple[str, ...], current: Mixture, shards, info: dict | None):
+def search_space(cfg: Config, coords: tuple[str, ...], current: Mixture, shards, info: BoundaryInfo | None):
     """The plain simplex, or (search.caps) the polytope a_old * p_d + a_d <= cap share left."""
     plain = SimplexSpace(coords)
-    if not cfg.search.caps or not info or "drawn_tokens" not in info:
+    if not cfg.search.caps or info is None or not info.has_caps_state:
         return plain
     from search_spaces import PolytopeSimplex, cap_constraints
     A, b = cap_constraints(coords, current.as_dict(), cap_shares(cfg, shards, info))
@@ -268,7 +269,7 @@ def _l1(a: Mixture, b: Mixture) -> float:
 
 
 def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: int) -> Decision:
-    """What the round pushes (decision.py): the leader is the best trial within the trust region, or
+    """What the round pushes (engine/decision.py): the leader is the best trial within the trust region, or
     the mixing law's proposal when its leave-one-out fit is good; the safe rule then compares it with
     stay on the same windows, in this process."""
     cur = candidates.current

@@ -18,12 +18,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from opmix_ray.errors import AdapterError
+
 # PEFT saves "base_model.model.<module>.lora_A.weight" (adapter name stripped on save).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-class AdapterError(ValueError):
-    """A missing, corrupted or mismatched adapter; the message names the file and the fix."""
 
 
 def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """`opmix-ray check RUN_DIR`: is every artifact a run left behind whole?
 
     opmix-ray check opmix_runs/tiny        # after a crash, a killed node, or a copy between machines
-    from opmix_ray.verify import check_run_dir; problems = check_run_dir("opmix_runs/tiny")
+    from opmix_ray.cli.check import check_run_dir; problems = check_run_dir("opmix_runs/tiny")
 
 Every JSON, YAML, parquet and safetensors file must parse (nothing is unpickled); no temp file of
 an interrupted atomic write may be left; every pushed round must have its resumable checkpoint

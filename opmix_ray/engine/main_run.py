@@ -21,17 +21,18 @@ from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from opmix_ray import rundir
-from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
+from opmix_ray.compute import train_flops
 from opmix_ray.config import Config
-from opmix_ray.controller import controller_name
 from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.engine.controller import controller_name
+from opmix_ray.engine.faults import on_driver_node
+from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.evaluate import domain_losses
-from opmix_ray.faults import on_driver_node
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, load_checkpoint, n_params, pick_device, set_threads
+from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 from opmix_ray.storage import atomic_write_bytes
 from opmix_ray.training import make_optimizer, train_step
-
 
 
 def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[int]]:
@@ -108,7 +109,7 @@ def load_train_state(path: str, opt, sched, sampler) -> dict:
 
 def main_loop(loop_cfg: dict) -> None:
     """Ray Train worker loop (one per worker). loop_cfg["resume"] = {"round": k, "weights": pushed
-    winner or None} restarts from main/round_k with its saved state (opmix_ray/resume.py)."""
+    winner or None} restarts from main/round_k with its saved state (opmix_ray/engine/resume.py)."""
     cfg = Config.model_validate(loop_cfg["config"])
     shards = ray.get(loop_cfg["shards_ref"])
     ctl = ray.get_actor(controller_name(cfg.run.name), namespace=loop_cfg["namespace"])
@@ -158,13 +159,14 @@ def main_loop(loop_cfg: dict) -> None:
                     push.expect(k, step)
             else:
                 val = domain_losses(model, push.shards.val, batch_size=32, device=device)  # + domains added live
-                info = {"step": step, "tokens": step * tokens_per_step, "train_loss": float(np.mean(losses[-50:] or [math.nan])),
-                        "val_loss": val, "drawn": sampler.segment_fractions(), "mixture": sampler.mixture.as_dict(),
-                        "epochs": sampler.epochs(), "n_params": n_par, "flops": 6.0 * n_par * step * tokens_per_step,
-                        "wall_s": time.time() - t0, "path": checkpoint_path(loop_cfg["run_dir"], k),
-                        "lr": float(sched.get_last_lr()[0]), "drawn_tokens": dict(sampler.drawn_total),
-                        "total_steps": total, "tokens_per_step": tokens_per_step,
-                        "stall_s": dict(push.stall_s), "applied_step": dict(push.applied_step)}
+                info = BoundaryInfo(
+                    step=step, tokens=step * tokens_per_step, train_loss=float(np.mean(losses[-50:] or [math.nan])),
+                    val_loss=val, drawn=sampler.segment_fractions(), mixture=sampler.mixture.as_dict(),
+                    epochs=sampler.epochs(), n_params=n_par, flops=train_flops(n_par, step * tokens_per_step),
+                    wall_s=time.time() - t0, path=checkpoint_path(loop_cfg["run_dir"], k),
+                    lr=float(sched.get_last_lr()[0]), drawn_tokens=dict(sampler.drawn_total),
+                    total_steps=total, tokens_per_step=tokens_per_step,
+                    stall_s=dict(push.stall_s), applied_step=dict(push.applied_step)).as_dict()
                 state = None if k == "final" or rank != 0 else _train_state(opt, sched, sampler, {
                     "round": k, "step": step, "losses": losses[-50:], "info": info,
                     "stall_s": push.stall_s, "applied_step": push.applied_step})
@@ -206,7 +208,7 @@ class _PushTracker:
 
     def __init__(self, ctl, sampler, shards, cfg: Config):
         self.ctl, self.sampler, self.shards, self.cfg, self.mode = ctl, sampler, shards, cfg, cfg.rounds.mode
-        self.shards_version = 0  # the controller's shards version this run trains on (live.py)
+        self.shards_version = 0  # the controller's shards version this run trains on (engine/domains.py)
         self.pending: list[tuple[int, object]] = []  # (round, ObjectRef of its winner), oldest first
         self.stall_s: dict[str, float] = {}
         self.applied_step: dict[str, int] = {}
@@ -236,7 +238,7 @@ class _PushTracker:
             self.pending = self.pending[i + 1:]
 
     def _refresh_shards(self) -> None:
-        """After a domain-set change (live.py) the controller holds new shards: take them, give the
+        """After a domain-set change (engine/domains.py) the controller holds new shards: take them, give the
         sampler streams for added domains and fresh ones for revised domains."""
         got = ray.get(self.ctl.get_shards.remote())
         if got is None or got[1] == self.shards_version:
@@ -270,5 +272,5 @@ def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, num_w
                                      resources_per_worker={"CPU": cfg.main.cpus_per_worker}),
         run_config=RunConfig(storage_path=run_dir, name=rundir.MAIN),
     )
-    # pinned to the driver's node: Train puts its controller where fit() is called (faults.py)
+    # pinned to the driver's node: Train puts its controller where fit() is called (engine/faults.py)
     return _fit.options(scheduling_strategy=on_driver_node()).remote(trainer)

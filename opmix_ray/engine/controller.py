@@ -52,7 +52,7 @@ class MixtureController:
         self._boundary_evt: dict[int, asyncio.Event] = {}
         self._push_evt: dict[int, asyncio.Event] = {}
         self.progress: list[dict] = []
-        self.pending_domains: list[dict] = []  # live.py changes, taken by the driver at the next round
+        self.pending_domains: list[dict] = []  # engine/domains.py changes, taken by the driver at the next round
         self.shards_ref: list | None = None  # [ObjectRef, version] of the shards once the domain set changed
         self._persist()  # history.json from the start: a run that dies in round 0 can be resumed
 
@@ -101,7 +101,7 @@ class MixtureController:
         self._evt(self._push_evt, round_idx).set()
         return self.version
 
-    # --- domain-set changes in the live run (live.py) ---
+    # --- domain-set changes in the live run (engine/domains.py) ---
     async def queue_changes(self, changes: list[dict]) -> int:
         """Queue changes ({"op": add|revise|remove, "name", "file"}) for the next round; returns
         how many are queued. Names are checked against the domains as they will be by then."""

@@ -18,9 +18,10 @@ import numpy as np
 import ray
 import torch
 
-from opmix_ray.baselines.base import BaselineContext, BaselineResult
+from opmix_ray.compute import eval_flops, train_flops
 from opmix_ray.config import Config
 from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, n_params, set_threads
 from opmix_ray.training import make_optimizer, optimizer_step, train_step
@@ -74,7 +75,7 @@ def run_doremi(cfg: Config, shards) -> dict:
             path.append(alpha.tolist())
     n, t = n_params(proxy), steps * cfg.main.batch_size * shards.seq_len
     # reference training + proxy training + the reference's forward pass on the proxy's tokens
-    flops = 6.0 * n * t + 6.0 * n * t + 2.0 * n * t
+    flops = 2 * train_flops(n, t) + eval_flops(n, t)
     return {"weights": (total / steps).tolist(), "flops": flops, "wall_s": time.time() - t0, "path": path}
 
 

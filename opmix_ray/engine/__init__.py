@@ -1,0 +1,25 @@
+"""The engine: one OP-Mix run, round by round. Each step of a round has its own module:
+
+    preflight.py     every input checked before anything is written or Ray starts
+    main_run.py      the main run (one Ray Train job for the whole run), checkpoint at each boundary
+    adapters.py      one LoRA adapter per domain (and 'old') on the live checkpoint
+    merge.py         the exact weight-space merge  W0 + c * sum_i a_i * delta_i
+    trials.py        a round's candidates, the caps polytope and the Ray Tune search
+    decision.py      the safe rule: stay vs the leader, paired standard error plus adapter noise
+    confirm.py       a move confirmed by an adapter trained on the leader's mixture
+    controller.py    the MixtureController actor: pushes the decision into the main run
+    domains.py       domain-set changes queued on a live run, applied at a boundary
+    resume.py        continue a run whose driver died;  faults.py  what a lost node does
+    continuation.py  the exact continuation of the main run from a round checkpoint
+    driver.py        sequences the rounds: run, drive, finish
+
+`run` loads lazily, so importing one step does not start the rest.
+"""
+__all__ = ["run"]
+
+
+def __getattr__(name: str):
+    if name == "run":
+        from opmix_ray.engine.driver import run
+        return run
+    raise AttributeError(f"module 'opmix_ray.engine' has no attribute {name!r}")
