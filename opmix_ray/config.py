@@ -9,6 +9,8 @@ the fix, e.g. "config error at search.max_concurrent: ... (fix: set it to >= 1)"
 from __future__ import annotations
 
 import math
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,18 +20,59 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from opmix_ray.errors import ConfigError
 
 
+# A name that becomes a path component (run dirs, adapter dirs, added-domain files): no separators,
+# no "..", nothing a shell or a filesystem treats specially.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot name a run or a domain, or None when it can."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        return (f"{name!r} is not a safe name (fix: letters, digits and _ . = + -, starting with a letter "
+                "or digit, no '..', at most 128 characters)")
+    return None
+
+
+def _takes_bool(annotation) -> bool:
+    """True where a bool may appear in the value: a bool field, Any, or a section (it checks its own)."""
+    if annotation is bool or annotation is Any or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation))
+
+
+def _bool_inside(v) -> bool:
+    return isinstance(v, bool) or (isinstance(v, dict) and any(_bool_inside(x) for x in v.values())) or \
+        (isinstance(v, list) and any(_bool_inside(x) for x in v))
+
+
 class _Section(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a misspelt key is an error, never silently ignored; allow_inf_nan=False: an
+    # infinite or NaN number anywhere is refused here, not found as NaN trials minutes later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_bool_is_not_a_number(cls, v, info):
+        # pydantic would read `batch_size: true` as 1
+        if _bool_inside(v) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true/false where a number or name is expected (fix: give the value itself)")
+        return v
 
 
 class RunSection(_Section):
     name: str = Field("opmix", description="Run name; the run's files go to <storage_path>/<name>.")
     storage_path: str = Field("./opmix_runs", description="Local or mounted dir, or a pyarrow.fs URI (s3://b/p, gs://b/p) mirrored from a local staging dir.")
-    seed: int = Field(0, description="Seed for data splits, sampling, init and the searcher.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for data splits, sampling, init and the searcher.")
     baseline: Literal["none", "uniform", "natural"] = Field(
         "none", description="'none' runs OP-Mix rounds; 'uniform'/'natural' trains the same budget "
         "on a fixed mixture (no rounds) for comparison.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        if problem := name_problem(v):
+            raise ValueError(problem)
+        return v
 
 
 class DataSection(_Section):
@@ -51,6 +94,16 @@ class DataSection(_Section):
     eval_only_domains: list[str] = Field(default_factory=list, description="Held-out target domains: "
                                          "scored on validation, never trained on and never mixed (as RegMix "
                                          "targets Pile-CC); name them in search.objective_weights to optimise for them.")
+
+    @field_validator("domains", "eval_only_domains")
+    @classmethod
+    def _safe_unique_names(cls, v):
+        for name in v or []:
+            if problem := name_problem(name):
+                raise ValueError(f"domain {problem}")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"{v} names a domain twice (fix: list each domain once)")
+        return v
 
     @field_validator("max_epochs")
     @classmethod
@@ -296,6 +349,30 @@ def _one_line(err: ValidationError) -> str:
     return f"config error at {loc}: {msg}{more}"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last one, so a duplicated section would silently drop the first)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node, deep: bool = False):
+    # only the keys written in this mapping: one that overrides a merged (<<) key is YAML's way
+    explicit = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+    seen = set()
+    for key_node in explicit:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            continue  # construct_mapping reports it
+        if key in seen:
+            raise ConfigError(f"config error at <yaml> line {key_node.start_mark.line + 1}: '{key}' is given twice "
+                              "in one mapping (fix: keep one; the second would replace the first)")
+        seen.add(key)
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(source: str | Path | dict, overrides: dict | None = None) -> Config:
     """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message."""
     if isinstance(source, dict):
@@ -305,12 +382,15 @@ def load_config(source: str | Path | dict, overrides: dict | None = None) -> Con
         if not p.is_file():
             raise ConfigError(f"config error at <file>: {p} does not exist (fix: pass a YAML config path)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config error at <yaml>{where}: malformed YAML (fix: check indentation "
                               "and colons)") from None
+    if raw is None:  # an empty file (or only comments) is a mistake, not a request for a default run
+        raise ConfigError(f"config error at <file>: {source} is empty (fix: give at least `run: {{name: NAME}}`; "
+                          "opmix_ray/configs/demo.yaml is a complete example)")
     if not isinstance(raw, dict):
         raise ConfigError("config error at <root>: expected a mapping of sections (fix: start with `run:`)")
     raw = _deep_merge(raw, overrides or {})

@@ -131,6 +131,17 @@ def _argv(*extra, storage_ok=True):
     return build
 
 
+def _searcher_module(source: str):
+    """search.searcher pointing at a module written for the case (importable from tmp)."""
+    def build(tmp, cfg, data):
+        mod = f"opmix_case_{abs(hash(str(tmp))) % 10**9}"
+        (tmp / f"{mod}.py").write_text(source)
+        sys.path.insert(0, str(tmp))
+        cfg["search"]["searcher"] = f"{mod}:S"
+        return ["run", _write(tmp, cfg)]
+    return build
+
+
 def _rows(table):
     return lambda d: pq.write_table(table, d / "python.parquet")
 
@@ -208,6 +219,23 @@ CASES = [
     ("submit-unreachable-address", "--address", _argv("submit", "CONFIG", "--address", "http://127.0.0.1:1")),
     ("submit-bad-config", "main.lr", _argv("submit", "CONFIG", "--address", "http://127.0.0.1:1",
                                            "--set", "main.lr=-1")),
+    ("inf-lr", "main.lr", _with("main", lr=float("inf"))),
+    ("inf-alpha", "adapters.alpha", _with("adapters", alpha=float("inf"))),
+    ("negative-seed", "run.seed", _with("run", seed=-1)),
+    ("nul-in-run-name", "run.name", _with("run", name="a\x00b")),
+    ("dotdot-run-name", "run.name", _with("run", name="..")),
+    ("bool-as-number", "main.batch_size", _with("main", batch_size=True)),
+    ("empty-config-file", "<file>", _raw_file(b"# nothing here\n")),
+    ("duplicate-section", "<yaml>", _raw_file(b"run: {name: a}\nmain: {lr: 0.1}\nmain: {batch_size: 4}\n")),
+    ("domain-file-unsafe-name", "data.path", _with_data(lambda d: (d / "bible.parquet").rename(d / "bi ble.parquet"))),
+    ("searcher-raises-at-import", "search.searcher", _searcher_module("raise RuntimeError('boom')\n")),
+    ("searcher-syntax-error", "search.searcher", _searcher_module("def f(:\n")),
+    ("searcher-not-a-searcher", "search.searcher", _searcher_module("class S:\n    def __init__(self, **kw):\n        pass\n")),
+    ("searcher-without-propose", "search.searcher", _searcher_module(
+        "from opmix_ray.searchers import MixtureSearcher\n\n\nclass S(MixtureSearcher):\n    pass\n")),
+    ("searcher-unknown-option", "search.searcher", _with("search", searcher_options={"bogus": 1})),
+    ("add-domain-unsafe-name", "NAME", lambda tmp, cfg, data: ["add-domain", str(tmp / "runs" / "x"),
+                                                              str(data / "python.parquet"), "--name", "../../x"]),
 ]
 
 

@@ -70,11 +70,12 @@ def test_wrong_types(raw, where):
     ({"main": {"total_tokens": 16 * 128 * 5}, "rounds": {"num_rounds": 3}}, "<root>", "main.total_tokens"),
     ({"data": {"max_epochs": {"python": -1.0}}}, "data.max_epochs", "max_epochs[python]"),
     ({"data": {"max_epochs": {"python": 0}}}, "data.max_epochs", "max_epochs[python]"),
-    ({"data": {"max_epochs": {"python": math.nan}}}, "data.max_epochs", "max_epochs[python]"),
+    ({"data": {"max_epochs": {"python": math.nan}}}, "data.max_epochs.python", "finite number"),
     ({"data": {"default_max_epochs": -2}}, "data.default_max_epochs", ""),
     ({"search": {"objective_weights": {"a": -1.0}}}, "<root>", "search.objective_weights"),
-    ({"search": {"objective_weights": {"a": math.nan, "b": 1.0}}}, "<root>", "search.objective_weights"),
-    ({"search": {"objective_weights": {"a": math.inf}}}, "<root>", "search.objective_weights"),
+    ({"search": {"objective_weights": {"a": math.nan, "b": 1.0}}}, "search.objective_weights.a", "finite number"),
+    ({"search": {"objective_weights": {"a": math.inf}}}, "search.objective_weights.a", "finite number"),
+    ({"search": {"objective_weights": {"a": 0.0}}}, "<root>", "search.objective_weights"),
     ({"search": {"objective_weights": {"a": 0.0}}}, "<root>", "search.objective_weights"),
     ({"search": {"max_concurrent": 0}}, "search.max_concurrent", ""),
     ({"data": {"seq_len": 7}}, "data.seq_len", ""),
@@ -120,10 +121,37 @@ def test_missing_file(tmp_path):
     assert _error(str(tmp_path)).startswith("config error at <file>:")  # a dir is not a config
 
 
-def test_empty_yaml_is_defaults(tmp_path):
+def test_an_empty_config_file_is_refused_not_a_default_run(tmp_path):
     p = tmp_path / "empty.yaml"
     p.write_text("# nothing\n")
-    assert load_config(p) == load_config({})
+    assert _error(p).startswith(f"config error at <file>: {p} is empty")
+    assert load_config({}) == Config()  # a dict is the programmatic way to ask for the defaults
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("run: {name: a}\nmain: {lr: 0.1}\nmain: {batch_size: 4}\n")
+    assert _error(p).startswith("config error at <yaml> line 3: 'main' is given twice")
+    p.write_text("run:\n  <<: {name: q, seed: 3}\n  seed: 4\n")  # a merge key overridden: plain YAML
+    assert load_config(p).run.seed == 4
+
+
+@pytest.mark.parametrize("raw, where", [
+    ({"main": {"lr": math.inf}}, "main.lr"), ({"adapters": {"alpha": math.inf}}, "adapters.alpha"),
+    ({"decision": {"k": math.nan}}, "decision.k"), ({"main": {"batch_size": True}}, "main.batch_size"),
+    ({"search": {"num_samples": False}}, "search.num_samples"), ({"run": {"seed": -1}}, "run.seed"),
+    ({"run": {"seed": 2**32}}, "run.seed"), ({"run": {"name": "a\x00b"}}, "run.name"),
+    ({"run": {"name": "../x"}}, "run.name"), ({"run": {"name": "a/b"}}, "run.name"), ({"run": {"name": ""}}, "run.name"),
+    ({"data": {"domains": ["..", "b"]}}, "data.domains"), ({"data": {"domains": ["a/b"]}}, "data.domains"),
+    ({"data": {"domains": ["a", "a"]}}, "data.domains"), ({"data": {"eval_only_domains": ["x/../y"]}}, "data.eval_only_domains"),
+    ({"rounds": {"initial": {"a": True}}}, "rounds.initial"),
+])
+def test_non_finite_numbers_bools_as_numbers_and_unsafe_names_are_refused(raw, where):
+    assert _error(raw).startswith(f"config error at {where}:")
+
+
+def test_a_bool_field_still_takes_a_bool():
+    assert load_config({"decision": {"confirm": False}}).decision.confirm is False
 
 
 def test_config_help_lists_every_section_and_field():

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from opmix_ray import rundir
-from opmix_ray.config import ConfigError
+from opmix_ray.config import ConfigError, name_problem
 from opmix_ray.engine.domains import apply_changes, replay_changes
 from opmix_ray.storage import read_json
 
@@ -51,6 +51,9 @@ def _copy_in(run_dir: Path, name: str, path: Path) -> str:
 def change_domains(run_dir: str | Path, changes: list[dict]) -> list[dict]:
     """Check, copy and queue changes for a live run: [{"op": "add"|"revise", "name", "path"} |
     {"op": "remove", "name"}], applied together at the next round. Returns what was queued."""
+    for c in changes:  # a name becomes a file name in the run dir: check it before anything else
+        if problem := name_problem(c["name"]):
+            raise ConfigError(f"config error at NAME: domain {problem}")
     run_dir = Path(run_dir).expanduser().resolve()
     live = _live_info(run_dir)
     if live.get("auth_mode"):  # before Ray is imported: it reads the mode once

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from opmix_ray.config import Config
+from opmix_ray.config import Config, name_problem
 from opmix_ray.errors import DataError
 from opmix_ray.mixture import Mixture, content_hash
 
@@ -72,6 +72,9 @@ def resolve_data_paths(cfg: Config) -> tuple[Path, tuple[str, ...], Path]:
     held = cfg.data.eval_only_domains
     domains = tuple(cfg.data.domains) if cfg.data.domains else \
         tuple(sorted(p.stem for p in root.glob("*.parquet") if p.stem not in held))
+    for d in domains:
+        if problem := name_problem(d):
+            raise DataError(f"data.path: {root / (d + '.parquet')} gives the domain name {problem}; rename the file")
     if set(held) & set(domains):
         raise DataError(f"data.eval_only_domains: {sorted(set(held) & set(domains))} are also training domains "
                         "(fix: remove them from data.domains or from data.eval_only_domains)")

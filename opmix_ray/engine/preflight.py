@@ -97,14 +97,15 @@ def check_storage(cfg: Config, overwrite: bool) -> Path:
 
 
 def check_searcher(cfg: Config) -> None:
-    """The searcher name is registered or a dotted path that imports to something callable."""
-    from opmix_ray import searchers
-    name = cfg.search.searcher
-    target = searchers._REGISTRY.get(name, name)
-    factory = searchers._import(target)
-    if not callable(factory):
-        raise searchers.SearcherError(f"search.searcher: '{name}' imports to a {type(factory).__name__}, "
-                                      "not a searcher class or factory (fix: point it at a Searcher subclass)")
+    """Build the searcher once, as a round would (name or dotted path, search.searcher_options, the
+    context keywords), over a stand-in space, and throw it away: an import that fails in any way, a
+    class that is not a Searcher or lacks propose, and options it does not take are one line here,
+    not an error inside the first round's Tune job."""
+    from opmix_ray.searchers import create_searcher
+    from search_spaces import SimplexSpace
+    space = SimplexSpace(("old", "a", "b"))
+    create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed, points_to_evaluate=None,
+                    objective_weights={"a": 1.0, "b": 1.0}, **cfg.search.searcher_options)
 
 
 def check_ray_address(cfg: Config) -> None:

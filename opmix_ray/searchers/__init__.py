@@ -49,10 +49,14 @@ def _import(target: str, field: str = "search.searcher"):
         raise SearcherError(f"{field}: '{target}' is neither a registered searcher {registered()} nor a "
                             "dotted path 'pkg.module:Class' (fix: use one of those)")
     try:
-        return getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SearcherError(f"{field}: cannot import '{target}' ({exc}) (fix: check the module is "
-                            "importable from where the run starts and the class name)") from None
+        module = importlib.import_module(mod_name)
+    except Exception as exc:  # not only ImportError: a module may raise anything, or not parse
+        raise SearcherError(f"{field}: cannot import '{mod_name}' ({type(exc).__name__}: {exc}) (fix: check the "
+                            "module imports cleanly from where the run starts)") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise SearcherError(f"{field}: '{mod_name}' has no '{attr}' (fix: check the class name)") from None
 
 
 def _accepts(factory, name: str) -> bool:
@@ -79,8 +83,14 @@ def create_searcher(name: str, *, space, seed: int = 0, points_to_evaluate=None,
         searcher = factory(space=space, seed=seed, points_to_evaluate=points_to_evaluate, **kwargs)
     except TypeError as exc:
         raise SearcherError(f"search.searcher: '{name}' cannot be built with space=, seed=, "
-                            f"points_to_evaluate= ({exc}) (fix: give its __init__ those keyword arguments, "
-                            "as MixtureSearcher does)") from None
+                            f"points_to_evaluate= and search.searcher_options {sorted(kwargs)} ({exc}) (fix: "
+                            "give its __init__ those keyword arguments, as MixtureSearcher does, and only "
+                            "options it takes)") from None
+    except SearcherError:
+        raise
+    except Exception as exc:  # a searcher that validates its options raises ValueError and the like
+        raise SearcherError(f"search.searcher_options: '{name}' refused them ({type(exc).__name__}: {exc}) "
+                            "(fix: check the options against its __init__)") from None
     from ray.tune.search import Searcher
     if not isinstance(searcher, Searcher):
         raise SearcherError(f"search.searcher: '{name}' built a {type(searcher).__name__}, not a "
