@@ -1,6 +1,7 @@
 """Every path and file name inside a run dir, here and nowhere else.
 
     <storage_path>/<name>/
+      .opmix_run                         written first: an opmix-ray run dir      RUN_MARKER
       config.yaml                        the resolved config                      CONFIG
       data_manifest.json                 tokens per domain, hashes                DATA_MANIFEST
       history.json, history.parquet      one record per round, then the final     HISTORY, HISTORY_PARQUET
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+RUN_MARKER = ".opmix_run"  # written first: this dir is an opmix-ray run; --overwrite removes only such dirs
 CONFIG = "config.yaml"
 DATA_MANIFEST = "data_manifest.json"
 HISTORY = "history.json"
@@ -34,6 +36,13 @@ STATE_TENSORS = "train_state.safetensors"
 ADAPTERS = "adapters"  # the adapter job's checkpoint dir name
 ADAPTER_META = "opmix_meta.json"
 MAIN_SNAPSHOT = f"{MAIN}/checkpoint_manager_snapshot.json"  # Ray Train's own bookkeeping
+
+
+def is_run_dir(names) -> bool:
+    """Whether a dir holding the file names `names` is an opmix-ray run dir: it has the marker, or
+    (written before the marker existed) both the config and the data manifest."""
+    names = set(names)
+    return RUN_MARKER in names or {CONFIG, DATA_MANIFEST} <= names
 
 
 def checkpoint(k: int | str) -> str:

@@ -125,6 +125,14 @@ def _existing_run(tmp, cfg, data):
     return ["run", _write(tmp, cfg)]
 
 
+def _users_dir(tmp, cfg, data):
+    """--overwrite on a dir that is not a run (a user's file in it): refused, nothing deleted."""
+    run_dir = tmp / "runs" / "bad"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.json").write_text("{}")  # a file of the user's that happens to share a name
+    return ["run", _write(tmp, cfg), "--overwrite"]
+
+
 def _argv(*extra, storage_ok=True):
     def build(tmp, cfg, data):
         return [x.replace("CONFIG", _write(tmp, cfg)) for x in extra]
@@ -205,6 +213,7 @@ CASES = [
     ("storage-uri-unknown-scheme", "run.storage_path", _with("run", storage_path="nosuch://bucket/runs")),
     ("run-name-with-slash", "run.name", _with("run", name="a/b")),
     ("existing-run-dir", "run.name", _existing_run),
+    ("overwrite-a-dir-that-is-not-a-run", "--overwrite refused", _users_dir),
     ("bad-ray-address", "ray.address", _with("ray", address="not an address!")),
     ("set-without-equals", "--set", _argv("run", "CONFIG", "--set", "main.lr")),
     ("set-bad-yaml", "--set", _argv("run", "CONFIG", "--set", "main.lr=[0.1")),
@@ -273,7 +282,7 @@ def test_bad_input_in_process(name, field, build, tmp_path, good_data, capsys):
     capsys.readouterr()
     rc = main(argv)
     out, err = capsys.readouterr()
-    _check(rc, out, err, field, tmp_path, existing=name == "existing-run-dir")
+    _check(rc, out, err, field, tmp_path, existing=name in ("existing-run-dir", "overwrite-a-dir-that-is-not-a-run"))
     assert not ray.is_initialized(), "Ray was started for bad input"
 
 
@@ -311,3 +320,18 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path, good_data):
     for name, field, tmp, p in procs:
         out, err = p.communicate(timeout=120)
         _check(p.returncode, out, err, field, tmp)
+
+
+def test_overwrite_removes_a_marked_run_dir_and_says_what_it_removed(tmp_path, capsys):
+    from opmix_ray.config import load_config
+    from opmix_ray.engine.driver import _prepare_run_dir
+    from opmix_ray.engine.preflight import check_storage
+    cfg = load_config({"run": {"name": "r", "storage_path": str(tmp_path)}})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / ".opmix_run").write_text("x")
+    (run_dir / "history.json").write_text("{}")
+    assert check_storage(cfg, overwrite=True) == run_dir.resolve()
+    _prepare_run_dir(cfg, run_dir.resolve(), overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".opmix_run"]  # the new run's marker only
+    assert f"--overwrite: removing the earlier run at {run_dir.resolve()}" in capsys.readouterr().out

@@ -92,6 +92,10 @@ def test_preflight_probe_and_used_dir(s3):
     RunStore(staging, s3, "pre").write_json("summary.json", {})
     with pytest.raises(ConfigError, match=r"^config error at run.name: s3://opmix-test/runs/pre already holds a run .*--overwrite"):
         check_storage(cfg, overwrite=False)
+    # a user's objects, not a run: --overwrite refuses to delete them
+    with pytest.raises(ConfigError, match=r"--overwrite refused: .* not an opmix-ray run .*nothing was deleted"):
+        check_storage(cfg, overwrite=True)
+    RunStore(staging, s3, "pre").write_bytes(".opmix_run", b"x")  # what a run writes first
     check_storage(cfg, overwrite=True)
     RunStore(staging, s3, "pre").clear_remote()
 

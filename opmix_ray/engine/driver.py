@@ -63,6 +63,8 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> RunStore:
     there, and the remote run dir is emptied only with overwrite."""
     uri = cfg.run.storage_path if is_uri(cfg.run.storage_path) else None
     if (overwrite or uri) and run_dir.exists():
+        if overwrite and not uri and any(run_dir.iterdir()):  # preflight checked the marker
+            _say(f"--overwrite: removing the earlier run at {run_dir}")
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,8 +73,10 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> RunStore:
         raise ConfigError(f"config error at {field}: cannot create {run_dir} ({exc.strerror}) "
                           "(fix: use a writable directory)") from None
     store = RunStore(run_dir, uri, cfg.run.name)
-    if overwrite:
+    if overwrite and uri:
+        _say(f"--overwrite: removing the earlier run at {store.location}")
         store.clear_remote()
+    store.write_bytes(rundir.RUN_MARKER, b"opmix-ray run dir\n")
     return store
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pyarrow.fs import FileSelector
 
+from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.data.shards import TokenShards, build_shards
 from opmix_ray.mixture import Mixture, MixtureError
@@ -57,6 +58,10 @@ def check_remote_storage(cfg: Config, overwrite: bool) -> None:
     if used and not overwrite:
         raise ConfigError(f"config error at run.name: {redact(join(uri, name), query=False)} already holds a run (fix: pick "
                           "another run.name, delete it, or pass --overwrite)")
+    if used and not rundir.is_run_dir(i.base_name for i in used):
+        raise ConfigError(f"config error at run.name: --overwrite refused: {redact(join(uri, name), query=False)} holds "
+                          f"objects that are not an opmix-ray run (no {rundir.RUN_MARKER}) (fix: pick another run.name "
+                          "or run.storage_path; nothing was deleted)")
 
 
 def _first_line(exc: Exception) -> str:
@@ -80,6 +85,10 @@ def check_storage(cfg: Config, overwrite: bool) -> Path:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(f"config error at run.name: {run_dir} already holds a run (fix: pick another "
                           "run.name, delete it, or pass --overwrite)")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not rundir.is_run_dir(p.name for p in run_dir.iterdir()):
+        raise ConfigError(f"config error at run.name: --overwrite refused: {run_dir} holds files that are not an "
+                          f"opmix-ray run (no {rundir.RUN_MARKER}) (fix: pick another run.name or run.storage_path; "
+                          "nothing was deleted)")
     anc = run_dir
     while not anc.exists():
         anc = anc.parent
