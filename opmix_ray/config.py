@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from opmix_ray.errors import ConfigError
 
-
 # A name that becomes a path component (run dirs, adapter dirs, added-domain files): no separators,
 # no "..", nothing a shell or a filesystem treats specially.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")

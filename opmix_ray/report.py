@@ -7,23 +7,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from opmix_ray import rundir
-from opmix_ray.storage import atomic_write_bytes, is_file, join, read_json, redact
+from opmix_ray.history import read_history, read_summary
+from opmix_ray.storage import atomic_write_bytes
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
     """history.json and summary.json (None while running) of a run dir or a run's URI
-    (s3://bucket/runs/demo, through pyarrow.fs)."""
-    hist, summ = join(run_dir, rundir.HISTORY), join(run_dir, rundir.SUMMARY)
-    try:
-        found = is_file(hist)
-    except (ValueError, OSError) as exc:  # a URI pyarrow cannot open or reach
-        raise FileNotFoundError(f"cannot read {redact(str(run_dir), query=False)} ({str(exc).splitlines()[0][:200]}) "
-                                "(fix: check the URI, the credentials in the environment and the endpoint)") from None
-    if not found:
-        raise FileNotFoundError(f"{redact(str(run_dir), query=False)} has no {rundir.HISTORY} (fix: pass the run dir "
-                                "<storage_path>/<run.name> of a finished or running run)")
-    return read_json(hist), (read_json(summ) if is_file(summ) else None)
+    (s3://bucket/runs/demo, through pyarrow.fs), both checked (opmix_ray/history.py)."""
+    return read_history(run_dir), read_summary(run_dir)
 
 
 def all_domains(meta: dict) -> list[str]:

@@ -9,6 +9,7 @@ import yaml
 from opmix_ray import rundir
 from opmix_ray.config import Config, load_config
 from opmix_ray.errors import RunDirError
+from opmix_ray.history import damaged, history_problems
 from opmix_ray.storage import is_uri, read_json
 
 
@@ -32,8 +33,10 @@ def load_run_config(run_dir: Path, need_history: bool = True) -> tuple[Config, d
         history = read_json(run_dir / rundir.HISTORY)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise bad_run_dir(run_dir, f"has an unreadable {rundir.CONFIG} or {rundir.HISTORY} ({type(exc).__name__})") from None
-    if not isinstance(raw, dict) or not isinstance(history, dict) or "rounds" not in history:
-        raise bad_run_dir(run_dir, f"has a {rundir.CONFIG} or {rundir.HISTORY} opmix-ray did not write")
+    if not isinstance(raw, dict):
+        raise bad_run_dir(run_dir, f"has a {rundir.CONFIG} opmix-ray did not write")
+    if problems := history_problems(history):
+        raise damaged(run_dir, rundir.HISTORY, "; ".join(problems))
     return _repointed(raw, run_dir), history
 
 

@@ -143,6 +143,31 @@ def is_file(path: str | Path) -> bool:
     return Path(path).is_file()
 
 
+def _load_safetensors(path: Path) -> None:
+    from safetensors.torch import load_file
+    load_file(str(path))  # reads every tensor: a truncated file fails here
+
+
+_READERS = {
+    ".json": lambda p: json.loads(p.read_bytes()),
+    ".yaml": lambda p: yaml.safe_load(p.read_bytes()),
+    ".parquet": lambda p: pq.read_table(p),
+    ".safetensors": _load_safetensors,
+}
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a local artifact does not parse as its suffix says (None: it does, or it is not a kind we
+    read). Nothing is unpickled."""
+    if path.suffix not in _READERS:
+        return None
+    try:
+        _READERS[path.suffix](path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the finding
+        return f"unreadable ({type(exc).__name__})"
+    return None
+
+
 def read_json(path: str | Path):
     return json.loads(read_bytes(path))
 

@@ -335,3 +335,34 @@ def test_overwrite_removes_a_marked_run_dir_and_says_what_it_removed(tmp_path, c
     _prepare_run_dir(cfg, run_dir.resolve(), overwrite=True)
     assert sorted(p.name for p in run_dir.iterdir()) == [".opmix_run"]  # the new run's marker only
     assert f"--overwrite: removing the earlier run at {run_dir.resolve()}" in capsys.readouterr().out
+
+
+GOOD_HISTORY = {"meta": {"domains": ["a"], "initial_mixture": {"a": 1.0}, "total_steps": 10}, "rounds": [], "final": None}
+
+
+@pytest.mark.parametrize("history, summary, why", [
+    (b"", None, "unreadable (JSONDecodeError)"), (b"{", None, "unreadable (JSONDecodeError)"),
+    (b"\xff\xfe", None, "unreadable"), (b"{}", None, "has no 'meta' object"), (b"[]", None, "is a JSON list"),
+    (b'{"meta": {"domains": ["a"], "initial_mixture": {"a": 1}}, "rounds": [{"weights": {}}]}', None,
+     "rounds[0] has no round number"),
+    (json.dumps(GOOD_HISTORY).encode(), b"{}", "summary.json: lacks"),
+    (json.dumps(GOOD_HISTORY).encode(), b"[1]", "summary.json: is a JSON list"),
+])
+def test_damaged_history_or_summary_is_one_line_for_results_and_a_finding_for_check(history, summary, why, tmp_path,
+                                                                                     capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "history.json").write_bytes(history)
+    if summary is not None:
+        (run_dir / "summary.json").write_bytes(summary)
+    assert main(["results", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0] and f"opmix-ray check {run_dir}" in err[0], err
+    assert main(["check", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert why.split(": ")[-1] in out and "Traceback" not in out, out
+
+
+def test_results_on_a_dir_without_history_is_bad_input(tmp_path, capsys):
+    assert main(["results", str(tmp_path)]) == 2
+    assert "no history.json" in capsys.readouterr().err

@@ -148,7 +148,7 @@ def test_lost_node_ends_the_cli_with_one_line_and_exit_3(monkeypatch, capsys, tm
 def test_check_finds_a_truncated_artifact_and_a_leftover_temp_file(tmp_path):
     from opmix_ray.cli.check import check_run_dir
     from opmix_ray.storage import write_json
-    write_json(tmp_path / "history.json", {"meta": {}, "rounds": [], "final": None})
+    write_json(tmp_path / "history.json", {"meta": {"domains": ["a"], "initial_mixture": {"a": 1.0}}, "rounds": [], "final": None})
     assert check_run_dir(tmp_path) == []
     (tmp_path / "summary.json").write_text('{"run": "x", "final_val')  # a torn write
     (tmp_path / ".history.json.tmp123").write_text("{")

@@ -9,6 +9,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,6 +144,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert proc.poll() is None, "the run finished before the kill"
     _kill_group(proc)
     assert not (run_dir / "summary.json").exists()
+    # a copy whose checkpoints' train_state.json is damaged: resume refuses in one line, before Ray
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    for f in broken.glob("main/round_*/train_state.json"):
+        f.write_text("{")
+    bad = _cli("resume", str(broken))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert len(bad.stderr.strip().splitlines()) == 1 and "train_state.json unreadable" in bad.stderr, bad.stderr
     out = _cli("resume", str(run_dir), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(out.stdout[-1500:])

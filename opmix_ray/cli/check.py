@@ -12,24 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
-import yaml
-
 from opmix_ray import rundir
+from opmix_ray.history import history_problems, summary_problems
 from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
-
-_READERS = {
-    ".json": lambda p: json.loads(p.read_bytes()),
-    ".yaml": lambda p: yaml.safe_load(p.read_bytes()),
-    ".parquet": lambda p: pq.read_table(p),
-    ".safetensors": lambda p: _load_safetensors(p),
-}
-
-
-def _load_safetensors(path: Path) -> None:
-    from safetensors.torch import load_file
-    load_file(str(path))  # reads every tensor: a truncated file fails here
-
+from opmix_ray.storage import unreadable
 
 # Tune names its pickled searcher state *.json; opmix never reads (or unpickles) it.
 _NOT_OURS = ("search_gen_state-",)
@@ -43,11 +29,8 @@ def _unreadable(run_dir: Path) -> list[str]:
         rel = p.relative_to(run_dir)
         if p.name.startswith(".") and ".tmp" in p.name:
             out.append(f"{rel}: temp file of an interrupted write")
-        elif p.suffix in _READERS:
-            try:
-                _READERS[p.suffix](p)
-            except Exception as exc:  # noqa: BLE001 - any parse failure is the finding
-                out.append(f"{rel}: unreadable ({type(exc).__name__})")
+        elif (why := unreadable(p)) is not None:
+            out.append(f"{rel}: {why}")
     return out
 
 
@@ -73,5 +56,9 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
         return [f"{run_dir}: no {rundir.HISTORY} (not an opmix-ray run dir, or it never started)"]
     out = _unreadable(run_dir)
     if not any(o.startswith(rundir.HISTORY) for o in out):
-        out += _missing(run_dir, json.loads((run_dir / rundir.HISTORY).read_bytes()))
+        history = json.loads((run_dir / rundir.HISTORY).read_bytes())
+        shape = history_problems(history)
+        out += [f"{rundir.HISTORY}: {p}" for p in shape] or _missing(run_dir, history)
+    if (run_dir / rundir.SUMMARY).is_file() and not any(o.startswith(f"{rundir.SUMMARY}: unreadable") for o in out):
+        out += [f"{rundir.SUMMARY}: {p}" for p in summary_problems(json.loads((run_dir / rundir.SUMMARY).read_bytes()))]
     return out

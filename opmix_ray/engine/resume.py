@@ -30,9 +30,10 @@ from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.engine.domains import replay_changes
 from opmix_ray.engine.main_run import checkpoint_path
+from opmix_ray.history import damaged, read_summary
 from opmix_ray.mixture import Mixture
 from opmix_ray.run_config import bad_run_dir, load_run_config
-from opmix_ray.storage import RunStore, fetch_run, is_uri, read_json, redact
+from opmix_ray.storage import RunStore, fetch_run, is_uri, redact, unreadable
 
 
 def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
@@ -84,7 +85,7 @@ def resume(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir).expanduser().resolve()
     cfg, history = load_run_config(run_dir)
     if (run_dir / rundir.SUMMARY).is_file():
-        return {**read_json(run_dir / rundir.SUMMARY), "already_finished": True}
+        return {**read_summary(run_dir), "already_finished": True}
     check_searcher(cfg)
     check_ray_address(cfg)
     shards = build_shards(cfg)
@@ -102,6 +103,12 @@ def resume(run_dir: str | Path) -> dict:
         _say(f"resume '{cfg.run.name}': the main run had finished; writing the summary")
         return finish(cfg, store, shards, history, current, t_start)
     point = resume_point(cfg, run_dir, rounds)
+    if point is not None:  # `opmix-ray check`'s test of what resume is about to load
+        ckpt = Path(checkpoint_path(str(run_dir), point["round"]))
+        bad = [f"{p.name} {why}" for p in sorted(ckpt.iterdir()) if p.is_file() and (why := unreadable(p))]
+        if bad:
+            raise damaged(run_dir, rundir.checkpoint(point["round"]), f"the checkpoint resume needs is damaged: "
+                          f"{', '.join(bad)}")
     if point is not None and point["weights"] is not None:  # its checkpoint predates that round's changes
         point["revised"] = [c["name"] for c in meta.get("domain_changes", [])
                             if c["op"] == "revise" and c["round"] >= point["round"]]

@@ -81,6 +81,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.engine.records import BoundaryInfo
     from opmix_ray.engine.trials import build_candidates, candidate_mixture, objective_weights, score
+    from opmix_ray.history import read_history
     from opmix_ray.mixture import Mixture
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / rundir.HISTORY).is_file():
@@ -88,7 +89,7 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
                           "finished OP-Mix run, e.g. opmix_runs/demo)")
     from opmix_ray.run_config import load_run_config_only
     cfg = load_run_config_only(run_dir, overrides)
-    hist = read_json(run_dir / rundir.HISTORY)
+    hist = read_history(run_dir)
     if round_idx >= len(hist.get("rounds", [])):
         raise ConfigError(f"config error at --round: {run_dir} has {len(hist.get('rounds', []))} rounds "
                           "(fix: pick an earlier round)")
