@@ -11,7 +11,7 @@
       search_round_<k>/                  the round's Tune experiment              search_job(k)
       rounds/round_<k>_trials.parquet    every candidate scored                   trials(k)
       fidelity_round_<k>.json            `opmix-ray fidelity`                      fidelity(k)
-      mixture.png, live.json, added_domains/
+      mixture.png, live.json, added_domains/, error.log (a failed run's traceback)
 
 Paths are relative to the run dir (strings, so that a bucket mirror can use them as keys);
 `at(run_dir, rel)` joins one onto a local dir.
@@ -27,6 +27,7 @@ HISTORY = "history.json"
 HISTORY_PARQUET = "history.parquet"
 SUMMARY = "summary.json"
 MIXTURE_PNG = "mixture.png"
+ERROR_LOG = "error.log"  # the full traceback of a run that failed inside (RunFailed)
 LIVE = "live.json"  # while a run trains: where add-domain and friends find its controller
 ADDED_DOMAINS = "added_domains"
 MAIN = "main"  # the main run's Ray Train experiment

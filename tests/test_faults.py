@@ -188,3 +188,29 @@ def test_adapter_job_is_rerun_once_when_a_node_died_under_it(monkeypatch, tmp_pa
     with pytest.raises(RuntimeError, match="an adapter worker died"):
         adapters.train_adapters(cfg, None, "base", current, 1, str(tmp_path))
     assert calls == [1]
+
+
+def test_an_internal_file_not_found_in_a_run_exits_1_with_the_step_the_file_and_the_log(monkeypatch, capsys,
+                                                                                        tmp_path):
+    """A failure inside a run is not bad input: exit 1, one line with the step, the file and where the
+    traceback went; the run dir keeps what was saved, so `opmix-ray resume` can continue it."""
+    import ray
+
+    from opmix_ray import cli
+    from opmix_ray.engine import driver
+
+    def lost_file(*a, **kw):
+        raise FileNotFoundError(2, "No such file or directory", "/nonexistent/experiment_state.json")
+    monkeypatch.setattr(driver, "run_search", lost_file)
+    try:
+        rc = cli.main(["run", TINY, "--set", f"run.storage_path={tmp_path}", "--set", "run.name=fails"])
+    finally:
+        ray.shutdown()
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("opmix-ray: error:")]
+    log = (tmp_path / "fails" / "error.log").resolve()
+    assert rc == 1 and len(ours) == 1, ours
+    assert ours[0].startswith("opmix-ray: error: round 0: the search failed: FileNotFoundError"), ours[0]
+    assert "file /nonexistent/experiment_state.json" in ours[0] and f"full traceback: {log}" in ours[0], ours[0]
+    assert "opmix-ray resume" in ours[0]
+    text = log.read_text()
+    assert "Traceback" in text and "lost_file" in text

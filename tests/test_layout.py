@@ -66,7 +66,7 @@ def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-RUN_DIR_NAMES = (".opmix_run", "config.yaml", "data_manifest.json", "history.json", "history.parquet", "summary.json",
+RUN_DIR_NAMES = (".opmix_run", "error.log", "config.yaml", "data_manifest.json", "history.json", "history.parquet", "summary.json",
                  "mixture.png", "live.json", "added_domains", "train_state", "opmix_meta.json", "round_final",
                  "main/round_", "adapters_round_", "search_round_", "rounds/round_", "fidelity_round_",
                  "checkpoint_manager_snapshot")

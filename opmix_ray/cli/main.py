@@ -27,12 +27,7 @@ from pathlib import Path
 
 from opmix_ray import rundir
 from opmix_ray.config import parse_overrides
-from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, RunInterrupted
-
-# FileNotFoundError: a path the user named (a config, a domain file) that is not there
-BAD_INPUT = (BadInput, FileNotFoundError)
-
-
+from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, RunFailed, RunInterrupted
 
 
 def _load(path: str, over: dict):
@@ -306,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     try:
         return args.fn(args)
-    except BAD_INPUT as exc:
+    except BadInput as exc:
         msg = " ".join(str(exc).split())  # one line, whatever a library put in the message
         print(f"opmix-ray: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as exc:  # inside a run, not the user's input: the step, the file, the log
+        print(f"opmix-ray: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except RunInterrupted as exc:  # a node died: one line saying how to continue, no traceback
         print(f"opmix-ray: error: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -27,11 +27,12 @@ from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, 
 from opmix_ray.engine.confirm import confirm_move
 from opmix_ray.engine.controller import MixtureController, controller_name
 from opmix_ray.engine.domains import arrive, clear_live, write_live
-from opmix_ray.engine.faults import alive_nodes, interrupted, lost_since, on_driver_node
+from opmix_ray.engine.faults import alive_nodes, interrupted, lost_since, on_driver_node, run_failed
 from opmix_ray.engine.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.engine.preflight import preflight
 from opmix_ray.engine.records import BoundaryInfo, RoundRecord
 from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_search
+from opmix_ray.errors import BadInput, failing_step
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.mixture import Mixture
 from opmix_ray.storage import RunStore, is_uri
@@ -133,34 +134,40 @@ def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, sh
     t0 = time.time()
     _say(f"round {k}: training {len(adapter_plan(current, cfg, affected))} LoRA adapters on the "
          f"step-{info.step} checkpoint")
-    dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
+    with failing_step(f"round {k}: training the adapters"):
+        dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
     t_adapters = time.time() - t0
     total, boundaries = steps_and_boundaries(cfg)
     nxt = next((b for b in boundaries if b > info.step), total)
-    cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
-                             (nxt - info.step) * cfg.main.batch_size * shards.seq_len)
+    with failing_step(f"round {k}: loading the adapters and the checkpoint"):
+        cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
+                                 (nxt - info.step) * cfg.main.batch_size * shards.seq_len)
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
-    out = run_search(cfg, cands, k, str(run_dir))
-    decision = decide(cfg, cands, out, k)
+    with failing_step(f"round {k}: the search"):
+        out = run_search(cfg, cands, k, str(run_dir))
+    with failing_step(f"round {k}: the decision"):
+        decision = decide(cfg, cands, out, k)
     confirmed = decision.moved and cfg.decision.rule == "safe" and cfg.decision.confirm and "old" in dirs
     if confirmed:
         _say(f"round {k}: {decision.reason}; confirming with an adapter trained on the leader's mixture")
         merged_reason = decision.reason
-        decision.moved, decision.reason, decision.confirm = confirm_move(
-            cfg, shards_ref, info.path, decision.leader_mixture, adapter_lr(cfg, info.lr), k, dirs,
-            cands.objective_weights)
+        with failing_step(f"round {k}: the confirmation adapter"):
+            decision.moved, decision.reason, decision.confirm = confirm_move(
+                cfg, shards_ref, info.path, decision.leader_mixture, adapter_lr(cfg, info.lr), k, dirs,
+                cands.objective_weights)
         decision.confirm["merged_reason"] = merged_reason
     doms = current.domains
     # A stay changes nothing: the sampler keeps its weights, counters and cap handling, so a run
     # that always stays is the fixed-mixture run bit for bit (docs/DECISIONS.md).
     pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
         if decision.moved else current
-    store.write_parquet(rundir.trials(k), out.trials)
-    # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
-    # later still leaves every finished round in the bucket.
-    for rel in (rundir.checkpoint(k), rundir.adapter_root(k), rundir.search_job(k)):
-        store.upload_dir(rel)
+    with failing_step(f"round {k}: writing the round's files"):
+        store.write_parquet(rundir.trials(k), out.trials)
+        # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies
+        # later still leaves every finished round in the bucket.
+        for rel in (rundir.checkpoint(k), rundir.adapter_root(k), rundir.search_job(k)):
+            store.upload_dir(rel)
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
                       for v in shards.selection().values())
     flops = round_search_flops(info.n_params, adapter_tokens(cfg, shards.seq_len),
@@ -238,10 +245,12 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
         _wait(main_ref, main_ref, ctl, seen)
     except Exception as exc:
         lost = lost_since(nodes)
-        if not lost:
-            raise
         where = f"round {k}" if k < len(boundaries) else "the main run's last segment"
-        raise interrupted(lost, where, store.location, exc) from exc
+        if lost:
+            raise interrupted(lost, where, store.location, exc) from exc
+        if isinstance(exc, BadInput):
+            raise
+        raise run_failed(exc, getattr(exc, "opmix_step", where), run_dir, store.location) from exc
     finally:
         clear_live(run_dir)
     late = ray.get(ctl.take_changes.remote())  # queued after the last round: never applied

@@ -8,6 +8,9 @@
 - Anything else that fails while a node is missing (most often the main run's worker was on it)
   ends the run with RunInterrupted: one line naming the lost nodes, what is saved, and the
   `opmix-ray resume` command. The CLI exits with status 3.
+- Any other failure inside a run (not the user's input) ends it with RunFailed: one line naming
+  the step and the file involved, the traceback in <run_dir>/error.log, exit status 1; the run
+  resumes like one whose driver was killed.
 
     nodes = alive_nodes()
     ...                        # something fails
@@ -15,10 +18,15 @@
 """
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from opmix_ray.errors import RunInterrupted
+from opmix_ray import rundir
+from opmix_ray.errors import RunFailed, RunInterrupted
+from opmix_ray.storage import atomic_write_bytes
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -34,6 +42,22 @@ def alive_nodes() -> set[str]:
 def lost_since(before: set[str]) -> set[str]:
     """Nodes alive in `before` that are dead now."""
     return before - alive_nodes()
+
+
+def run_failed(exc: BaseException, step: str, run_dir: Path, location: str) -> RunFailed:
+    """RunFailed for an internal failure: one line with the step, the file involved (if any) and where
+    the full traceback went (written to the run dir's error.log; on a full disk it may not be)."""
+    log: Path | str = run_dir / rundir.ERROR_LOG
+    try:
+        atomic_write_bytes(log, "".join(traceback.format_exception(exc)).encode())
+    except OSError:
+        log = "not written: the run dir is not writable"
+    cause = getattr(exc, "cause", None)  # a RayTaskError carries the worker's exception
+    file = getattr(exc, "filename", None) or getattr(cause, "filename", None)
+    what = (str(exc).strip().splitlines() or [""])[0][:300]
+    return RunFailed(f"{step} failed: {type(exc).__name__}: {what}" + (f"; file {file}" if file else "") +
+                     f" (full traceback: {log}; once the cause is fixed, `opmix-ray resume {location}` continues "
+                     "from the last pushed round)")
 
 
 def interrupted(lost: set[str], where: str, location: str, cause: BaseException) -> RunInterrupted:
