@@ -46,6 +46,43 @@ def load_runtime_env(path: str | None) -> dict | None:
     return env  # a relative working_dir is taken from the current dir, as `ray job submit` does
 
 
+def upload_sizes(working_dir: str | Path, excludes: list[str]) -> tuple[int, dict[str, int]]:
+    """(bytes Ray would upload from working_dir, bytes per top-level entry), with the runtime_env's
+    excludes plus .gitignore and .rayignore, walked by Ray's own packaging code (ray==2.60.0)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    root = Path(working_dir).resolve()
+    per: dict[str, int] = {}
+
+    def add(path: Path) -> None:
+        if path.is_file() and not path.is_symlink():
+            top = path.relative_to(root).parts[0]
+            per[top] = per.get(top, 0) + path.stat().st_size
+    _dir_travel(root, [_get_excludes(root, list(excludes))], add, include_gitignore=True)
+    return sum(per.values()), per
+
+
+def check_upload(env: dict | None, limit: int | None = None) -> None:
+    """Refuse before submitting when working_dir cannot fit Ray's upload limit, naming what to
+    exclude (Ray itself answers "413 Maximum request body size" with a raw traceback). Ray zips the
+    package without compression (ZIP_STORED), so the files' total is the package's size."""
+    if not env or not isinstance(env.get("working_dir"), str) or "://" in env["working_dir"]:
+        return
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+    limit = limit or GCS_STORAGE_MAX_SIZE
+    wd = Path(env["working_dir"])
+    if not wd.is_dir():
+        raise ConfigError(f"config error at --runtime-env: working_dir {wd} is not a directory (fix: run from the "
+                          "repository root, or set working_dir to the directory to upload)")
+    total, per = upload_sizes(wd, env.get("excludes") or [])
+    if total < limit:
+        return
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:4]
+    largest = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for name, n in top)
+    raise ConfigError(f"config error at --runtime-env: working_dir {wd.resolve()} would upload {total / 2**20:.0f} MiB, "
+                      f"over Ray's upload limit of {limit / 2**20:.0f} MiB; the largest entries: {largest} (fix: add "
+                      "them to the runtime_env's excludes or to .rayignore; put data and runs on shared storage)")
+
+
 def entrypoint(config: str, sets: list[str] | None = None, overwrite: bool = False) -> str:
     parts = ["python", "-m", "opmix_ray.cli", "run", config]
     for s in sets or []:
@@ -87,6 +124,7 @@ def submit(config: str, address: str, runtime_env: str | None = None, wait: bool
     from opmix_ray.config import load_config, parse_overrides
     load_config(config, parse_overrides(sets))  # fail here, not on the cluster
     env = load_runtime_env(runtime_env)
+    check_upload(env)
     client = _client(address)
     job_id = client.submit_job(entrypoint=entrypoint(config, sets, overwrite), runtime_env=env,
                                submission_id=submission_id, metadata={"tool": "opmix-ray"})
