@@ -257,7 +257,8 @@ class DecisionSection(_Section):
 
 
 class RaySection(_Section):
-    address: str | None = Field(None, description="Ray address; null = start local Ray on 127.0.0.1.")
+    address: str | None = Field(None, description="Ray address; null = start Ray on this machine, without "
+                         "a dashboard (what it listens on: cluster/README.md).")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
                                  "main.cpus_per_worker (the main run idles while a round runs).")
 
@@ -372,6 +373,15 @@ def _unique_mapping(loader: _StrictLoader, node, deep: bool = False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _safe_load_unique(text: str):
+    """yaml.safe_load with _StrictLoader (what safe_load does, with our loader)."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(source: str | Path | dict, overrides: dict | None = None) -> Config:
     """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message."""
     if isinstance(source, dict):
@@ -381,7 +391,7 @@ def load_config(source: str | Path | dict, overrides: dict | None = None) -> Con
         if not p.is_file():
             raise ConfigError(f"config error at <file>: {p} does not exist (fix: pass a YAML config path)")
         try:
-            raw = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+            raw = _safe_load_unique(p.read_text())
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -1,5 +1,6 @@
-"""Security habits: nothing from storage is unpickled, YAML is safe_load'ed, and
-local mode keeps Ray on 127.0.0.1 with no dashboard."""
+"""Security habits: nothing from storage is unpickled, YAML is safe_load'ed, local mode starts no
+dashboard, and what local Ray listens on is what cluster/README.md says."""
+import os
 import re
 from pathlib import Path
 
@@ -36,18 +37,58 @@ def test_no_unsafe_deserialisation(what, pattern, fix):
     assert not hits, f"{what} ({fix}):\n" + "\n".join(hits)
 
 
-def test_local_mode_binds_loopback_without_dashboard(monkeypatch):
+# What local Ray (ray==2.60.0) really listens on, from the OS. Ray cannot be told to bind loopback
+# only: ray.init replaces 127.0.0.1 by the machine's routable address, and its gRPC servers bind
+# every interface. cluster/README.md ("What local mode listens on") says the same and how to
+# firewall it; this test fails the day either changes, so the page cannot go stale.
+WILDCARD = {"gcs_server", "raylet", "worker", "driver"}  # listen on every interface (:: or 0.0.0.0)
+ROUTABLE = {"ray::RuntimeEnvAgent"}  # listens on the machine's routable address
+
+
+def _kind(proc, driver_pid: int) -> str:
+    name = proc.name()
+    if proc.pid == driver_pid:
+        return "driver"
+    if name in ("gcs_server", "raylet") or name.startswith("ray::RuntimeEnv"):
+        return "ray::RuntimeEnvAgent" if name.startswith("ray::RuntimeEnv") else name
+    return "worker" if name.startswith("ray::") else name
+
+
+def test_what_local_mode_listens_on_is_what_the_docs_say(monkeypatch):
+    import ipaddress
+
+    import psutil
     import ray
 
     from opmix_ray.config import load_config
     from opmix_ray.engine import driver as engine
-    seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     engine.init_ray(load_config({}))
-    assert seen.get("_node_ip_address") == "127.0.0.1" and seen.get("include_dashboard") is False
-    assert "address" not in seen
+    try:
+        ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+        session = ray._private.worker.global_worker.node.get_session_dir_path()
+        ours = {os.getpid()}
+        for p in psutil.process_iter(["cmdline"]):
+            if any(session in a for a in p.info["cmdline"] or []):
+                ours.add(p.pid)
+                ours.update(c.pid for c in p.children(recursive=True))
+        seen = {}
+        for pid in ours:
+            try:
+                proc = psutil.Process(pid)
+                listens = [c.laddr.ip for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+            for ip in listens:
+                if not ipaddress.ip_address(ip.split("%")[0]).is_loopback:
+                    seen.setdefault(_kind(proc, os.getpid()), set()).add(ip)
+    finally:
+        ray.shutdown()
+    assert "dashboard" not in " ".join(seen), seen
+    wildcard = {k for k, ips in seen.items() if ips & {"::", "0.0.0.0"}}
+    routable = {k for k, ips in seen.items() if ips - {"::", "0.0.0.0"}}
+    assert {"gcs_server", "raylet"} <= wildcard <= WILDCARD, seen
+    assert routable <= ROUTABLE, seen
 
 
 def test_inside_a_ray_job_joins_the_cluster(monkeypatch):
