@@ -101,6 +101,26 @@ def test_arrive_collapses_untouched_domains_and_zeroes_the_affected(tmp_path):
     assert none == [] and renorm.as_dict() == pytest.approx({"bible": 0.5 / 0.7, "python": 0.2 / 0.7})
 
 
+def test_a_stale_live_json_is_found_in_seconds_and_nothing_is_copied(tmp_path):
+    """live.json left by a driver that died (kill -9): one line, exit 2, within 10 s, no file copied."""
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    (tmp_path / "live.json").write_text(json.dumps({
+        "gcs_address": f"127.0.0.1:{port}", "namespace": "x", "controller": "c", "host": socket.gethostname(),
+        "node_ip": "127.0.0.1", "pid": dead.pid, "auth_mode": ""}))
+    t0 = time.time()
+    p = subprocess.run([*CLI, "add-domain", str(tmp_path), str(BUNDLED_DIR / "fortunes.parquet")],
+                       capture_output=True, text=True, timeout=120)
+    assert time.time() - t0 < 10 + 5  # + the interpreter's start
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"driver (pid {dead.pid}) is not running" in p.stderr and "opmix-ray resume" in p.stderr
+    assert not (tmp_path / "added_domains").exists()
+
+
 @pytest.mark.parametrize("cmd", [["add-domain", "F"], ["remove-domain", "bible"], ["revise-domain", "bible", "F"],
                                  ["split-domain", "bible", "F", "F"]])
 def test_domain_commands_on_a_dir_that_is_not_live_are_one_line_exit_2(tmp_path, cmd):

@@ -36,16 +36,38 @@ def _live_info(run_dir: Path) -> dict:
     return read_json(run_dir / LIVE_FILE)
 
 
-def _copy_in(run_dir: Path, name: str, path: Path) -> str:
+def _driver_gone(live: dict) -> str | None:
+    """Why the driver that wrote live.json is not there any more (None: it answers). A dead driver's
+    GCS address makes ray.init retry for minutes, so it is probed first, in seconds."""
+    pid = live.get("pid")
+    if live.get("host") == socket.gethostname() and pid:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return f"its driver (pid {pid}) is not running"
+        except PermissionError:
+            pass  # alive, another user's
+    host, _, port = str(live.get("gcs_address", "")).rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        return f"its Ray cluster at {live.get('gcs_address')} does not answer"
+    return None
+
+
+def _copy_in(run_dir: Path, name: str, path: Path) -> tuple[str, bool]:
     """Copy a domain file into the run dir (temp file + rename); the name carries its hash, so a
-    revision never overwrites the data an earlier change (and a resume) points at."""
+    revision never overwrites the data an earlier change (and a resume) points at. Returns (the
+    relative path, whether this call created it)."""
     sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     rel = f"{ADDED_DIR}/{name}-{sha}.parquet"
+    if (run_dir / rel).is_file():
+        return rel, False
     (run_dir / ADDED_DIR).mkdir(exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=run_dir / ADDED_DIR, delete=False) as tmp, path.open("rb") as src:
         shutil.copyfileobj(src, tmp)
     os.replace(tmp.name, run_dir / rel)
-    return rel
+    return rel, True
 
 
 def change_domains(run_dir: str | Path, changes: list[dict]) -> list[dict]:
@@ -56,6 +78,9 @@ def change_domains(run_dir: str | Path, changes: list[dict]) -> list[dict]:
             raise ConfigError(f"config error at NAME: domain {problem}")
     run_dir = Path(run_dir).expanduser().resolve()
     live = _live_info(run_dir)
+    if why := _driver_gone(live):
+        raise ConfigError(f"config error at RUN_DIR: {run_dir} is not training any more: {why}, and its "
+                          f"{LIVE_FILE} is left from a driver that died (fix: `opmix-ray resume {run_dir}`, then retry)")
     if live.get("auth_mode"):  # before Ray is imported: it reads the mode once
         os.environ.setdefault("RAY_AUTH_MODE", live["auth_mode"])
     from opmix_ray.data.shards import build_shards
@@ -73,27 +98,40 @@ def change_domains(run_dir: str | Path, changes: list[dict]) -> list[dict]:
     # the run's domains now, then these changes: bad data or names fail here, before the run sees them
     shards = replay_changes(cfg, run_dir, build_shards(cfg), history.get("meta", {}))
     apply_changes(cfg, run_dir, shards, [{**c, "file": str(c.get("path", ""))} for c in queued])  # absolute paths
-    queued = [{"op": c["op"], "name": c["name"], "file": _copy_in(run_dir, c["name"], c["path"])}
-              if c["op"] != "remove" else {"op": "remove", "name": c["name"], "file": None} for c in queued]
-    return _queue(live, queued)
+    return _queue(run_dir, live, queued)
 
 
-def _queue(live: dict, changes: list[dict]) -> list[dict]:
+def _queue(run_dir: Path, live: dict, changes: list[dict]) -> list[dict]:
+    """Reach the controller first; only then copy the files in and queue the changes (a refused
+    change takes back the files it brought)."""
     import ray
 
-    # on the driver's host, join through its node (a local run's Ray binds 127.0.0.1 only)
+    # on the driver's host, join as the address the driver's node has
     here = {"_node_ip_address": live["node_ip"]} if live.get("host") == socket.gethostname() else {}
     ray.init(address=live["gcs_address"], namespace=live["namespace"], log_to_driver=False,
              logging_level="ERROR", **here)
+    copied = []
     try:
-        ctl = ray.get_actor(live["controller"], namespace=live["namespace"])
-    except ValueError:
-        raise ConfigError("config error at RUN_DIR: the run's driver has exited (no live controller) "
-                          "(fix: `opmix-ray resume` it, then retry)") from None
-    try:
-        ray.get(ctl.queue_changes.remote(changes))
-    except ray.exceptions.RayTaskError as exc:  # a name clash the controller caught
-        raise ConfigError(f"config error at NAME: {exc.cause} ") from None
+        try:
+            ctl = ray.get_actor(live["controller"], namespace=live["namespace"])
+            ray.get(ctl.reached.remote(), timeout=10)
+        except (ValueError, ray.exceptions.RayError):
+            raise ConfigError(f"config error at RUN_DIR: the run's driver has exited (no live controller) "
+                              f"(fix: `opmix-ray resume {run_dir}`, then retry)") from None
+        queued = []
+        for c in changes:
+            if c["op"] == "remove":
+                queued.append({"op": "remove", "name": c["name"], "file": None})
+                continue
+            rel, new = _copy_in(run_dir, c["name"], c["path"])
+            copied += [rel] if new else []
+            queued.append({"op": c["op"], "name": c["name"], "file": rel})
+        try:
+            ray.get(ctl.queue_changes.remote(queued), timeout=30)
+        except ray.exceptions.RayTaskError as exc:  # a name clash the controller caught
+            for rel in copied:
+                (run_dir / rel).unlink(missing_ok=True)
+            raise ConfigError(f"config error at NAME: {exc.cause} ") from None
     finally:
         ray.shutdown()
-    return changes
+    return queued
