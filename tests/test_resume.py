@@ -162,3 +162,36 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert summary["final_mixture"] == ref["final_mixture"]
     again = _cli("resume", str(run_dir))
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+@pytest.mark.parametrize("sig, to_group", [
+    ("SIGTERM", False),
+    pytest.param("SIGINT", True, marks=pytest.mark.slow),  # Ctrl-C in a terminal: the whole group
+])
+def test_a_stop_signal_ends_the_run_in_seconds_with_one_line_and_a_resumable_dir(tmp_path, sig, to_group):
+    signum = getattr(signal, sig)
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "opmix_ray.cli", "run", TINY, *_sets(tmp_path, "stopped")],
+                            cwd=ROOT, process_group=0, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and not ((run_dir / "history.json").is_file() and _rounds(run_dir)):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before round 0 was pushed"
+    time.sleep(random.uniform(0, 8))  # the next segment's training or round 1
+    t0 = time.time()
+    (os.killpg if to_group else os.kill)(proc.pid, signum)
+    err = proc.stderr.read()
+    rc = proc.wait(timeout=60)
+    took = time.time() - t0
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of its Ray is left in the group
+    except ProcessLookupError:
+        pass
+    assert took < 10, f"took {took:.1f}s"
+    assert rc == 128 + signum, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("opmix-ray:")]
+    assert ours == [f"opmix-ray: stopped by {sig}; every pushed round is saved in {run_dir.resolve()} (fix: "
+                    f"`opmix-ray resume {run_dir.resolve()}` continues the run)"], err[-3000:]
+    check = _cli("check", str(run_dir))
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -58,11 +59,29 @@ def _print_run(summary: dict, baseline: dict | None = None) -> None:
     print(f"plot: {png}\nhistory: {summary['run_dir']}/{rundir.HISTORY} (+ {rundir.HISTORY_PARQUET})")
 
 
+# The run dir of the run this process drives, for the line a stop prints (SIGINT, SIGTERM).
+_RUN_DIR: list[str] = []
+
+
+def _on_stop(signum, frame) -> None:
+    """SIGINT or SIGTERM: one line, then exit at once (128 + signal). Every write of a run is
+    atomic and a round can be redone, so the run dir is what a kill -9 leaves: `check` passes
+    and `resume` continues it. Not waiting for Ray's shutdown is what keeps this within seconds."""
+    name = signal.Signals(signum).name
+    hint = (f"; every pushed round is saved in {_RUN_DIR[-1]} (fix: `opmix-ray resume {_RUN_DIR[-1]}` continues "
+            "the run)") if _RUN_DIR else ""
+    print(f"\nopmix-ray: stopped by {name}{hint}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)
+
+
 def cmd_run(args) -> int:
     over = parse_overrides(args.set)
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
+    from opmix_ray.engine.preflight import run_dir_of
+    _RUN_DIR.append(str(run_dir_of(cfg)))
     from opmix_ray.engine.driver import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
@@ -71,6 +90,7 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     from opmix_ray.engine.resume import resume
+    _RUN_DIR.append(str(args.run_dir))
     summary = resume(args.run_dir)
     if summary.get("already_finished"):
         print(f"run {summary['run_dir']} had already finished ({rundir.SUMMARY}); nothing to resume")
@@ -116,6 +136,8 @@ def cmd_demo(args) -> int:
         over.setdefault("run", {})["storage_path"] = args.storage_path
     cfg = load_config(Path(str(path)), over)
     print(f"opmix-ray demo: config {path}\n", flush=True)
+    from opmix_ray.engine.preflight import run_dir_of
+    _RUN_DIR.append(str(run_dir_of(cfg)))
     summary = run(cfg, overwrite=args.overwrite)
     baseline = None
     if not args.no_baseline:
@@ -123,6 +145,7 @@ def cmd_demo(args) -> int:
         base_cfg.run.name = f"{cfg.run.name}-uniform"
         base_cfg.run.baseline = "uniform"
         print(f"\nbaseline: the same token budget and seed on the uniform mixture ({base_cfg.run.name})", flush=True)
+        _RUN_DIR.append(str(run_dir_of(base_cfg)))
         baseline = run(base_cfg, overwrite=args.overwrite)
     _print_run(summary, baseline)
     return 0
@@ -210,7 +233,7 @@ def _experiment(sub, name: str, help_text: str, out: str, fn) -> None:
     e.add_argument("--out", default=out, help="output dir (results.json, results.md)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    e.set_defaults(fn=fn)
+    e.set_defaults(fn=fn, stoppable=True)
 
 
 def _domain_commands(sub) -> None:
@@ -242,13 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", choices=["uniform", "natural"], help="train the same budget on a fixed mixture")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run dir of the same name")
-    r.set_defaults(fn=cmd_run)
+    r.set_defaults(fn=cmd_run, stoppable=True)
     d = sub.add_parser("demo", help="the bundled demo: OP-Mix on the bundled corpus + a uniform baseline")
     d.add_argument("--storage-path", help="where runs go (default ./opmix_runs)")
     d.add_argument("--no-baseline", action="store_true", help="skip the uniform comparison run")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
-    d.set_defaults(fn=cmd_demo)
+    d.set_defaults(fn=cmd_demo, stoppable=True)
     j = sub.add_parser("submit", help="run a config as a Ray job on a cluster (Ray Jobs API)")
     j.add_argument("config", help="config path, as seen from the job's working_dir on the cluster")
     j.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://HEAD:8265")
@@ -260,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.set_defaults(fn=cmd_submit)
     rs = sub.add_parser("resume", help="continue a run whose driver died, from its last completed round")
     rs.add_argument("run_dir", help="the run's dir, e.g. opmix_runs/NAME")
-    rs.set_defaults(fn=cmd_resume)
+    rs.set_defaults(fn=cmd_resume, stoppable=True)
     _domain_commands(sub)
     ck = sub.add_parser("check", help="check that every artifact of a run dir is whole (after a crash)")
     ck.add_argument("run_dir")
@@ -299,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = rest
     except SystemExit as exc:  # a usage error (one line, status 2) or --help (status 0)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, _on_stop) for s in stops} if getattr(args, "stoppable", False) else {}
     try:
         return args.fn(args)
     except BadInput as exc:
@@ -314,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`opmix-ray config-help | head`): not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

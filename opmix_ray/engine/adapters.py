@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -140,7 +141,10 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
         run_config=RunConfig(storage_path=run_dir, name=rundir.adapters_job(round_idx),
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=1)),
     )
-    return trainer.fit()
+    # Off the main thread: from the main thread fit() installs Train's own SIGINT handler, which
+    # turns Ctrl-C into a "graceful abort" of this job instead of stopping the run (cli/main.py).
+    with ThreadPoolExecutor(1, thread_name_prefix="adapter-fit") as pool:
+        return pool.submit(trainer.fit).result()
 
 
 def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,

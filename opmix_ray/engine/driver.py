@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import shutil
 import time
 from pathlib import Path
@@ -43,14 +45,26 @@ def init_ray(cfg: Config) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no tensorboard/csv per trial
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the run (cli/main.py), not a round
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints nothing per round
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Inside a Ray job (opmix-ray submit) the job supervisor sets RAY_ADDRESS: join that cluster.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
+    # ray.init installs a C++ failure-signal handler that also takes SIGTERM and aborts (SIGABRT, a
+    # stack dump); whoever set a Python SIGTERM handler (the CLI's stop) gets it back afterwards.
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+            return
+        _init_local(cfg)
+    finally:
+        if callable(term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, term)
+
+
+def _init_local(cfg: Config) -> None:
     # The main run's worker idles while a synchronous round runs, so its CPU is counted on top of
     # the cores: otherwise the round's adapter workers and trials would wait for a sleeping worker.
     cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(cfg.main.cpus_per_worker)
