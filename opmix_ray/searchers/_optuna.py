@@ -69,11 +69,14 @@ class OptunaSimplexSearcher(MixtureSearcher):
             study.add_trial(create_trial(params=params, distributions=self.space.optuna_distributions(),
                                               state=_STATES[state], value=value))
             return
+        # the study first: after a restore it is rebuilt from the records, and a record already
+        # marked complete would be replayed as COMPLETE, which Optuna then refuses to be told again
+        study = self.study
         self.records[n].update(state=state, value=value)
         if value is None:
-            self.study.tell(n, state=TrialState.FAIL)
+            study.tell(n, state=TrialState.FAIL)
         else:
-            self.study.tell(n, value)
+            study.tell(n, value)
 
     def state(self) -> dict:
         return {"records": self.records, "number": self._number}

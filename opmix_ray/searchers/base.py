@@ -23,6 +23,7 @@ What the base guarantees (and opmix_ray.searchers.testing checks for every searc
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from abc import ABCMeta, abstractmethod
@@ -47,6 +48,14 @@ def clean_value(result: dict | None, error: bool = False, metric: str = METRIC) 
     return v if math.isfinite(v) else None
 
 
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _floats(d: dict | None, prefix: str) -> dict[str, float]:
     """{key[len(prefix):]: finite value} for the result's keys with that prefix (e.g. loss_)."""
     out = {}
@@ -65,11 +74,35 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
     """Base class for searchers over a mixture space (SimplexSpace / ConstrainedSimplex / ...).
     A subclass must implement `propose`; Python refuses to build one that does not."""
 
+    def __init_subclass__(cls, **kw):
+        """Record each instance's constructor options (all but space, seed, points_to_evaluate), so a
+        saved state carries them and a restore into a default-built instance rebuilds it as saved."""
+        super().__init_subclass__(**kw)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording(self, *args, **kwargs):
+            outermost = not getattr(self, "_recording", False)
+            if outermost:
+                self._recording = True
+                self._options = {k: v for k, v in kwargs.items()
+                                 if k not in ("space", "seed", "points_to_evaluate") and _jsonable(v)}
+            try:
+                init(self, *args, **kwargs)
+            finally:
+                if outermost:
+                    self._recording = False
+        cls.__init__ = recording
+
     def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, metric: str = METRIC,
                  mode: str = MODE):
-        if mode != MODE:
-            raise SearcherError(f"search mode '{mode}': opmix-ray searchers minimise (fix: use mode='min')")
+        if mode not in ("min", "max"):
+            raise SearcherError(f"search mode '{mode}' (fix: use 'min' or 'max')")
         super().__init__(metric=metric, mode=mode)
+        if not hasattr(self, "_options"):
+            self._options = {}
         self.space, self.seed = space, int(seed)
         self._warm: list[list[float]] = []
         for p in points_to_evaluate or []:
@@ -148,6 +181,20 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
                                 f"(need finite, >= 0, sum 1, within bounds and caps) (fix: return space.project(w))")
         return self.space.project(w) if not self.space.contains(w) else w
 
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        """What Tune passes from TuneConfig(metric=, mode=): honoured (a "max" mode is maximised);
+        an unknown mode is refused, which Tune reports."""
+        if mode is not None and mode not in ("min", "max"):
+            return False
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        return True
+
+    def _value(self, result: dict | None, error: bool) -> float | None:
+        """The trial's value as this searcher minimises it (negated when the mode is max)."""
+        v = clean_value(result, error, self.metric or METRIC)
+        return -v if v is not None and self.mode == "max" else v
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         w = self.live.pop(trial_id, None)
         if w is None:  # a trial we never suggested (e.g. restored without it): use what it reports
@@ -155,21 +202,60 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
             if not all(c in a for c in self.space.coords):
                 return
             w = [a[c] for c in self.space.coords]
-        value = clean_value(result, error, self.metric or METRIC)
+        value = self._value(result, error)
         losses = _floats(result, "loss_") if value is not None else {}
         self.history.append({"id": trial_id, "w": list(map(float, w)), "value": value, "losses": losses})
         self.observe(trial_id, np.asarray(w), value, result if value is not None else None)
 
+    # --- results from elsewhere (Tune's warm-start API) ---
+    def add_evaluated_point(self, parameters: dict, value: float, error: bool = False, pruned: bool = False,
+                            intermediate_values=None) -> None:
+        """A point evaluated outside this search (an earlier experiment): parameters are a config of
+        this space (u_/w_ keys), a_<coord> keys, or {coord: weight}; value is the metric's value."""
+        a = _floats(parameters, "a_")
+        if all(c in parameters for c in self.space.coords):
+            w = np.array([float(parameters[c]) for c in self.space.coords])
+        elif all(c in a for c in self.space.coords):
+            w = np.array([a[c] for c in self.space.coords])
+        else:
+            w = self.space.weights(parameters)
+        if not self.space.contains(w, tol=1e-6):
+            raise SearcherError(f"evaluated point {np.round(w, 4).tolist()} is not on the space (fix: pass points "
+                                f"over {self.space.coords} within the bounds and caps)")
+        result = None if error or pruned else {**(parameters if isinstance(parameters, dict) else {}),
+                                               (self.metric or METRIC): value}
+        v = self._value(result, error or pruned)
+        tid = f"evaluated_{len(self.history)}"
+        self.history.append({"id": tid, "w": list(map(float, w)), "value": v,
+                             "losses": _floats(parameters, "loss_") if v is not None else {}})
+        self.observe(tid, w, v, result if v is not None else None)
+
+    def add_evaluated_trials(self, trials_or_analysis, metric: str) -> None:
+        """Finished Tune trials (a ResultGrid, a list of Trials or of result dicts): each one's config
+        and reported metrics go in through add_evaluated_point."""
+        items = list(trials_or_analysis)
+        for t in items:
+            metrics = getattr(t, "metrics", None) or getattr(t, "last_result", None) or (t if isinstance(t, dict) else {})
+            config = getattr(t, "config", None) or metrics.get("config") or {}
+            if metric not in metrics:
+                continue
+            self.add_evaluated_point({**config, **metrics}, metrics[metric])
+
     # --- plain JSON save / restore ---
     def get_state(self) -> dict:
-        return {"class": type(self).__name__, "seed": self.seed, "warm": self._warm, "live": self.live,
-                "history": self.history, "n_suggested": self.n_suggested, "finished": self._finished,
-                "own": self.state()}
+        return {"class": type(self).__name__, "seed": self.seed, "options": self._options, "mode": self.mode,
+                "metric": self.metric, "warm": self._warm, "live": self.live, "history": self.history,
+                "n_suggested": self.n_suggested, "finished": self._finished, "own": self.state()}
 
     def set_state(self, state: dict) -> None:
         if state.get("class") != type(self).__name__:
             raise SearcherError(f"searcher state is for {state.get('class')}, not {type(self).__name__} "
                                 "(fix: restore with the same search.searcher that saved it)")
+        options = state.get("options", self._options)
+        if options != self._options or state["seed"] != self.seed:
+            # built with other options or another seed: rebuild as the saved searcher was built
+            type(self).__init__(self, space=self.space, seed=state["seed"], **options)
+        self._metric, self._mode = state.get("metric", self._metric), state.get("mode", self._mode)
         self.seed, self._warm = state["seed"], [list(w) for w in state["warm"]]
         self.live, self.history = dict(state["live"]), list(state["history"])
         self.n_suggested, self._finished = state["n_suggested"], state["finished"]

@@ -154,6 +154,55 @@ class SearcherConformance:
             t.on_trial_complete("next0", synthetic_result(PLAIN, x))
         self._same_next(s, r, "next1", n_done + 2)
 
+    def test_restore_then_the_trial_in_flight_completes_first(self, make_searcher, tmp_path):
+        """Ray's order after a restore: a trial that was in flight at save time reports before the
+        next suggest (the restored searcher must not replay it twice)."""
+        s = make_searcher(PLAIN, 8)
+        n_done = len(drive(s, PLAIN, self.n_trials - 3))
+        pending = s.suggest("pending")
+        if pending == FINISHED:
+            pytest.skip("searcher finished before the save point")
+        path = tmp_path / "searcher_state.json"
+        s.save(str(path))
+        r = make_searcher(PLAIN, 8)
+        r.restore(str(path))
+        for t in (s, r):
+            t.on_trial_complete("pending", synthetic_result(PLAIN, pending))
+        self._same_next(s, r, "next0", n_done + 1)
+
+    def test_restore_into_an_instance_built_with_another_seed_follows_the_saved_one(self, make_searcher, tmp_path):
+        s = make_searcher(PLAIN, 11)
+        n_done = len(drive(s, PLAIN, 4))
+        path = tmp_path / "searcher_state.json"
+        s.save(str(path))
+        r = make_searcher(PLAIN, 0)
+        r.restore(str(path))
+        self._same_next(s, r, "next0", n_done)
+
+    def test_mode_max_from_tune_config_is_honoured(self, make_searcher):
+        """TuneConfig(metric=, mode="max") reaches the searcher through set_search_properties."""
+        s = make_searcher(PLAIN, 9)
+        assert s.set_search_properties("objective", "max", {}) is True, "mode='max' was refused or ignored"
+        cfg = s.suggest("t0")
+        s.on_trial_complete("t0", {**synthetic_result(PLAIN, cfg), "objective": 2.5})
+        if getattr(s, "history", None):  # MixtureSearchers minimise the negated value
+            assert s.history[-1]["value"] == -2.5
+        drive(s, PLAIN, 3, prefix="after")
+
+    def test_points_evaluated_elsewhere_can_be_added(self, make_searcher):
+        """add_evaluated_point: a warm start from an earlier experiment, deterministic like the rest."""
+        def fed():
+            s = make_searcher(PLAIN, 10)
+            for i, w in enumerate(([0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.25] * 4)):
+                s.add_evaluated_point(dict(zip(PLAIN.coords, w)), 1.0 + 0.1 * i)
+            return s
+        s = fed()
+        if getattr(s, "history", None) is not None:
+            assert len(s.history) == 3 and s.history[0]["value"] == 1.0
+            np.testing.assert_allclose(s.history[0]["w"], [0.4, 0.3, 0.2, 0.1])
+        a, b = drive(s, PLAIN, 4), drive(fed(), PLAIN, 4)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-9)
+
     @staticmethod
     def _same_next(s, r, tid: str, n_done: int):
         x, y = s.suggest(tid), r.suggest(tid)
