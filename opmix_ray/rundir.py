@@ -10,6 +10,7 @@
       adapters_round_<k>/adapters/<a>/   PEFT adapters + opmix_meta.json          adapter_root(k)
       search_round_<k>/                  the round's Tune experiment              search_job(k)
       rounds/round_<k>_trials.parquet    every candidate scored                   trials(k)
+      rounds/round_<k>_manifest.json     sha256 of the round's files, written last manifest(k)
       fidelity_round_<k>.json            `opmix-ray fidelity`                      fidelity(k)
       mixture.png, live.json, added_domains/, error.log (a failed run's traceback)
 
@@ -68,6 +69,23 @@ def search_job(k: int) -> str:
 
 def trials(k: int) -> str:
     return f"rounds/round_{k}_trials.parquet"
+
+
+def manifest(k: int | str) -> str:
+    """sha256 of every file round k (or FINAL) left, written last: `opmix-ray check` verifies it."""
+    return f"rounds/round_{k}_manifest.json"
+
+
+def manifests(run_dir: str | Path) -> list[Path]:
+    """Every round's manifest in a run dir (and FINAL's), in name order."""
+    return sorted(Path(run_dir).glob(manifest("*")))
+
+
+def round_artifacts(k: int | str) -> list[str]:
+    """The dirs and files a finished round k (or FINAL) leaves, which its manifest covers."""
+    if k == FINAL:
+        return [checkpoint(FINAL), SUMMARY]
+    return [checkpoint(k), adapter_root(k), trials(k)]
 
 
 def fidelity(k: int) -> str:

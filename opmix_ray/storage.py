@@ -156,6 +156,24 @@ _READERS = {
 }
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksums(run_dir: Path, rels: list[str]) -> dict[str, str]:
+    """{path relative to run_dir: sha256} of every file under the dirs and files `rels` (absent ones skipped)."""
+    out = {}
+    for rel in rels:
+        p = run_dir / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        out.update({f.relative_to(run_dir).as_posix(): sha256_file(f) for f in files})
+    return out
+
+
 def unreadable(path: Path) -> str | None:
     """Why a local artifact does not parse as its suffix says (None: it does, or it is not a kind we
     read). Nothing is unpickled."""

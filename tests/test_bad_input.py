@@ -366,3 +366,26 @@ def test_damaged_history_or_summary_is_one_line_for_results_and_a_finding_for_ch
 def test_results_on_a_dir_without_history_is_bad_input(tmp_path, capsys):
     assert main(["results", str(tmp_path)]) == 2
     assert "no history.json" in capsys.readouterr().err
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_anything_is_written(tmp_path, good_data, capsys,
+                                                                                    monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**20, 9 * 2**20, 2**20))
+    rc = main(["run", _write(tmp_path, _base(tmp_path, good_data))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "1 MiB free and the run needs about" in err[0] and "fix" in err[0], err
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
+
+
+def test_a_full_disk_inside_a_run_names_the_storage(tmp_path):
+    import errno
+
+    from opmix_ray.engine.faults import run_failed
+    (tmp_path / "history.json").write_text("{}")
+    exc = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "main" / "round_1" / "model.safetensors"))
+    msg = str(run_failed(exc, "round 1: writing the round's files", tmp_path, str(tmp_path)))
+    assert msg.startswith("round 1: writing the round's files failed: OSError:") and "No space left" in msg
+    assert f"the storage at {tmp_path} is full" in msg and "model.safetensors" in msg and "opmix-ray resume" in msg

@@ -86,3 +86,27 @@ def test_adapters_are_peft_with_hashes(tiny_run):
         assert meta["data_hash"] == h["meta"]["data_hash"] and meta["tokenizer_hash"] == h["meta"]["tokenizer_hash"]
         assert os.path.isfile(os.path.join(root, n, "adapter_model.safetensors"))
         assert meta["final_loss"] < meta["first_loss"] + 0.5
+
+
+def test_every_round_leaves_a_manifest_that_check_verifies(tiny_run, tmp_path):
+    """A flipped byte in a checkpoint is found by `opmix-ray check` (the sha256 manifest each round
+    writes last); the untouched run passes."""
+    import shutil
+
+    from opmix_ray.cli.check import check_run_dir
+    _, summary = tiny_run
+    run_dir = tmp_path / "copy"
+    shutil.copytree(summary["run_dir"], run_dir)
+    for k in (0, 1, "final"):
+        listed = json.loads((run_dir / "rounds" / f"round_{k}_manifest.json").read_text())
+        assert f"main/round_{k}/model.safetensors" in listed
+    assert check_run_dir(run_dir) == []
+    weights = run_dir / "main" / "round_0" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # inside the last tensor: the file still parses
+    weights.write_bytes(bytes(data))
+    assert check_run_dir(run_dir) == ["main/round_0/model.safetensors: changed since it was written (sha256 "
+                                      "differs from rounds/round_0_manifest.json)"]
+    (run_dir / "main" / "round_1" / "train_state.json").unlink()
+    assert any(p.startswith("main/round_1/train_state.json: missing (listed in rounds/round_1_manifest.json)")
+               for p in check_run_dir(run_dir))

@@ -66,12 +66,8 @@ def test_what_local_mode_listens_on_is_what_the_docs_say(monkeypatch):
     engine.init_ray(load_config({}))
     try:
         ray.get(ray.remote(lambda: 1).remote())  # a worker process too
-        session = ray._private.worker.global_worker.node.get_session_dir_path()
-        ours = {os.getpid()}
-        for p in psutil.process_iter(["cmdline"]):
-            if any(session in a for a in p.info["cmdline"] or []):
-                ours.add(p.pid)
-                ours.update(c.pid for c in p.children(recursive=True))
+        # local Ray's processes are this process's descendants (gcs_server, raylet, its workers)
+        ours = {os.getpid()} | {c.pid for c in psutil.Process().children(recursive=True)}
         seen = {}
         for pid in ours:
             try:

@@ -5,7 +5,9 @@
 
 Every JSON, YAML, parquet and safetensors file must parse (nothing is unpickled); no temp file of
 an interrupted atomic write may be left; every pushed round must have its resumable checkpoint
-and its adapters; summary.json means the main run's end is in history.json.
+and its adapters; every file a round's manifest lists (rounds/round_<k>_manifest.json, sha256,
+written when the round was pushed) must be unchanged; history.json and summary.json must have
+the shape every reader relies on; summary.json means the main run's end is in history.json.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from opmix_ray import rundir
 from opmix_ray.history import history_problems, summary_problems
 from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
-from opmix_ray.storage import unreadable
+from opmix_ray.storage import sha256_file, unreadable
 
 # Tune names its pickled searcher state *.json; opmix never reads (or unpickles) it.
 _NOT_OURS = ("search_gen_state-",)
@@ -49,6 +51,23 @@ def _missing(run_dir: Path, history: dict) -> list[str]:
     return out
 
 
+def _checksums(run_dir: Path) -> list[str]:
+    """Every file a round's manifest lists must still be there with the same sha256."""
+    out = []
+    for m in rundir.manifests(run_dir):
+        try:
+            listed = json.loads(m.read_bytes())
+        except ValueError:
+            continue  # _unreadable reports it
+        for rel, sha in sorted(listed.items()):
+            p = run_dir / rel
+            if not p.is_file():
+                out.append(f"{rel}: missing (listed in {m.relative_to(run_dir)})")
+            elif sha256_file(p) != sha:
+                out.append(f"{rel}: changed since it was written (sha256 differs from {m.relative_to(run_dir)})")
+    return out
+
+
 def check_run_dir(run_dir: str | Path) -> list[str]:
     """Problems found in a run dir (empty list: every artifact is whole)."""
     run_dir = Path(run_dir)
@@ -59,6 +78,7 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
         history = json.loads((run_dir / rundir.HISTORY).read_bytes())
         shape = history_problems(history)
         out += [f"{rundir.HISTORY}: {p}" for p in shape] or _missing(run_dir, history)
+    out += _checksums(run_dir)
     if (run_dir / rundir.SUMMARY).is_file() and not any(o.startswith(f"{rundir.SUMMARY}: unreadable") for o in out):
         out += [f"{rundir.SUMMARY}: {p}" for p in summary_problems(json.loads((run_dir / rundir.SUMMARY).read_bytes()))]
     return out

@@ -37,7 +37,7 @@ from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_se
 from opmix_ray.errors import BadInput, failing_step
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.mixture import Mixture
-from opmix_ray.storage import RunStore, is_uri
+from opmix_ray.storage import RunStore, checksums, is_uri
 
 
 def init_ray(cfg: Config) -> None:
@@ -256,6 +256,8 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
             if changes:
                 record.domain_changes = [f"{c['op']} {c['name']}" for c in changes]
             ray.get(ctl.push.remote(k, current.as_dict(), record.as_dict()))
+            with failing_step(f"round {k}: writing the round's checksums"):
+                store.write_json(rundir.manifest(k), checksums(run_dir, rundir.round_artifacts(k)))
             k += 1
         _wait(main_ref, main_ref, ctl, seen)
     except Exception as exc:
@@ -297,5 +299,6 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
         summary["unapplied_domain_changes"] = unapplied
     if store.remote:  # run_dir stays local (the staging dir): callers read and plot from it
         summary["run_uri"] = store.location
-    store.write_json(rundir.SUMMARY, summary)  # last: its presence means the run finished
+    store.write_json(rundir.SUMMARY, summary)  # its presence means the run finished
+    store.write_json(rundir.manifest(rundir.FINAL), checksums(store.local_dir, rundir.round_artifacts(rundir.FINAL)))
     return summary

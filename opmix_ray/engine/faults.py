@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import errno
 import traceback
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def run_failed(exc: BaseException, step: str, run_dir: Path, location: str) -> R
     cause = getattr(exc, "cause", None)  # a RayTaskError carries the worker's exception
     file = getattr(exc, "filename", None) or getattr(cause, "filename", None)
     what = (str(exc).strip().splitlines() or [""])[0][:300]
+    errno_ = getattr(exc, "errno", None) or getattr(cause, "errno", None)
+    if errno_ == errno.ENOSPC:  # the disk filled: say where, and how much the run dir holds now
+        held = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**20
+        what += f" (the storage at {location} is full; the run dir holds {held:.0f} MiB; free space there)"
     return RunFailed(f"{step} failed: {type(exc).__name__}: {what}" + (f"; file {file}" if file else "") +
                      f" (full traceback: {log}; once the cause is fixed, `opmix-ray resume {location}` continues "
                      "from the last pushed round)")

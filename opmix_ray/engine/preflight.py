@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -105,6 +106,32 @@ def check_storage(cfg: Config, overwrite: bool) -> Path:
     return run_dir
 
 
+def checkpoint_bytes(cfg: Config, vocab: int) -> int:
+    """About what one round checkpoint takes: fp32 weights plus AdamW's two moments."""
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        weights = sum(f.stat().st_size for f in p.glob("model*.safetensors"))
+    else:
+        m, h, inter = cfg.model, cfg.model.hidden_size, cfg.model.intermediate_size
+        weights = 4 * (vocab * h + m.num_layers * (4 * h * h + 3 * h * inter + 2 * h) + h)
+    return 3 * weights
+
+
+def check_free_space(cfg: Config, run_dir: Path, vocab: int) -> None:
+    """Refuse a run whose checkpoints (one per round and the final one, plus about 10% for adapters
+    and trial files) cannot fit the free space where the run dir goes."""
+    need = int(1.1 * (cfg.rounds.num_rounds + 1) * checkpoint_bytes(cfg, vocab))
+    anc = run_dir
+    while not anc.exists():
+        anc = anc.parent
+    free = shutil.disk_usage(anc).free
+    if free < need:
+        raise ConfigError(f"config error at run.storage_path: {anc} has {free / 2**20:.0f} MiB free and the run needs "
+                          f"about {need / 2**20:.0f} MiB ({cfg.rounds.num_rounds + 1} checkpoints of "
+                          f"{checkpoint_bytes(cfg, vocab) / 2**20:.0f} MiB) (fix: free space there, or point "
+                          "run.storage_path at a larger disk)")
+
+
 def check_searcher(cfg: Config) -> None:
     """Build the searcher once, as a round would (name or dotted path, search.searcher_options, the
     context keywords), over a stand-in space, and throw it away: an import that fails in any way, a
@@ -181,4 +208,5 @@ def preflight(cfg: Config, overwrite: bool = False) -> tuple[Path, TokenShards]:
     vocab = model_vocab(cfg)
     shards = build_shards(cfg)
     check_against_data(cfg, shards, vocab)
+    check_free_space(cfg, run_dir, shards.vocab_size)
     return run_dir, shards

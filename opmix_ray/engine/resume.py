@@ -57,12 +57,12 @@ def _clear_after(run_dir: Path, point: dict | None, n_rounds: int) -> None:
     first_redo = 0 if point is None else point["round"] + (point["weights"] is not None)
     keep_main = -1 if point is None else point["round"]
     for k in range(n_rounds):
-        rels = [rundir.adapters_job(k), rundir.search_job(k), rundir.trials(k)] if k >= first_redo else []
+        rels = [rundir.adapters_job(k), rundir.search_job(k), rundir.trials(k), rundir.manifest(k)] if k >= first_redo else []
         rels += [rundir.checkpoint(k)] if k > keep_main else []
         for rel in rels:
             p = run_dir / rel
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    for rel in (rundir.checkpoint(rundir.FINAL), rundir.MAIN_SNAPSHOT):
+    for rel in (rundir.checkpoint(rundir.FINAL), rundir.MAIN_SNAPSHOT, rundir.manifest(rundir.FINAL)):
         p = run_dir / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
