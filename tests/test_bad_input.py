@@ -243,6 +243,7 @@ CASES = [
     ("searcher-without-propose", "search.searcher", _searcher_module(
         "from opmix_ray.searchers import MixtureSearcher\n\n\nclass S(MixtureSearcher):\n    pass\n")),
     ("searcher-unknown-option", "search.searcher", _with("search", searcher_options={"bogus": 1})),
+    ("target-modules-match-nothing", "adapters.target_modules", _with("adapters", target_modules=["q_proj", "qproj"])),
     ("add-domain-unsafe-name", "NAME", lambda tmp, cfg, data: ["add-domain", str(tmp / "runs" / "x"),
                                                               str(data / "python.parquet"), "--name", "../../x"]),
 ]

@@ -132,6 +132,31 @@ def check_free_space(cfg: Config, run_dir: Path, vocab: int) -> None:
                           "run.storage_path at a larger disk)")
 
 
+def module_names(cfg: Config, vocab: int) -> list[str]:
+    """The model's module names, from a weightless build on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from opmix_ray.model import build_model
+    with torch.device("meta"):
+        if cfg.model.path:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(Path(cfg.model.path).expanduser()))
+        else:
+            model = build_model(cfg.model, vocab, cfg.data.seq_len)
+    return [n for n, _ in model.named_modules() if n]
+
+
+def check_target_modules(cfg: Config, vocab: int) -> None:
+    """Every adapters.target_modules entry names modules of the model, as PEFT matches them (the
+    full name, or its last dotted parts); otherwise PEFT fails inside the first adapter job."""
+    names = module_names(cfg, vocab)
+    missing = [t for t in cfg.adapters.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "layers." in n and not n.rsplit(".", 1)[-1].isdigit()})
+        raise ConfigError(f"config error at adapters.target_modules: {missing} match no module of the model "
+                          f"(fix: use names such as {leaves[:10]})")
+
+
 def check_searcher(cfg: Config) -> None:
     """Build the searcher once, as a round would (name or dotted path, search.searcher_options, the
     context keywords), over a stand-in space, and throw it away: an import that fails in any way, a
@@ -208,5 +233,6 @@ def preflight(cfg: Config, overwrite: bool = False) -> tuple[Path, TokenShards]:
     vocab = model_vocab(cfg)
     shards = build_shards(cfg)
     check_against_data(cfg, shards, vocab)
+    check_target_modules(cfg, shards.vocab_size)
     check_free_space(cfg, run_dir, shards.vocab_size)
     return run_dir, shards
