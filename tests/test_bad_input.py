@@ -243,6 +243,14 @@ CASES = [
     ("searcher-without-propose", "search.searcher", _searcher_module(
         "from opmix_ray.searchers import MixtureSearcher\n\n\nclass S(MixtureSearcher):\n    pass\n")),
     ("searcher-unknown-option", "search.searcher", _with("search", searcher_options={"bogus": 1})),
+    ("ids-with-a-null", "data.domains", _with_data(_rows(pa.table({"text": [[1, 2, None, 3] + list(range(4, 400))] * 4})))),
+    ("ids-beyond-int64", "data.domains", _with_data(_rows(pa.table({"text": pa.array(
+        [[1, 2, 2**63 + 5] + list(range(4, 400))] * 4, pa.list_(pa.uint64()))})))),
+    ("storage-path-symlink-loop", "run.storage_path", lambda tmp, cfg, data: (
+        os.symlink(tmp / "loop_b", tmp / "loop_a"), os.symlink(tmp / "loop_a", tmp / "loop_b"),
+        cfg["run"].update(storage_path=str(tmp / "loop_a" / "runs")), ["run", _write(tmp, cfg)])[-1]),
+    ("bench-out-is-a-file", "--out", lambda tmp, cfg, data: (
+        (tmp / "afile").write_text("x"), ["bench", _write(tmp, cfg), "--out", str(tmp / "afile")])[-1]),
     ("target-modules-match-nothing", "adapters.target_modules", _with("adapters", target_modules=["q_proj", "qproj"])),
     ("add-domain-unsafe-name", "NAME", lambda tmp, cfg, data: ["add-domain", str(tmp / "runs" / "x"),
                                                               str(data / "python.parquet"), "--name", "../../x"]),

@@ -200,3 +200,12 @@ def test_restore_into_a_default_built_instance_keeps_the_constructor_options(nam
     r.restore(str(tmp_path / "state.json"))
     np.testing.assert_allclose(np.array(drive(s, PLAIN, 5, prefix="n")), np.array(drive(r, PLAIN, 5, prefix="n")),
                                atol=1e-9)
+
+
+@pytest.mark.parametrize("name", registered())
+def test_every_built_in_takes_metric_and_mode_at_construction(name):
+    # objective_weights as the engine offers it: taken or dropped, never an error
+    s = create_searcher(name, space=PLAIN, metric="objective", mode="max", objective_weights={"a": 1.0})
+    assert s.metric == "objective" and s.mode == "max"
+    with pytest.raises(SearcherError, match="mode 'best'"):
+        create_searcher(name, space=PLAIN, mode="best")

@@ -75,13 +75,21 @@ def _on_stop(signum, frame) -> None:
     os._exit(128 + signum)
 
 
+def _remember(cfg) -> None:
+    """The run dir a stop's line names (preflight reports a path that does not resolve)."""
+    from opmix_ray.engine.preflight import run_dir_of
+    try:
+        _RUN_DIR.append(str(run_dir_of(cfg)))
+    except (OSError, RuntimeError):
+        pass
+
+
 def cmd_run(args) -> int:
     over = parse_overrides(args.set)
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
-    from opmix_ray.engine.preflight import run_dir_of
-    _RUN_DIR.append(str(run_dir_of(cfg)))
+    _remember(cfg)
     from opmix_ray.engine.driver import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
@@ -136,8 +144,7 @@ def cmd_demo(args) -> int:
         over.setdefault("run", {})["storage_path"] = args.storage_path
     cfg = load_config(Path(str(path)), over)
     print(f"opmix-ray demo: config {path}\n", flush=True)
-    from opmix_ray.engine.preflight import run_dir_of
-    _RUN_DIR.append(str(run_dir_of(cfg)))
+    _remember(cfg)
     summary = run(cfg, overwrite=args.overwrite)
     baseline = None
     if not args.no_baseline:
@@ -145,7 +152,7 @@ def cmd_demo(args) -> int:
         base_cfg.run.name = f"{cfg.run.name}-uniform"
         base_cfg.run.baseline = "uniform"
         print(f"\nbaseline: the same token budget and seed on the uniform mixture ({base_cfg.run.name})", flush=True)
-        _RUN_DIR.append(str(run_dir_of(base_cfg)))
+        _remember(base_cfg)
         baseline = run(base_cfg, overwrite=args.overwrite)
     _print_run(summary, baseline)
     return 0

@@ -135,6 +135,10 @@ def _read_docs(path: Path, column: str, tok: Tokenizer) -> list[np.ndarray]:
                         "or remove the domain from data.domains)")
     if not is_ids:
         return [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(docs, add_special_tokens=False)]
+    bad = next((v for x in docs for v in x if v is None or not -2**63 <= v < 2**63), "none")
+    if bad != "none":  # a null inside a list, or an id no int64 holds (uint64 columns)
+        raise DataError(f"data.domains: {path} holds the token id {bad} in '{column}' (fix: token ids must be "
+                        "non-null integers below the tokenizer's vocab size)")
     ids = [np.asarray(x, dtype=np.int64) for x in docs]  # pre-tokenized ids
     lo, hi = min(int(x.min()) for x in ids), max(int(x.max()) for x in ids)
     if lo < 0 or hi >= tok.get_vocab_size():

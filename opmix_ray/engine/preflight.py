@@ -79,7 +79,11 @@ def check_storage(cfg: Config, overwrite: bool) -> Path:
     if is_uri(cfg.run.storage_path):
         check_remote_storage(cfg, overwrite)
         return run_dir_of(cfg)  # the staging dir is wiped by the engine: no used-dir check here
-    run_dir = run_dir_of(cfg)
+    try:
+        run_dir = run_dir_of(cfg)
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a path too long
+        raise ConfigError(f"config error at run.storage_path: {cfg.run.storage_path} cannot be resolved "
+                          f"({type(exc).__name__}: {exc}) (fix: use a plain directory path)") from None
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"config error at run.name: {run_dir} is a file, not a run dir "
                           "(fix: pick another run.name or run.storage_path)")

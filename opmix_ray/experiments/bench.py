@@ -149,6 +149,9 @@ def run_bench(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict
     from opmix_ray.engine.preflight import check_against_data, check_searcher
     from opmix_ray.experiments.report import write_report
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config error at --out: {out} is a file (fix: pass a directory for the benchmark's "
+                          "runs and results)")
     if (out / "results.json").exists() and not overwrite:
         raise ConfigError(f"config error at --out: {out} holds a finished benchmark (fix: pass --overwrite "
                           "or another --out)")

@@ -16,7 +16,7 @@ from itertools import combinations
 import numpy as np
 from ray.tune.search import Searcher
 
-from opmix_ray.searchers.base import MixtureSearcher, SearcherError
+from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
 
 
 def simplex_lattice(k: int, m: int) -> np.ndarray:
@@ -30,8 +30,9 @@ def simplex_lattice(k: int, m: int) -> np.ndarray:
 
 class GridSimplexSearcher(MixtureSearcher):
     def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, resolution: int | None = None,
-                 max_points: int = 100):
-        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate)
+                 max_points: int = 100,
+                 metric: str = METRIC, mode: str = MODE):
+        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate, metric=metric, mode=mode)
         k = len(space.free_coords)  # a lattice over the free coordinates, mapped onto the bounds
         if resolution is None:
             resolution = 1

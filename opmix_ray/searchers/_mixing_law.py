@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 from scipy.optimize import minimize
 
-from opmix_ray.searchers.base import MixtureSearcher, SearcherError
+from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
 
 HUBER_DELTA = 0.02
 KL_LAMBDA = 0.05
@@ -160,8 +160,9 @@ def reference_prior(coords) -> np.ndarray:
 class MixingLawSearcher(MixtureSearcher):
     def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, n_init: int = 12,
                  restarts: int = 24, kl_lambda: float = KL_LAMBDA, prior=None,
-                 objective_weights: dict[str, float] | None = None):
-        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate)
+                 objective_weights: dict[str, float] | None = None,
+                 metric: str = METRIC, mode: str = MODE):
+        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate, metric=metric, mode=mode)
         if n_init < 2 or restarts < 1 or not kl_lambda >= 0:
             raise SearcherError(f"mixing-law n_init={n_init}, restarts={restarts}, kl_lambda={kl_lambda} "
                                 "(fix: n_init >= 2, restarts >= 1, kl_lambda >= 0)")

@@ -15,15 +15,16 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from opmix_ray.searchers.base import MixtureSearcher, SearcherError
+from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
 
 _STATES = {"running": TrialState.RUNNING, "complete": TrialState.COMPLETE, "fail": TrialState.FAIL}
 
 
 class OptunaSimplexSearcher(MixtureSearcher):
     def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, sampler: str = "tpe",
-                 n_startup_trials: int = 8):
-        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate)
+                 n_startup_trials: int = 8,
+                 metric: str = METRIC, mode: str = MODE):
+        super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate, metric=metric, mode=mode)
         if sampler not in ("tpe", "gp"):
             raise SearcherError(f"optuna sampler '{sampler}' (fix: use 'tpe' or 'gp')")
         self.kind, self.n_startup = sampler, int(n_startup_trials)
@@ -92,11 +93,13 @@ class OptunaSimplexSearcher(MixtureSearcher):
         return d
 
 
-def make_tpe(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8):
+def make_tpe(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8, metric: str = METRIC,
+             mode: str = MODE):
     return OptunaSimplexSearcher(space=space, seed=seed, points_to_evaluate=points_to_evaluate, sampler="tpe",
-                                 n_startup_trials=n_startup_trials)
+                                 n_startup_trials=n_startup_trials, metric=metric, mode=mode)
 
 
-def make_gp(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8):
+def make_gp(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8, metric: str = METRIC,
+             mode: str = MODE):
     return OptunaSimplexSearcher(space=space, seed=seed, points_to_evaluate=points_to_evaluate, sampler="gp",
-                                 n_startup_trials=n_startup_trials)
+                                 n_startup_trials=n_startup_trials, metric=metric, mode=mode)
