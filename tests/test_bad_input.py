@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -251,6 +252,26 @@ CASES = [
         cfg["run"].update(storage_path=str(tmp / "loop_a" / "runs")), ["run", _write(tmp, cfg)])[-1]),
     ("bench-out-is-a-file", "--out", lambda tmp, cfg, data: (
         (tmp / "afile").write_text("x"), ["bench", _write(tmp, cfg), "--out", str(tmp / "afile")])[-1]),
+    ("nan-alpha", "adapters.alpha", _with("adapters", alpha=float("nan"))),
+    ("inf-k", "decision.k", _with("decision", k=float("inf"))),
+    ("bool-num-samples", "search.num_samples", _with("search", num_samples=True)),
+    ("bool-in-caps", "data.max_epochs", _with("data", max_epochs={"python": True})),
+    ("bool-seq-len", "data.seq_len", _with("data", seq_len=True)),
+    ("bool-num-cpus", "ray.num_cpus", _with("ray", num_cpus=True)),
+    ("run-name-with-space", "run.name", _with("run", name="my run")),
+    ("run-name-too-long", "run.name", _with("run", name="r" * 200)),
+    ("domain-name-dotdot", "data.domains", _with_data(lambda d: None, domains=["..", "bible"])),
+    ("eval-only-unsafe-name", "data.eval_only_domains", _with("data", eval_only_domains=["x/y"])),
+    ("duplicate-nested-key", "<yaml>", _raw_file(b"run:\n  name: a\n  name: b\n")),
+    ("empty-file", "<file>", _raw_file(b"")),
+    ("whitespace-only-file", "<file>", _raw_file(b"   \n\n")),
+    ("searcher-exits-at-import", "search.searcher", _searcher_module("raise SystemExit(3)\n")),
+    ("searcher-init-refuses", "search.searcher", _searcher_module(
+        "from opmix_ray.searchers import MixtureSearcher\n\n\nclass S(MixtureSearcher):\n"
+        "    def __init__(self, **kw):\n        raise ValueError('bad option')\n\n    def propose(self, t):\n"
+        "        return None\n")),
+    ("searcher-factory-returns-none", "search.searcher", _searcher_module("def S(**kw):\n    return None\n")),
+    ("negative-val-tokens", "data.val_tokens_per_domain", _with("data", val_tokens_per_domain=-1)),
     ("target-modules-match-nothing", "adapters.target_modules", _with("adapters", target_modules=["q_proj", "qproj"])),
     ("add-domain-unsafe-name", "NAME", lambda tmp, cfg, data: ["add-domain", str(tmp / "runs" / "x"),
                                                               str(data / "python.parquet"), "--name", "../../x"]),
@@ -272,7 +293,7 @@ def _check(rc, out, err, field, tmp, existing=False):
 
 
 def test_cases_are_many():
-    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 100 and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_base_config_is_valid(tmp_path, good_data):
@@ -289,8 +310,11 @@ def test_base_config_is_valid(tmp_path, good_data):
 def test_bad_input_in_process(name, field, build, tmp_path, good_data, capsys):
     argv = build(tmp_path, _base(tmp_path, good_data), good_data)
     capsys.readouterr()
+    t0 = time.time()
     rc = main(argv)
+    took = time.time() - t0
     out, err = capsys.readouterr()
+    assert took < 10, f"{took:.1f}s for one bad input"
     _check(rc, out, err, field, tmp_path, existing=name in ("existing-run-dir", "overwrite-a-dir-that-is-not-a-run"))
     assert not ray.is_initialized(), "Ray was started for bad input"
 

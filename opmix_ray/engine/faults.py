@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import errno
+import re
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -45,19 +47,37 @@ def lost_since(before: set[str]) -> set[str]:
     return before - alive_nodes()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _summary_line(exc: BaseException) -> str:
+    """The line of an error's text that says what went wrong: for a Ray task error (whose text is
+    the worker's traceback) its last "...Error: ..." line, else the first line."""
+    lines = [_ANSI.sub("", s).strip() for s in str(exc).splitlines()]
+    lines = [s for s in lines if s]
+    errors = [s for s in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", s)]
+    return (errors[-1] if errors else lines[0] if lines else "")[:300]
+
+
 def run_failed(exc: BaseException, step: str, run_dir: Path, location: str) -> RunFailed:
     """RunFailed for an internal failure: one line with the step, the file involved (if any) and where
-    the full traceback went (written to the run dir's error.log; on a full disk it may not be)."""
-    log: Path | str = run_dir / rundir.ERROR_LOG
+    the full traceback went (the run dir's error.log; the system temp dir when the run dir cannot
+    take it, e.g. a full disk)."""
+    text = "".join(traceback.format_exception(exc)).encode()
+    log: Path = run_dir / rundir.ERROR_LOG
     try:
-        atomic_write_bytes(log, "".join(traceback.format_exception(exc)).encode())
+        atomic_write_bytes(log, text)
     except OSError:
-        log = "not written: the run dir is not writable"
+        log = Path(tempfile.gettempdir()) / f"opmix-error-{run_dir.name}.log"
+        try:
+            log.write_bytes(text)
+        except OSError:
+            log = Path("(not written: no writable place)")
     cause = getattr(exc, "cause", None)  # a RayTaskError carries the worker's exception
     file = getattr(exc, "filename", None) or getattr(cause, "filename", None)
-    what = (str(exc).strip().splitlines() or [""])[0][:300]
+    what = _summary_line(exc)
     errno_ = getattr(exc, "errno", None) or getattr(cause, "errno", None)
-    if errno_ == errno.ENOSPC:  # the disk filled: say where, and how much the run dir holds now
+    if errno_ == errno.ENOSPC or "No space left on device" in str(exc):  # the disk filled (also inside Ray's wrappers)
         held = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**20
         what += f" (the storage at {location} is full; the run dir holds {held:.0f} MiB; free space there)"
     return RunFailed(f"{step} failed: {type(exc).__name__}: {what}" + (f"; file {file}" if file else "") +

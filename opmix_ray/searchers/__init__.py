@@ -50,7 +50,7 @@ def _import(target: str, field: str = "search.searcher"):
                             "dotted path 'pkg.module:Class' (fix: use one of those)")
     try:
         module = importlib.import_module(mod_name)
-    except Exception as exc:  # not only ImportError: a module may raise anything, or not parse
+    except (Exception, SystemExit) as exc:  # not only ImportError: a module may raise anything, or not parse
         raise SearcherError(f"{field}: cannot import '{mod_name}' ({type(exc).__name__}: {exc}) (fix: check the "
                             "module imports cleanly from where the run starts)") from None
     try:
