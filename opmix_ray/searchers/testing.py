@@ -203,6 +203,36 @@ class SearcherConformance:
         a, b = drive(s, PLAIN, 4), drive(fed(), PLAIN, 4)
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-9)
 
+    def test_through_a_real_tune_run_then_restored_from_its_dir(self, make_searcher, tmp_path):
+        """Real Tune drives the searcher (a concurrency limit of 2, metric and mode from TuneConfig,
+        mode "max") and saves it into the experiment dir; a searcher built with another seed and
+        restored from that dir holds every finished trial, maximised, and suggests what the original
+        would next."""
+        import ray
+        from ray import tune
+        s = make_searcher(PLAIN, 3)
+
+        def trainable(config):
+            w = PLAIN.weights(config)
+            tune.report({"objective": float(np.sum((w - 0.25) ** 2))})
+        # Tune hands TuneConfig's metric and mode to the searcher (set_search_properties) only when
+        # there is a param_space; a constant one is enough
+        tuner = tune.Tuner(trainable, param_space={"fixed": 0}, tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(s, max_concurrent=2), metric="objective", mode="max", num_samples=6,
+            reuse_actors=True), run_config=tune.RunConfig(storage_path=str(tmp_path), name="exp", verbose=0))
+        try:
+            grid = tuner.fit()
+        finally:
+            ray.shutdown()
+        done = [r for r in grid if r.metrics and "objective" in r.metrics]
+        assert done and s.mode == "max"
+        r = make_searcher(PLAIN, 0)
+        r.restore_from_dir(str(tmp_path / "exp"))
+        if getattr(s, "history", None) is not None:
+            assert len(r.history) == len(s.history) == len(done)
+            assert all(h["value"] is None or h["value"] <= 0 for h in r.history)  # maximised: negated
+        self._same_next(s, r, "next0", len(done))
+
     @staticmethod
     def _same_next(s, r, tid: str, n_done: int):
         x, y = s.suggest(tid), r.suggest(tid)
