@@ -92,9 +92,9 @@ class MixtureController:
         await self._evt(self._boundary_evt, round_idx).wait()
         return self.boundaries[round_idx]
 
-    async def push(self, round_idx: int, weights: dict[str, float], record: dict) -> int:
-        """Make `weights` the live mixture from round `round_idx` on and log the round."""
-        self.mixture = Mixture.from_dict(weights, self.mixture.domains, self.mixture.data_hash)
+    async def push(self, round_idx: int, mixture: Mixture, record: dict) -> int:
+        """Make `mixture` the live one from round `round_idx` on and log the round."""
+        self.mixture = mixture
         self.version += 1
         self.history.append({"round": round_idx, "mixture_version": self.version, **record})
         self._persist()
@@ -122,14 +122,14 @@ class MixtureController:
         out, self.pending_domains = self.pending_domains, []
         return out
 
-    async def domains_changed(self, round_idx: int, weights: dict[str, float], shards_ref: list,
+    async def domains_changed(self, round_idx: int, mixture: Mixture, shards_ref: list,
                               changes: list[dict]) -> None:
-        """The driver applied `changes` (new shards in shards_ref[0]); `weights` is the old
+        """The driver applied `changes` (new shards in shards_ref[0]); `mixture` is the old
         mixture over the new domain list until round `round_idx` pushes."""
-        self.mixture = Mixture.from_dict(weights)
+        self.mixture = mixture
         version = self.shards_ref[1] + 1 if self.shards_ref else 1
         self.shards_ref = [shards_ref[0], version]
-        self.meta["domains"] = list(weights)
+        self.meta["domains"] = list(mixture.domains)
         self.meta.setdefault("domain_changes", []).extend({**c, "round": round_idx} for c in changes)
 
     async def get_shards(self) -> list | None:

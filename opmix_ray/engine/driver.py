@@ -135,7 +135,7 @@ def _domain_changes(cfg: Config, ctl, k: int, shards, current: Mixture, store: R
         return shards, None, current, None, []
     shards, current, affected = arrive(cfg, store.local_dir, shards, current, changes)
     ref = ray.put(shards)
-    ray.get(ctl.domains_changed.remote(k, current.as_dict(), [ref], changes))
+    ray.get(ctl.domains_changed.remote(k, current, [ref], changes))
     store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))
     what = ", ".join(f"{c['op']} {c['name']}" for c in changes)
     _say(f"round {k}: domain changes ({what}); " + (f"adapters for {affected} plus 'old' "
@@ -255,7 +255,7 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
                 current, record = _round(cfg, k, info, current, shards, shards_ref, store, affected)
             if changes:
                 record.domain_changes = [f"{c['op']} {c['name']}" for c in changes]
-            ray.get(ctl.push.remote(k, current.as_dict(), record.as_dict()))
+            ray.get(ctl.push.remote(k, current, record.as_dict()))
             with failing_step(f"round {k}: writing the round's checksums"):
                 store.write_json(rundir.manifest(k), checksums(run_dir, rundir.round_artifacts(k)))
             k += 1
