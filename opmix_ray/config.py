@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opmix_ray.errors import ConfigError
+from opmix_ray.yaml_load import safe_load_unique
 
 # A name that becomes a path component (run dirs, adapter dirs, added-domain files): no separators,
 # no "..", nothing a shell or a filesystem treats specially.
@@ -349,39 +350,6 @@ def _one_line(err: ValidationError) -> str:
     return f"config error at {loc}: {msg}{more}"
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the
-    last one, so a duplicated section would silently drop the first)."""
-
-
-def _unique_mapping(loader: _StrictLoader, node, deep: bool = False):
-    # only the keys written in this mapping: one that overrides a merged (<<) key is YAML's way
-    explicit = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
-    seen = set()
-    for key_node in explicit:
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, typing.Hashable):
-            continue  # construct_mapping reports it
-        if key in seen:
-            raise ConfigError(f"config error at <yaml> line {key_node.start_mark.line + 1}: '{key}' is given twice "
-                              "in one mapping (fix: keep one; the second would replace the first)")
-        seen.add(key)
-    loader.flatten_mapping(node)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-def _safe_load_unique(text: str):
-    """yaml.safe_load with _StrictLoader (what safe_load does, with our loader)."""
-    loader = _StrictLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
 def load_config(source: str | Path | dict, overrides: dict | None = None) -> Config:
     """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message."""
     if isinstance(source, dict):
@@ -391,7 +359,7 @@ def load_config(source: str | Path | dict, overrides: dict | None = None) -> Con
         if not p.is_file():
             raise ConfigError(f"config error at <file>: {p} does not exist (fix: pass a YAML config path)")
         try:
-            raw = _safe_load_unique(p.read_text())
+            raw = safe_load_unique(p.read_text())
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
