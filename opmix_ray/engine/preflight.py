@@ -72,10 +72,7 @@ def _first_line(exc: Exception) -> str:
 
 def check_storage(cfg: Config, overwrite: bool) -> Path:
     """The run dir can be created (or replaced with overwrite) and its storage is writable."""
-    name = cfg.run.name
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"config error at run.name: '{name}' is not a plain directory name "
-                          "(fix: use letters, digits, '-' or '_')")
+    # run.name is a safe path component already (config.name_problem)
     if is_uri(cfg.run.storage_path):
         check_remote_storage(cfg, overwrite)
         return run_dir_of(cfg)  # the staging dir is wiped by the engine: no used-dir check here
