@@ -12,7 +12,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +45,7 @@ def _bool_inside(v) -> bool:
         (isinstance(v, list) and any(_bool_inside(x) for x in v))
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored; allow_inf_nan=False: an
     # infinite or NaN number anywhere is refused here, not found as NaN trials minutes later.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -59,7 +59,7 @@ class _Section(BaseModel):
         return v
 
 
-class RunSection(_Section):
+class RunSection(Section):
     name: str = Field("opmix", description="Run name; the run's files go to <storage_path>/<name>.")
     storage_path: str = Field("./opmix_runs", description="Local or mounted dir, or a pyarrow.fs URI (s3://b/p, gs://b/p) mirrored from a local staging dir.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed for data splits, sampling, init and the searcher.")
@@ -75,7 +75,7 @@ class RunSection(_Section):
         return v
 
 
-class DataSection(_Section):
+class DataSection(Section):
     path: str | None = Field(None, description="Dir with <domain>.parquet files; null = bundled corpus.")
     domains: list[str] | None = Field(None, description="Domain names in a fixed order; null = every "
                                       "parquet file in `path`, sorted.")
@@ -114,7 +114,7 @@ class DataSection(_Section):
         return v
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     path: str | None = Field(None, description="Local Hugging Face checkpoint dir; null = build the "
                              "small Llama below from config (random init).")
     hidden_size: int = Field(128, gt=0, description="Width of the from-config Llama.")
@@ -131,7 +131,7 @@ class ModelSection(_Section):
         return self
 
 
-class MainSection(_Section):
+class MainSection(Section):
     total_tokens: int = Field(1_000_000, gt=0, description="Main-run training budget in tokens.")
     batch_size: int = Field(16, gt=0, description="Sequences per step.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
@@ -145,7 +145,7 @@ class MainSection(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs the main-run worker holds.")
 
 
-class RoundsSection(_Section):
+class RoundsSection(Section):
     uniform_prefix: float = Field(0.2, ge=0, lt=1, description="Fraction of tokens trained on the initial "
                                   "mixture before the first round (paper: 0.2).")
     num_rounds: int = Field(2, ge=0, description="Rounds of adapters -> search -> push, evenly spaced "
@@ -160,7 +160,7 @@ class RoundsSection(_Section):
         "(zeros allowed: a domain that has not arrived yet; `opmix-ray continual` sets this per stage).")
 
 
-class AdaptersSection(_Section):
+class AdaptersSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (paper: 32).")
     lr_multiplier: float = Field(2.0, gt=0, description="Adapter lr = this * the main run's lr (paper: 2).")
@@ -192,7 +192,7 @@ class AdaptersSection(_Section):
                                     "side; null = as many as free CPUs allow.")
 
 
-class SearchSection(_Section):
+class SearchSection(Section):
     searcher: str = Field("optuna-tpe", description="Registered searcher name (optuna-tpe, optuna-gp, "
                           "random, grid, mixing-law) or a dotted path 'pkg.mod:Class' (docs/custom_searcher.md).")
     searcher_options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments "
@@ -239,7 +239,7 @@ class SearchSection(_Section):
         return v
 
 
-class DecisionSection(_Section):
+class DecisionSection(Section):
     """What a round pushes once its candidates are scored."""
     rule: Literal["safe", "argmin"] = Field(
         "safe", description="safe: score 'stay' (the current mixture, a_old = 1) on the same windows and push "
@@ -257,58 +257,14 @@ class DecisionSection(_Section):
                                         "reaches this; below it the best trial leads.")
 
 
-class RaySection(_Section):
+class RaySection(Section):
     address: str | None = Field(None, description="Ray address; null = start Ray on this machine, without "
                          "a dashboard (what it listens on: cluster/README.md).")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
                                  "main.cpus_per_worker (the main run idles while a round runs).")
 
 
-class BenchSection(_Section):
-    """`opmix-ray bench` only: every method on the same data, model, main-run budget and seeds."""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
-                             "method runs once per seed (data split, init, sampling and search all follow it).")
-    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "opmix", "opmix-v1"]] = Field(
-        default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "opmix"], min_length=1,
-        description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
-        "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison.")
-    swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
-    proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
-                                      intermediate_size=192), description="The small model of proxy runs.")
-    proxy_tokens: int = Field(102_400, gt=0, description="Training tokens per proxy run (swarm and DoReMi).")
-    regmix_simulations: int = Field(100_000, gt=0, description="Mixtures the RegMix regressor scores.")
-    regmix_top_k: int = Field(128, gt=0, description="RegMix output = mean of the top-k predicted mixtures.")
-    doremi_eta: float = Field(1.0, gt=0, description="Group DRO step size (DoReMi: 1).")
-    doremi_smoothing: float = Field(1e-3, ge=0, lt=1, description="Mix-in of uniform weights (DoReMi: 1e-3).")
-    oracle_runs: int = Field(16, ge=0, description="Full runs on sampled mixtures (seed of the first run); "
-                             "the best of them says how near-optimal each method is. 0 = no oracle.")
-    fidelity_mixtures: int = Field(16, ge=0, description="Mixtures for the merged-adapter fidelity check "
-                                   "on the first seed's OP-Mix round 0; 0 = skip.")
-    max_concurrent: int = Field(2, ge=1, description="Fixed-mixture runs (Tune trials) in flight.")
-
-
-class Stage(_Section):
-    add: list[str] = Field(min_length=1, description="Domains that arrive at this stage.")
-    tokens: int = Field(gt=0, description="Training tokens in this stage.")
-
-
-class ScheduleSection(_Section):
-    """`opmix-ray continual` only: domains arriving in stages (continual midtraining)."""
-    stages: list[Stage] = Field(default_factory=list, description="Stage 0 pretrains (uniform over its "
-                                "domains, shared by every method); each later stage adds domains.")
-    methods: list[Literal["opmix", "opmix-recompute", "naive", "replay", "retrain"]] = Field(
-        default_factory=lambda: ["opmix", "opmix-recompute", "naive", "replay", "retrain"], min_length=1,
-        description="opmix: adapters for the new domains + old, search over {old, new} (mixture reuse); "
-        "opmix-recompute: adapters for every seen domain; naive: 100% new; replay: new + replay_share old; "
-        "retrain: the stage-0 checkpoint retrained on everything seen so far.")
-    replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
-    instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
-                                "on the instruction tasks in data.path (exact match and answer loss, held-out and "
-                                "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "
-                                "when data.path has no instruct.json.")
-
-
-class Config(_Section):
+class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -318,8 +274,11 @@ class Config(_Section):
     search: SearchSection = Field(default_factory=SearchSection)
     decision: DecisionSection = Field(default_factory=DecisionSection)
     ray: RaySection = Field(default_factory=RaySection)
-    bench: BenchSection = Field(default_factory=BenchSection)
-    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+
+    # Sections of a config file that only `opmix-ray bench` and `opmix-ray continual` read
+    # (opmix_ray/experiments/config.py validates them). A run skips them, so one file serves both,
+    # and a run dir written when the run config still carried them resumes.
+    experiment_sections: ClassVar[tuple[str, ...]] = ("bench", "schedule")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -350,8 +309,11 @@ def _one_line(err: ValidationError) -> str:
     return f"config error at {loc}: {msg}{more}"
 
 
-def load_config(source: str | Path | dict, overrides: dict | None = None) -> Config:
-    """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message."""
+def load_config(source: str | Path | dict, overrides: dict | None = None, schema: type[Config] | None = None) -> Config:
+    """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message.
+
+    `schema` is Config (a run) or a subclass that adds sections (experiments.config.ExperimentConfig);
+    the experiment sections a schema does not declare are skipped, not refused."""
     if isinstance(source, dict):
         raw = source
     else:
@@ -370,9 +332,11 @@ def load_config(source: str | Path | dict, overrides: dict | None = None) -> Con
                           "opmix_ray/configs/demo.yaml is a complete example)")
     if not isinstance(raw, dict):
         raise ConfigError("config error at <root>: expected a mapping of sections (fix: start with `run:`)")
-    raw = _deep_merge(raw, overrides or {})
+    schema = schema or Config
+    raw = {k: v for k, v in _deep_merge(raw, overrides or {}).items()
+           if k in schema.model_fields or k not in Config.experiment_sections}
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
 
@@ -384,17 +348,10 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-# sections that only `opmix-ray bench` / `opmix-ray continual` read; a run ignores them
-EXPERIMENT_SECTIONS = ("bench", "schedule")
-
-
-def config_help(experiments: bool = False) -> str:
-    """Every section and field a run reads, with its default and help text; experiments=True adds
-    the sections only `opmix-ray bench` and `opmix-ray continual` read."""
+def config_help(schema: type[Config] | None = None) -> str:
+    """Every section and field `schema` reads (default: a run's), with its default and help text."""
     lines = []
-    for sec_name, sec_field in Config.model_fields.items():
-        if sec_name in EXPERIMENT_SECTIONS and not experiments:
-            continue
+    for sec_name, sec_field in (schema or Config).model_fields.items():
         lines.append(f"{sec_name}:")
         for name, f in sec_field.default_factory().__class__.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from opmix_ray.config import load_config
+from opmix_ray.experiments.config import load_experiment_config
 from opmix_ray.data.shards import build_shards
 from opmix_ray.experiments.baselines import BaselineContext, propose, usage_upper_bounds
 from opmix_ray.experiments.baselines._doremi import group_dro_update, run_doremi
@@ -26,7 +26,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
+    cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
     return cfg, build_shards(cfg)
 
 

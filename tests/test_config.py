@@ -7,6 +7,7 @@ import yaml
 
 import opmix_ray
 from opmix_ray.config import Config, ConfigError, config_help, load_config
+from opmix_ray.experiments.config import ExperimentConfig, load_experiment_config
 
 CONFIGS = sorted((Path(opmix_ray.__file__).parent / "configs").glob("*.yaml"))
 
@@ -155,15 +156,15 @@ def test_a_bool_field_still_takes_a_bool():
 
 
 def test_config_help_lists_every_section_and_field():
-    text = config_help(experiments=True)
+    text = config_help(ExperimentConfig)
     lines = text.splitlines()
-    for section, f in Config.model_fields.items():
+    for section, f in ExperimentConfig.model_fields.items():
         assert f"{section}:" in lines
         for name, field in f.default_factory().__class__.model_fields.items():
             assert any(line.startswith(f"  {name}: ") for line in lines), (section, name)
             assert field.description and field.description in text
-    assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "decision", "ray",
-                                      "bench", "schedule"}
+    assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "decision", "ray"}
+    assert set(ExperimentConfig.model_fields) == set(Config.model_fields) | set(Config.experiment_sections)
 
 
 def test_config_help_for_a_run_leaves_out_the_experiment_sections():
@@ -176,6 +177,18 @@ def test_config_help_for_a_run_leaves_out_the_experiment_sections():
 def test_bundled_configs_load(path):
     cfg = load_config(path)
     assert yaml.safe_load(cfg.to_yaml())  # and serialise back
+    exp = load_experiment_config(path)  # bench and continual read the same file
+    assert exp.run_config() == cfg and type(exp.run_config()) is Config
+
+
+def test_a_run_skips_the_experiment_sections_and_the_experiments_check_them():
+    raw = {"bench": {"seeds": "not a list"}, "schedule": {"replay_share": 2}}
+    cfg = load_config(raw)  # what `opmix-ray run` does with a bench file
+    assert type(cfg) is Config and not hasattr(cfg, "bench") and "bench" not in cfg.to_yaml()
+    with pytest.raises(ConfigError, match="^config error at bench.seeds:"):
+        load_experiment_config(raw)
+    with pytest.raises(ConfigError, match="^config error at bogus: unknown key"):
+        load_config({"bogus": {}})  # only the experiments' own sections are skipped
 
 
 def test_there_are_bundled_configs():

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from opmix_ray.config import ConfigError, load_config
+from opmix_ray.config import ConfigError
+from opmix_ray.experiments.config import load_experiment_config
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.preflight import preflight
 from opmix_ray.experiments.continual import check_schedule
@@ -21,7 +22,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 
 
 def _tiny(over=None, name="continual_tiny.yaml"):
-    return load_config(os.path.join(CONFIGS, name), over or {})
+    return load_experiment_config(os.path.join(CONFIGS, name), over or {})
 
 
 def test_collapsed_plan_trains_only_affected_domains_plus_old():

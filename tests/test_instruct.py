@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from opmix_ray.config import load_config
+from opmix_ray.experiments.config import load_experiment_config
 from opmix_ray.data import instruct
 from opmix_ray.data.instruct import (
     DELIM,
@@ -189,7 +189,7 @@ def test_in_stream_finds_whole_documents_on_token_boundaries():
 
 def test_trained_sample_is_in_the_training_stream_and_heldout_is_not(built):
     out, _ = built
-    cfg = load_config({"data": {"path": str(out), "seq_len": 64, "val_tokens_per_domain": 1024,
+    cfg = load_experiment_config({"data": {"path": str(out), "seq_len": 64, "val_tokens_per_domain": 1024,
                                 "selection_tokens_per_domain": 0,  # as the instruct configs have it
                                 "domains": ["bible", "dict_pos", "py_doc"]}})
     sh = build_shards(cfg)
@@ -204,11 +204,11 @@ def test_trained_sample_is_in_the_training_stream_and_heldout_is_not(built):
 
 def test_instruct_configs_load_and_schedule_tasks():
     for name in ["continual_instruct.yaml", "continual_instruct_tiny.yaml"]:
-        cfg = load_config(os.path.join(CONFIGS, name))
+        cfg = load_experiment_config(os.path.join(CONFIGS, name))
         assert cfg.schedule.instruct_eval and cfg.data.path
         seen = check_schedule(cfg)
         assert [d for d in seen[-1] if d in TASKS] == ["dict_pos", "bible_end", "py_doc"]
-    assert load_config({}).schedule.instruct_eval is False
+    assert load_experiment_config({}).schedule.instruct_eval is False
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ import typing
 import yaml
 from pydantic import BaseModel
 
-from opmix_ray.config import Config
+from opmix_ray.experiments.config import ExperimentConfig
 
 HEAD = """# Config reference
 
-Generated from `opmix_ray/config.py` by `python -m opmix_ray.cli.config_doc > docs/config.md`; do not
+Generated from `opmix_ray/config.py` and `opmix_ray/experiments/config.py` by `python -m opmix_ray.cli.config_doc > docs/config.md`; do not
 edit by hand. A run is one YAML file with these sections; unknown keys are errors, and a bad value
 stops the run with one line naming the field and the fix (exit 2). `opmix-ray config-help` prints
 the same in the terminal. `bench` and `schedule` are read only by `opmix-ray bench` and
@@ -39,7 +39,7 @@ def _default(field) -> str:
 
 def reference() -> str:
     out = [HEAD]
-    for name, sec in Config.model_fields.items():
+    for name, sec in ExperimentConfig.model_fields.items():
         model = sec.default_factory().__class__
         doc = (model.__doc__ or "").strip()
         out += [f"## `{name}`", ""] + ([doc, ""] if doc else []) + ["| field | type | default | meaning |",

@@ -31,7 +31,7 @@ from opmix_ray.config import parse_overrides
 from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, RunFailed, RunInterrupted
 
 
-def _load(path: str, over: dict):
+def _load(path: str, over: dict, schema=None):
     """load_config, plus the file errors it leaves to the OS (unreadable, not UTF-8)."""
     from opmix_ray.config import ConfigError, load_config
     p = Path(path)
@@ -43,7 +43,7 @@ def _load(path: str, over: dict):
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config error at <file>: cannot read {p} as UTF-8 text "
                               f"({type(exc).__name__}) (fix: pass a YAML config file)") from None
-    return load_config(p, over)
+    return load_config(p, over, schema)
 
 
 def _print_run(summary: dict, baseline: dict | None = None) -> None:
@@ -177,7 +177,8 @@ def cmd_results(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    cfg = _load(args.config, parse_overrides(args.set))
+    from opmix_ray.experiments.config import ExperimentConfig
+    cfg = _load(args.config, parse_overrides(args.set), ExperimentConfig)
     from opmix_ray.experiments.bench import run_bench
     result = run_bench(cfg, args.out, overwrite=args.overwrite)
     from opmix_ray.experiments.report import markdown
@@ -206,7 +207,8 @@ def cmd_fidelity(args) -> int:
 
 
 def cmd_continual(args) -> int:
-    cfg = _load(args.config, parse_overrides(args.set))
+    from opmix_ray.experiments.config import ExperimentConfig
+    cfg = _load(args.config, parse_overrides(args.set), ExperimentConfig)
     from opmix_ray.experiments.continual import run_continual
     result = run_continual(cfg, args.out, overwrite=args.overwrite)
     from opmix_ray.experiments.continual import markdown
@@ -222,7 +224,8 @@ def cmd_data_build(args) -> int:
 
 def cmd_config_help(args) -> int:
     from opmix_ray.config import config_help
-    print(config_help(experiments=args.experiments))
+    from opmix_ray.experiments.config import ExperimentConfig
+    print(config_help(ExperimentConfig if args.experiments else None))
     return 0
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
 from opmix_ray.config import Config, ConfigError
+from opmix_ray.experiments.config import ExperimentConfig
 from opmix_ray.experiments.baselines import (
     OBJECTIVE_FREE,
     BaselineContext,
@@ -43,8 +44,9 @@ def objectives(shards) -> dict[str, dict[str, float]]:
     return out
 
 
-def seed_config(cfg: Config, seed: int, out_dir: Path) -> Config:
-    c = cfg.model_copy(deep=True)
+def seed_config(cfg: ExperimentConfig, seed: int, out_dir: Path) -> Config:
+    """The run config of one seed's run (what its run dir saves and resumes from)."""
+    c = cfg.run_config()
     c.run.seed, c.run.storage_path, c.run.baseline = seed, str(out_dir / "runs"), "none"
     return c
 
@@ -58,7 +60,7 @@ def metrics(val_loss: dict[str, float], shards) -> dict:
             "target_ppl": float(np.mean(tgt)) if tgt else None, "val_loss": val_loss}
 
 
-def _proposals(cfg: Config, seed: int, shards, out_dir: Path) -> list[dict]:
+def _proposals(cfg: ExperimentConfig, seed: int, shards, out_dir: Path) -> list[dict]:
     ctx = BaselineContext(cfg, shards, str(out_dir / f"seed_{seed}"))
     rows, objs = [], objectives(shards)
     for m in [m for m in cfg.bench.methods if m not in OPMIX_METHODS]:
@@ -81,7 +83,7 @@ OPMIX_V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_d
 OPMIX_METHODS = ("opmix", "opmix-v1")
 
 
-def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path, method: str = "opmix") -> list[dict]:
+def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method: str = "opmix") -> list[dict]:
     from opmix_ray.config import load_config
     from opmix_ray.engine.driver import run
     rows = []
@@ -102,7 +104,7 @@ def _opmix_rows(cfg: Config, seed: int, shards, out_dir: Path, method: str = "op
     return rows
 
 
-def _oracle_mixtures(cfg: Config, shards, n: int) -> np.ndarray:
+def _oracle_mixtures(cfg: ExperimentConfig, shards, n: int) -> np.ndarray:
     """Dirichlet(1) mixtures within the usage bounds, plus uniform and natural among them."""
     rng, upper = np.random.default_rng([cfg.run.seed, 99]), usage_upper_bounds(cfg, shards)
     out = [shards.uniform().as_array(), shards.natural().as_array()]
@@ -113,13 +115,13 @@ def _oracle_mixtures(cfg: Config, shards, n: int) -> np.ndarray:
     return np.array(out[:n])
 
 
-def _full_job(cfg: Config, seed: int, shards, weights, **labels) -> dict:
+def _full_job(cfg: ExperimentConfig, seed: int, shards, weights, **labels) -> dict:
     return {"weights": dict(zip(shards.domains, map(float, weights))), "model": cfg.model.model_dump(),
             "main": cfg.main.model_dump(), "tokens": cfg.main.total_tokens, "seed": seed,
             "caps": shards.cap_tokens(cfg), **labels}
 
 
-def _train_fixed_rows(cfg: Config, rows: list[dict], shards_by_seed: dict, out_dir: Path) -> list[dict]:
+def _train_fixed_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: dict, out_dir: Path) -> list[dict]:
     from opmix_ray.training import run_fixed_jobs
     jobs = [_full_job(cfg, r["seed"], shards_by_seed[r["seed"]], list(r["mixture"].values()), row=i)
             for i, r in enumerate(rows)]
@@ -142,7 +144,7 @@ def _train_fixed_rows(cfg: Config, rows: list[dict], shards_by_seed: dict, out_d
     return oracle
 
 
-def run_bench(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
+def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Run the whole benchmark; returns {rows, oracle, fidelity, wall_s} (also in OUT/results.json)."""
     from opmix_ray.data.shards import build_shards
     from opmix_ray.engine.driver import init_ray

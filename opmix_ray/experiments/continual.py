@@ -35,7 +35,8 @@ import numpy as np
 
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
-from opmix_ray.config import Config, ConfigError
+from opmix_ray.config import ConfigError
+from opmix_ray.experiments.config import ExperimentConfig
 from opmix_ray.storage import atomic_write_bytes, write_json
 
 FIXED = ("naive", "replay", "retrain")
@@ -45,7 +46,7 @@ def _say(msg: str) -> None:
     print(f"[continual {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def check_schedule(cfg: Config) -> list[list[str]]:
+def check_schedule(cfg: ExperimentConfig) -> list[list[str]]:
     """Domains seen after each stage; one-line errors for a bad schedule."""
     stages = cfg.schedule.stages
     if len(stages) < 2:
@@ -75,7 +76,7 @@ def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage) -> dict:
 
 def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
     from opmix_ray.engine.driver import run
-    c = cfg.model_copy(deep=True)
+    c = cfg.run_config()
     c.run.name, c.run.storage_path, c.run.baseline = f"{method}-stage{stage}", str(out / "runs"), "none"
     c.model.path = init
     c.main.total_tokens = cfg.schedule.stages[stage].tokens
@@ -89,7 +90,7 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
             "wall_s": s["wall_s"]}
 
 
-def _instruct_scorer(cfg: Config, shards):
+def _instruct_scorer(cfg: ExperimentConfig, shards):
     """(checkpoint, domains) -> {"instruct": scores of the tasks among domains}, {} when there are none;
     and each task's majority-answer exact match."""
     from opmix_ray.data.shards import load_tokenizer, resolve_data_paths
@@ -103,7 +104,7 @@ def _instruct_scorer(cfg: Config, shards):
     return scorer, instruct_eval.majority_em(cfg.data.path, sets)
 
 
-def run_continual(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> dict:
+def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
     from opmix_ray.data.shards import build_shards
     from opmix_ray.engine.driver import init_ray
     from opmix_ray.engine.preflight import check_against_data

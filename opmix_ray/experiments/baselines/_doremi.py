@@ -19,7 +19,7 @@ import ray
 import torch
 
 from opmix_ray.compute import eval_flops, train_flops
-from opmix_ray.config import Config
+from opmix_ray.experiments.config import ExperimentConfig
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult
 from opmix_ray.mixture import Mixture
@@ -41,7 +41,7 @@ def _token_ce(model, x: torch.Tensor) -> torch.Tensor:
     return ce.view(x.size(0), -1)
 
 
-def run_doremi(cfg: Config, shards) -> dict:
+def run_doremi(cfg: ExperimentConfig, shards) -> dict:
     """Reference, then Group DRO proxy; returns the averaged weights, FLOPs and the weight path."""
     set_threads(1)
     t0, b, seed = time.time(), cfg.bench, cfg.run.seed

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opmix_ray.config import Config
+from opmix_ray.experiments.config import ExperimentConfig
 from opmix_ray.evaluate import objective
 from opmix_ray.mixture import Mixture
 
@@ -20,7 +20,7 @@ class BaselineResult:
     info: dict = field(default_factory=dict)
 
 
-def usage_upper_bounds(cfg: Config, shards) -> np.ndarray:
+def usage_upper_bounds(cfg: ExperimentConfig, shards) -> np.ndarray:
     """Per-domain weight ceiling: RegMix's min(15 p_i, 1) and the repetition cap at the main budget."""
     p = shards.natural().as_array()
     caps = shards.cap_tokens(cfg)
@@ -70,7 +70,7 @@ def _clip_to_bounds(w: np.ndarray, upper: np.ndarray) -> np.ndarray:
 class BaselineContext:
     """One seed's data and config; runs the proxy swarm once and shares it (regmix, olmix)."""
 
-    def __init__(self, cfg: Config, shards, storage_path: str):
+    def __init__(self, cfg: ExperimentConfig, shards, storage_path: str):
         self.cfg, self.shards, self.storage_path = cfg, shards, storage_path
         self.seed = cfg.run.seed
         self._swarm: Swarm | None = None

@@ -1,0 +1,74 @@
+"""The config of `opmix-ray bench` and `opmix-ray continual`: a run config plus their own sections.
+
+    cfg = load_experiment_config("opmix_ray/configs/bench.yaml")
+    cfg.bench.seeds, cfg.schedule.stages       # the experiment's sections
+    cfg.run_config()                          # the plain run Config a single run of it takes
+
+`opmix-ray run` reads the same file and skips `bench` and `schedule` (Config.experiment_sections).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from opmix_ray.config import Config, ModelSection, Section, load_config
+
+
+class BenchSection(Section):
+    """`opmix-ray bench` only: every method on the same data, model, main-run budget and seeds."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
+                             "method runs once per seed (data split, init, sampling and search all follow it).")
+    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "opmix", "opmix-v1"]] = Field(
+        default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "opmix"], min_length=1,
+        description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
+        "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison.")
+    swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
+    proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
+                                      intermediate_size=192), description="The small model of proxy runs.")
+    proxy_tokens: int = Field(102_400, gt=0, description="Training tokens per proxy run (swarm and DoReMi).")
+    regmix_simulations: int = Field(100_000, gt=0, description="Mixtures the RegMix regressor scores.")
+    regmix_top_k: int = Field(128, gt=0, description="RegMix output = mean of the top-k predicted mixtures.")
+    doremi_eta: float = Field(1.0, gt=0, description="Group DRO step size (DoReMi: 1).")
+    doremi_smoothing: float = Field(1e-3, ge=0, lt=1, description="Mix-in of uniform weights (DoReMi: 1e-3).")
+    oracle_runs: int = Field(16, ge=0, description="Full runs on sampled mixtures (seed of the first run); "
+                             "the best of them says how near-optimal each method is. 0 = no oracle.")
+    fidelity_mixtures: int = Field(16, ge=0, description="Mixtures for the merged-adapter fidelity check "
+                                   "on the first seed's OP-Mix round 0; 0 = skip.")
+    max_concurrent: int = Field(2, ge=1, description="Fixed-mixture runs (Tune trials) in flight.")
+
+
+class Stage(Section):
+    add: list[str] = Field(min_length=1, description="Domains that arrive at this stage.")
+    tokens: int = Field(gt=0, description="Training tokens in this stage.")
+
+
+class ScheduleSection(Section):
+    """`opmix-ray continual` only: domains arriving in stages (continual midtraining)."""
+    stages: list[Stage] = Field(default_factory=list, description="Stage 0 pretrains (uniform over its "
+                                "domains, shared by every method); each later stage adds domains.")
+    methods: list[Literal["opmix", "opmix-recompute", "naive", "replay", "retrain"]] = Field(
+        default_factory=lambda: ["opmix", "opmix-recompute", "naive", "replay", "retrain"], min_length=1,
+        description="opmix: adapters for the new domains + old, search over {old, new} (mixture reuse); "
+        "opmix-recompute: adapters for every seen domain; naive: 100% new; replay: new + replay_share old; "
+        "retrain: the stage-0 checkpoint retrained on everything seen so far.")
+    replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
+    instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
+                                "on the instruction tasks in data.path (exact match and answer loss, held-out and "
+                                "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "
+                                "when data.path has no instruct.json.")
+
+
+class ExperimentConfig(Config):
+    bench: BenchSection = Field(default_factory=BenchSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+
+    def run_config(self) -> Config:
+        """The same settings as a run's Config (what a run dir saves and resumes from)."""
+        return Config.model_validate(self.model_dump(exclude=set(Config.experiment_sections)))
+
+
+def load_experiment_config(source: str | Path | dict, overrides: dict | None = None) -> ExperimentConfig:
+    """load_config for the experiments: the run sections plus `bench` and `schedule`."""
+    return load_config(source, overrides, schema=ExperimentConfig)
