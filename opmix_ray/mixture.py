@@ -83,14 +83,18 @@ class Mixture:
         return " ".join(f"{d}={w:.3f}" for d, w in zip(self.domains, self.weights))
 
 
-def expand_collapsed(a_old: float, a_domains, current: Mixture) -> Mixture:
-    """The mixture a candidate over {old, d_1..d_k} stands for: E[d] = a_old * p_d + a_d.
+def expand_collapsed(coords, a, current: Mixture) -> Mixture:
+    """The mixture a candidate over `coords` ("old" and domains) stands for: E[d] = a_old * p_d + a_d.
 
     The "old" adapter was trained on the current mixture p, so giving it weight a_old is worth
-    a_old * p_d of each domain (OP-Mix's collapse / expand).
+    a_old * p_d of each domain (OP-Mix's collapse; the formula itself is search_spaces.expand).
     """
-    a = np.asarray(a_domains, dtype=np.float64)
-    return Mixture.normalised(current.domains, a_old * current.as_array() + a, current.data_hash)
+    from search_spaces import expand
+    try:
+        e = expand(coords, a, current.as_dict())
+    except ValueError as exc:
+        raise MixtureError(str(exc)) from None
+    return Mixture.normalised(current.domains, [e[d] for d in current.domains], current.data_hash)
 
 
 def content_hash(*parts) -> str:

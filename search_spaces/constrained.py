@@ -1,5 +1,4 @@
-"""Constrained simplices: per-coordinate bounds, repetition caps, fixed coordinates, and the
-collapsed "old mixture" coordinate with expand-back.
+"""Constrained simplices: per-coordinate bounds, repetition caps and fixed coordinates.
 
 Every space here has SimplexSpace's contract (`coords`, `param_names`, `weights(config)`,
 `params(w)`, `sample(rng)`, `optuna_define_by_run`, `optuna_distributions`, `tune_param_space`,
@@ -169,48 +168,3 @@ class ConstrainedSimplex:
 
     def bounds(self) -> dict[str, tuple[float, float]]:
         return {c: (round(float(lo), 6), round(float(hi), 6)) for c, lo, hi in zip(self.coords, self.lower, self.upper)}
-
-
-class CollapsedSpace(ConstrainedSimplex):
-    """Olmix's mixture reuse: the untouched domains collapse into one coordinate "old" whose
-    internal ratios stay those of the current mixture; search over {old} + the affected (new,
-    revised, split) domains, then expand back to every domain.
-
-    Domain-level bounds (e.g. repetition caps) become coordinate bounds exactly: an untouched
-    domain d gets a_old * p_d / P, so cap_d bounds a_old by cap_d * P / p_d."""
-
-    OLD = "old"
-
-    def __init__(self, domains, current: dict[str, float], affected, lower: dict | None = None,
-                 upper: dict | None = None, fixed: dict | None = None):
-        self.domains = tuple(domains)
-        self.affected = tuple(affected)
-        if self.OLD in self.domains:
-            raise ValueError(f"a domain is named '{self.OLD}' (fix: rename it; '{self.OLD}' is the collapsed coordinate)")
-        missing = [d for d in self.affected if d not in self.domains]
-        if missing:
-            raise ValueError(f"affected domains {missing} are not in {self.domains} (fix: list run domains)")
-        self.untouched = tuple(d for d in self.domains if d not in self.affected)
-        p = np.array([max(0.0, float(current.get(d, 0.0))) for d in self.untouched])
-        if not self.untouched or p.sum() <= 0:
-            raise ValueError("the current mixture gives no weight to the untouched domains (fix: pass the "
-                             "current mixture, or search the plain ConstrainedSimplex)")
-        self.ratios = p / p.sum()
-        lower, upper = dict(lower or {}), dict(upper or {})
-        lo_old = max([lower.get(d, 0.0) / r for d, r in zip(self.untouched, self.ratios) if r > 0] + [0.0])
-        hi_old = min([upper.get(d, 1.0) / r for d, r in zip(self.untouched, self.ratios) if r > 0] + [1.0])
-        lo = {self.OLD: lo_old, **{d: lower[d] for d in self.affected if d in lower}}
-        hi = {self.OLD: hi_old, **{d: upper[d] for d in self.affected if d in upper}}
-        super().__init__((self.OLD, *self.affected), lower=lo, upper=hi, fixed=fixed)
-
-    def expand(self, a) -> dict[str, float]:
-        """Coordinate weights -> a mixture over every domain (untouched keep their ratios)."""
-        a = dict(zip(self.coords, np.asarray(a, dtype=np.float64)))
-        out = dict(zip(self.untouched, a[self.OLD] * self.ratios))
-        out.update({d: a[d] for d in self.affected})
-        return {d: float(out[d]) for d in self.domains}
-
-    def collapse(self, mixture: dict[str, float]) -> np.ndarray:
-        """A mixture over every domain -> coordinate weights (inverse of expand on its image)."""
-        return np.array([sum(mixture[d] for d in self.untouched), *(mixture[d] for d in self.affected)])
-

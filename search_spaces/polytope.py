@@ -1,8 +1,5 @@
-"""The simplex cut by linear inequalities: repetition caps on the mixture a coordinate vector stands for.
-
-With the collapsed "old" coordinate (the whole current mixture p) a candidate a over ("old", d_1..d_k)
-trains on E(a)[d] = a_old * p_d + a_d, so a cap on domain d is a_old * p_d + a_d <= cap_d: a general
-row of A_ub @ a <= b_ub, not a box, which ConstrainedSimplex cannot express (cap_constraints builds them).
+"""The simplex cut by linear inequalities A_ub @ a <= b_ub, which ConstrainedSimplex's boxes cannot
+express: repetition caps on the mixture a collapsed candidate stands for (collapsed.py builds them).
 
 Sampling never rejects (rejection starves when the caps leave a sliver of the simplex). A point u of
 the box maps to v on the plain simplex (SimplexSpace), then to c + t * (v - c), where c is a fixed
@@ -25,37 +22,6 @@ import numpy as np
 from search_spaces.simplex import SimplexSpace
 
 _TOL = 1e-9
-OLD = "old"  # the collapsed coordinate, as CollapsedSpace names it
-
-
-def cap_constraints(coords, current: dict[str, float], caps_share: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows a_old * p_d + a_d <= caps_share[d] over `coords`, p = current normalised to sum 1.
-
-    A domain without its own coordinate is reached only through old (a_old * p_d <= cap_d); a cap
-    >= 1 binds nothing and a domain that neither old nor a coordinate can give weight to cannot
-    exceed its cap, so neither gets a row (fewer rows, same polytope)."""
-    coords = tuple(coords)
-    p_sum = sum(max(0.0, float(x)) for x in current.values())
-    if OLD in coords and not p_sum > 0:
-        raise ValueError(f"current mixture {current} has no weight (fix: pass the mixture '{OLD}' stands for)")
-    rows, rhs = [], []
-    for d, cap in caps_share.items():
-        if not 0.0 <= float(cap):
-            raise ValueError(f"cap for '{d}' is {cap} (fix: caps are shares in [0, 1])")
-        if d == OLD:
-            raise ValueError(f"a cap names '{OLD}' (fix: cap domains; '{OLD}' is the collapsed coordinate)")
-        if cap >= 1.0:
-            continue
-        row = np.zeros(len(coords))
-        if OLD in coords:
-            row[coords.index(OLD)] = max(0.0, float(current.get(d, 0.0))) / p_sum
-        if d in coords:
-            row[coords.index(d)] += 1.0
-        if row.any():
-            rows.append(row)
-            rhs.append(float(cap))
-    return np.array(rows, dtype=np.float64).reshape(-1, len(coords)), np.array(rhs, dtype=np.float64)
-
 
 class PolytopeSimplex:
     """{a : sum a = 1, lower <= a <= upper, A_ub @ a <= b_ub}, searched through the plain simplex."""

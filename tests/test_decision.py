@@ -117,7 +117,7 @@ def test_stay_is_scored_recorded_and_pushed(stay_run):
     # stay was uniform, which over-draws licenses: the search space holds the cap share left, and the
     # stay itself changes nothing (the sampler enforces the cap as in the fixed-mixture run)
     caps = r["cap_shares"]
-    assert caps["licenses"] < r["mixture_before"]["licenses"] and r["search_space"] == "PolytopeSimplex"
+    assert caps["licenses"] < r["mixture_before"]["licenses"] and r["search_space"] == "CollapsedSpace"
     assert r["weights"] == r["mixture_before"]
     import pyarrow.parquet as pq
     for t in pq.read_table(os.path.join(summary["run_dir"], "rounds", "round_0_trials.parquet")).to_pylist():

@@ -101,12 +101,18 @@ def test_check_compatible():
 
 def test_expand_collapsed_by_hand():
     p = Mixture(D3, (0.5, 0.25, 0.25), data_hash="h")
-    e = expand_collapsed(0.4, [0.3, 0.2, 0.1], p)
+    coords = ("old", *D3)
+    e = expand_collapsed(coords, [0.4, 0.3, 0.2, 0.1], p)
     # E = 0.4 * (0.5, 0.25, 0.25) + (0.3, 0.2, 0.1) = (0.5, 0.3, 0.2)
     assert e.domains == D3 and e.data_hash == "h"
     assert e.weights == pytest.approx((0.5, 0.3, 0.2), abs=1e-12)
-    assert expand_collapsed(1.0, [0, 0, 0], p).weights == pytest.approx(p.weights, abs=1e-15)
-    assert expand_collapsed(0.0, [0, 1, 0], p).weights == (0.0, 1.0, 0.0)
+    assert expand_collapsed(coords, [1.0, 0, 0, 0], p).weights == pytest.approx(p.weights, abs=1e-15)
+    assert expand_collapsed(coords, [0.0, 0, 1, 0], p).weights == (0.0, 1.0, 0.0)
+    # coordinates in any order, a domain without one is reached only through old
+    e = expand_collapsed((D3[2], "old"), [0.5, 0.5], p)
+    assert e.weights == pytest.approx((0.25, 0.125, 0.625), abs=1e-12)
+    with pytest.raises(MixtureError, match="not domains of the current mixture"):
+        expand_collapsed(("old", "nope"), [0.5, 0.5], p)
 
 
 @settings(max_examples=200, deadline=None)
@@ -118,7 +124,7 @@ def test_expand_collapsed_property(args):
     a = np.asarray(a) / sum(a)  # a candidate on the {old, d_1..d_k} simplex
     doms = tuple(f"d{i}" for i in range(len(p_raw)))
     p = Mixture.normalised(doms, p_raw)
-    e = expand_collapsed(a[0], a[1:], p).as_array()
+    e = expand_collapsed(("old", *doms), a, p).as_array()
     assert abs(e.sum() - 1.0) <= 1e-9 and np.all(e >= 0)
     np.testing.assert_allclose(e, a[0] * p.as_array() + a[1:], atol=1e-9)
 

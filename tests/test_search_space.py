@@ -227,21 +227,22 @@ def test_direct_w_outside_bounds_is_rejected():
         space.weights({"w_a": 0.5, "w_b": 0.25, "w_c": 0.25})
 
 
-def test_collapsed_space_expands_back_with_frozen_ratios_and_caps():
-    current = {"python": 0.5, "bible": 0.3, "fortunes": 0.2}
-    domains = ("python", "bible", "fortunes", "news")  # news is new: search {old, news}
-    caps = repetition_caps({"python": 10**9, "bible": 10**9, "fortunes": 10**9, "news": 3000}, 2, 20_000)
-    space = CollapsedSpace(domains, current, affected=["news"], upper={**caps, "python": 0.4})
-    assert space.coords == ("old", "news")
-    assert space.bounds()["news"] == (0.0, 0.3) and space.bounds()["old"][1] == pytest.approx(0.8)  # 0.4 / 0.5
+def test_collapsed_space_expands_to_old_times_current_plus_a_within_the_caps():
+    current = {"python": 0.5, "bible": 0.3, "fortunes": 0.2, "news": 0.0}  # news is new
+    caps = {"news": 0.3, "python": 0.4}
+    space = CollapsedSpace(current, ("news", "old", "bible"), caps)  # coordinates in any order
+    assert space.coords == ("news", "old", "bible")
     rng = np.random.default_rng(0)
     for _ in range(200):
         a = space.weights(space.sample(rng))
         mix = space.expand(a)
-        assert list(mix) == list(domains) and sum(mix.values()) == pytest.approx(1)
+        assert list(mix) == list(current) and sum(mix.values()) == pytest.approx(1)
         assert mix["news"] <= 0.3 + 1e-9 and mix["python"] <= 0.4 + 1e-9
-        assert mix["python"] / mix["bible"] == pytest.approx(0.5 / 0.3)  # untouched ratios frozen
-        np.testing.assert_allclose(space.collapse(mix), a, atol=1e-12)
+        assert mix["news"] == pytest.approx(a[0]) and mix["python"] == pytest.approx(a[1] * 0.5)
+        assert mix["bible"] == pytest.approx(a[1] * 0.3 + a[2])
+        assert mix["python"] / mix["fortunes"] == pytest.approx(0.5 / 0.2)  # no coordinate: through old only
+    with pytest.raises(ValueError, match="coords include 'old'"):
+        CollapsedSpace(current, ("news", "bible"))
 
 
 # --- polytopes: linear caps on the mixture a_old * p + a (the "old" coordinate couples them) ---

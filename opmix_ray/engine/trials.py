@@ -100,12 +100,14 @@ def search_space(cfg: Config, coords: tuple[str, ...], current: Mixture, shards,
     plain = SimplexSpace(coords)
     if not cfg.search.caps or info is None or not info.has_caps_state:
         return plain
-    from search_spaces import PolytopeSimplex, cap_constraints
-    A, b = cap_constraints(coords, current.as_dict(), cap_shares(cfg, shards, info))
-    if len(b) == 0:
-        return plain
+    from search_spaces import OLD, CollapsedSpace, PolytopeSimplex, cap_constraints
+    shares = cap_shares(cfg, shards, info)
     try:
-        return PolytopeSimplex(coords, A, b)
+        if OLD in coords:
+            space = CollapsedSpace(current.as_dict(), coords, shares)
+        else:
+            space = PolytopeSimplex(coords, *cap_constraints(coords, current.as_dict(), shares))
+        return space if len(space.b_ub) else plain
     except ValueError as exc:  # the caps cannot all hold: the sampler will redistribute anyway
         print(f"[opmix] repetition caps leave no feasible mixture ({exc}); searching the plain simplex", flush=True)
         return plain
@@ -143,8 +145,7 @@ def objective_weights(cfg: Config, shards) -> dict[str, float]:
 
 def candidate_mixture(c: Candidates, a: np.ndarray) -> Mixture:
     """The mixture over domains that adapter weights `a` stand for."""
-    named = dict(zip(c.coords, a))
-    return expand_collapsed(named.get("old", 0.0), [named.get(d, 0.0) for d in c.current.domains], c.current)
+    return expand_collapsed(c.coords, a, c.current)
 
 
 def _merged_model(c: Candidates) -> MergedModel:
