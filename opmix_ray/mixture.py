@@ -65,6 +65,17 @@ class Mixture:
                                "(fix: give a weight for exactly the run's domains)")
         return cls(domains, tuple(float(d[x]) for x in domains), data_hash)
 
+    def over(self, domains) -> "Mixture":
+        """The same weights over `domains`, 0 for one this mixture lacks (a domain removed live stays
+        in the main run's sampler at weight 0). Dropping a weighted domain is refused."""
+        domains = tuple(domains)
+        dropped = [d for d, w in zip(self.domains, self.weights) if d not in domains and w > 0]
+        if dropped:
+            raise MixtureError(f"mixture weights {dropped} but the domains are {list(domains)} "
+                               "(fix: give weight only to the run's domains)")
+        w = self.as_dict()
+        return Mixture(domains, tuple(float(w.get(d, 0.0)) for d in domains), self.data_hash)
+
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.domains, self.weights))
 

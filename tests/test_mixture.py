@@ -134,3 +134,12 @@ def test_content_hash():
     assert h == content_hash("a", b"b", 3) and len(h) == 64
     assert h != content_hash("a", b"b", 4)
     assert content_hash("ab", "c") != content_hash("a", "bc")  # parts are delimited
+
+
+def test_over_reindexes_with_zero_for_a_missing_domain_and_never_drops_weight():
+    m = Mixture(("a", "b"), (0.25, 0.75), data_hash="h")
+    o = m.over(("c", "b", "a"))  # a domain removed live stays in the sampler at weight 0
+    assert o.domains == ("c", "b", "a") and o.weights == (0.0, 0.75, 0.25) and o.data_hash == "h"
+    assert Mixture(("a", "b"), (1.0, 0.0)).over(("a",)).weights == (1.0,)
+    with pytest.raises(MixtureError, match="fix:"):
+        m.over(("a",))

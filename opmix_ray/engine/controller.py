@@ -59,8 +59,8 @@ class MixtureController:
     def _evt(self, table: dict, k: int) -> asyncio.Event:
         return table.setdefault(k, asyncio.Event())
 
-    async def get_mixture(self) -> tuple[int, dict[str, float]]:
-        return self.version, self.mixture.as_dict()
+    async def get_mixture(self) -> tuple[int, Mixture]:
+        return self.version, self.mixture
 
     # --- main run side ---
     async def report_boundary(self, round_idx: int, info: dict) -> None:
@@ -72,10 +72,10 @@ class MixtureController:
         """Boundaries the main run has reported so far, and whether it has finished."""
         return {"boundaries": sorted(self.boundaries), "final": self.final is not None}
 
-    async def wait_push(self, round_idx: int) -> dict[str, float]:
-        """Block until the driver pushes round `round_idx`'s winner; return its weights."""
+    async def wait_push(self, round_idx: int) -> Mixture:
+        """Block until the driver pushes round `round_idx`'s winner; return it."""
         await self._evt(self._push_evt, round_idx).wait()
-        return self.mixture.as_dict()
+        return self.mixture
 
     async def report_progress(self, info: dict) -> None:
         self.progress.append(info)

@@ -129,9 +129,9 @@ def main_loop(loop_cfg: dict) -> None:
         model = ray.train.torch.prepare_model(model)
     total, boundaries = steps_and_boundaries(cfg, world)
     opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
-    _, weights = ray.get(ctl.get_mixture.remote())
+    _, live = ray.get(ctl.get_mixture.remote())
     ckpt = checkpoint_path(loop_cfg["run_dir"], resume["round"]) if resume else None
-    sampler = _make_sampler(cfg, shards, weights, rank, ckpt)
+    sampler = _make_sampler(cfg, shards, live, rank, ckpt)
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
     push = _PushTracker(ctl, sampler, shards, cfg)
@@ -184,7 +184,7 @@ def main_loop(loop_cfg: dict) -> None:
                                         "elapsed_s": time.time() - t0})
 
 
-def _make_sampler(cfg: Config, shards, weights: dict, rank: int, resume_ckpt: str | None) -> MixtureSampler:
+def _make_sampler(cfg: Config, shards, live: Mixture, rank: int, resume_ckpt: str | None) -> MixtureSampler:
     """The main run's sampler. A resumed run lists its domains in the order its saved state has
     them (domains removed live stay in it at weight 0), then those added since."""
     domains = list(shards.domains)
@@ -192,8 +192,7 @@ def _make_sampler(cfg: Config, shards, weights: dict, rank: int, resume_ckpt: st
         with open(os.path.join(resume_ckpt, STATE_JSON)) as f:
             saved = json.load(f)["sampler"]["domains"]
         domains = saved + [d for d in domains if d not in saved]
-    mix = Mixture.from_dict({d: weights.get(d, 0.0) for d in domains}, domains)
-    return MixtureSampler({**shards.retired, **shards.train}, mix, shards.seq_len, shards.cap_tokens(cfg),
+    return MixtureSampler({**shards.retired, **shards.train}, live.over(domains), shards.seq_len, shards.cap_tokens(cfg),
                           seed=cfg.run.seed * 1000 + rank)
 
 
@@ -230,10 +229,10 @@ class _PushTracker:
             # the newest pushed round wins; older ones still pending were overtaken (never pushed)
             i = max(j for j, (_, ref) in enumerate(self.pending) if ref in ready)
             k, ref = self.pending[i]
-            weights = ray.get(ref)
+            winner = ray.get(ref)
             self._refresh_shards()
             # a removed domain is absent from the push: it stays in the sampler at weight 0
-            self.sampler.set_mixture(Mixture.from_dict({d: weights.get(d, 0.0) for d in self.sampler.domains}))
+            self.sampler.set_mixture(winner.over(self.sampler.domains))
             self.applied_step[str(k)] = step
             self.pending = self.pending[i + 1:]
 
