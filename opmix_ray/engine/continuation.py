@@ -46,9 +46,10 @@ def continue_main_run(cfg: Config, shards, checkpoint: str, weights: dict[str, f
     model.train()
     total, boundaries = steps_and_boundaries(cfg)
     opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
-    sampler = _make_sampler(cfg, shards, weights, 0, checkpoint)
+    target = Mixture.from_dict(weights)
+    sampler = _make_sampler(cfg, shards, target, 0, checkpoint)
     load_train_state(checkpoint, opt, sched, sampler)
-    sampler.set_mixture(Mixture.from_dict({d: weights.get(d, 0.0) for d in sampler.domains}))
+    sampler.set_mixture(target.over(sampler.domains))
     if truth_seed:
         _reshuffle(sampler, truth_seed)
     for _ in range(steps):

@@ -143,6 +143,11 @@ def objective_weights(cfg: Config, shards) -> dict[str, float]:
     return dict(cfg.search.objective_weights or {d: 1.0 for d in shards.domains})
 
 
+def trial_weights(c: Candidates, metrics: dict) -> np.ndarray:
+    """The adapter weights a trial scored (its `a_` metrics; `mix_` ones are only the record)."""
+    return np.array([metrics[f"a_{k}"] for k in c.coords], dtype=np.float64)
+
+
 def candidate_mixture(c: Candidates, a: np.ndarray) -> Mixture:
     """The mixture over domains that adapter weights `a` stand for."""
     return expand_collapsed(c.coords, a, c.current)
@@ -245,9 +250,8 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         raise RuntimeError(f"round {round_idx}: every search trial failed (fix: see the trial errors in "
                            f"{run_dir}/{rundir.search_job(round_idx)})")
     best = min(trials, key=lambda m: m[METRIC])
-    doms = candidates.current.domains
     weights = {k: best[f"a_{k}"] for k in candidates.coords}
-    mixture = Mixture.normalised(doms, [best[f"mix_{d}"] for d in doms], candidates.current.data_hash)
+    mixture = candidate_mixture(candidates, trial_weights(candidates, best))
     keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
                          len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials],
@@ -275,9 +279,9 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
     stay on the same windows, in this process."""
     cur = candidates.current
     pool = [m for m in out.trials if cfg.decision.max_l1_step is None or
-            _l1(Mixture.normalised(cur.domains, [m[f"mix_{d}"] for d in cur.domains]), cur) <= cfg.decision.max_l1_step]
+            _l1(candidate_mixture(candidates, trial_weights(candidates, m)), cur) <= cfg.decision.max_l1_step]
     best = min(pool, key=lambda m: m[METRIC]) if pool else None
-    a = np.array([best[f"a_{c}"] for c in candidates.coords]) if best else candidates.unit("old")[:len(candidates.coords)]
+    a = trial_weights(candidates, best) if best else candidates.unit("old")[:len(candidates.coords)]
     source, law = "trial", None
     if cfg.decision.rule == "safe" and "old" in candidates.coords:
         law = _law_leader(cfg, candidates, out.trials, round_idx)
