@@ -2,9 +2,12 @@
 Jobs API with `opmix-ray submit`, check the results in storage and that the round's adapter jobs
 and trials ran on both nodes; then kill -9 the worker node in the middle of a second run and
 check the job finishes or fails with the one-line resume message, storage stays whole, and
-`opmix-ray resume` (submitted as a job) finishes it. Run with `pytest -m cluster` (about 10
-minutes on 2 cores). The tests run in file order: the second one takes the worker node down.
+`opmix-ray resume` (submitted as a job) finishes it. Before those, the README's `ray job submit`
+line runs on a fresh cluster 5 times (OPMIX_CLUSTER_SUBMITS), and every job must succeed. Run with
+`pytest -m cluster` (about 25 minutes on 2 cores). The tests run in file order: the last one takes
+the worker node down.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -37,12 +40,11 @@ def _ray(args, env, timeout=180):
     return p
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@contextlib.contextmanager
+def two_nodes(base: Path, tag: str = ""):
     """A head and a worker node, each with its own temp dir, both on 127.0.0.1; stopped after."""
-    base = tmp_path_factory.mktemp("cluster")
     # Unix socket paths must stay short (< 108 bytes): Ray's temp dirs go under /tmp directly.
-    head_tmp, worker_tmp = (Path(os.path.join("/tmp", f"opmix-{n}-{os.getpid()}")) for n in ("h", "w"))
+    head_tmp, worker_tmp = (Path(os.path.join("/tmp", f"opmix-{n}{tag}-{os.getpid()}")) for n in ("h", "w"))
     gcs, dash = _free_port(), _free_port()
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_TRAIN_V2_ENABLED="1",
                RAY_AUTH_MODE="disabled")
@@ -66,6 +68,38 @@ def cluster(tmp_path_factory):
             _stop_node(t)
         for t in (worker_tmp, head_tmp):
             shutil.rmtree(t, ignore_errors=True)
+
+
+# The README's own `ray job submit` line, each time on a cluster started for it: the first job on a
+# fresh cluster is where a "No such file or directory" was once met by hand. 5 by default.
+FRESH_SUBMITS = int(os.environ.get("OPMIX_CLUSTER_SUBMITS", "5"))
+
+
+def test_the_readme_job_succeeds_on_fresh_clusters_again_and_again(tmp_path):
+    walls = []
+    for i in range(FRESH_SUBMITS):
+        storage = tmp_path / f"runs_{i}"
+        with two_nodes(tmp_path, tag=f"r{i}") as c:
+            assert len(_node_ids(c)) == 2
+            t0 = time.time()
+            p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", c["address"],
+                                "--runtime-env", "cluster/runtime_env.yaml", "--submission-id",
+                                f"opmix-fresh-{i}-{os.getpid()}", "--", "python", "-m", "opmix_ray.cli", "run",
+                                str(TINY.relative_to(ROOT)), "--set", f"run.storage_path={storage}",
+                                "--set", "search.searcher=random"],
+                               cwd=ROOT, env=c["env"], capture_output=True, text=True, timeout=900)
+            walls.append(time.time() - t0)
+            assert p.returncode == 0 and "SUCCEEDED" in p.stdout, \
+                f"job {i + 1} of {FRESH_SUBMITS} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-3000:]}"
+        summary = json.loads((storage / "tiny" / "summary.json").read_text())
+        assert summary["final_val_ppl_mean"] > 1.0
+    print(f"{FRESH_SUBMITS} jobs on fresh clusters, all SUCCEEDED; submit-to-end {[round(w) for w in walls]} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with two_nodes(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
 
 
 def _stop_node(temp_dir: Path, hard: bool = False) -> None:
