@@ -89,8 +89,9 @@ def test_the_readme_job_succeeds_on_fresh_clusters_again_and_again(tmp_path):
                                 "--set", "search.searcher=random"],
                                cwd=ROOT, env=c["env"], capture_output=True, text=True, timeout=900)
             walls.append(time.time() - t0)
-            assert p.returncode == 0 and "SUCCEEDED" in p.stdout, \
+            assert p.returncode == 0 and f"'opmix-fresh-{i}-{os.getpid()}' succeeded" in p.stdout, \
                 f"job {i + 1} of {FRESH_SUBMITS} failed ({p.returncode}):\n{p.stdout[-6000:]}\n{p.stderr[-3000:]}"
+        assert "Failed to fetch metrics" not in p.stdout  # every trial dir has its result.json
         summary = json.loads((storage / "tiny" / "summary.json").read_text())
         assert summary["final_val_ppl_mean"] > 1.0
     print(f"{FRESH_SUBMITS} jobs on fresh clusters, all SUCCEEDED; submit-to-end {[round(w) for w in walls]} s")

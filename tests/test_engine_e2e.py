@@ -110,3 +110,20 @@ def test_every_round_leaves_a_manifest_that_check_verifies(tiny_run, tmp_path):
     (run_dir / "main" / "round_1" / "train_state.json").unlink()
     assert any(p.startswith("main/round_1/train_state.json: missing (listed in rounds/round_1_manifest.json)")
                for p in check_run_dir(run_dir))
+
+
+def test_tunes_own_readers_and_the_cli_read_the_run_back(tiny_run, capsys):
+    """ExperimentAnalysis on a round's search dir returns its trials (result.json per trial), and
+    `opmix-ray results RUN --json` is one JSON document with the history and the summary."""
+    from ray.tune import ExperimentAnalysis
+
+    from opmix_ray.cli.main import main
+    cfg, summary = tiny_run
+    h = _history(summary)
+    for r in h["rounds"]:
+        df = ExperimentAnalysis(os.path.join(summary["run_dir"], f"search_round_{r['round']}")).dataframe()
+        assert len(df) == r["n_trials"] == cfg.search.num_samples
+        assert df["objective"].min() == pytest.approx(r["objective"])
+    assert main(["results", summary["run_dir"], "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["history"] == h and doc["summary"]["final_val_ppl_mean"] == summary["final_val_ppl_mean"]

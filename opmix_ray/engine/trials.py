@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -242,7 +243,10 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         # objective is no error and is not retried: the searcher records it failed (base.py).
         run_config=tune.RunConfig(storage_path=run_dir, name=rundir.search_job(round_idx), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
-                                  callbacks=[retries]),
+                                  # result.json + progress.csv per trial: Tune's own ResultGrid and
+                                  # ExperimentAnalysis(<run>/search_round_k) read the trials back
+                                  # (TensorBoard and the other auto loggers stay off: driver.py)
+                                  callbacks=[retries, JsonLoggerCallback(), CSVLoggerCallback()]),
     )
     grid = tuner.fit()
     trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
