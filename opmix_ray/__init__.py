@@ -18,10 +18,20 @@ _PUBLIC = {
     "MixtureSearcher": "opmix_ray.searchers",
     "create_searcher": "opmix_ray.searchers",
 }
-__all__ = list(_PUBLIC)
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("opmix-ray")
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return "unknown (not installed)"
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        return _version()
     if name in _PUBLIC:
         return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'opmix_ray' has no attribute {name!r}")

@@ -348,15 +348,40 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def type_name(annotation) -> str:
+    """A field's type as a user reads it: int, 'cosine' | 'wsd', list[str], float | null."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def yaml_default(field) -> str:
+    """A field's default as YAML (null, true, [0, 1, 2], {hidden_size: 64, ...})."""
+    value = field.default_factory() if field.default_factory else field.default
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+
+
 def config_help(schema: type[Config] | None = None) -> str:
-    """Every section and field `schema` reads (default: a run's), with its default and help text."""
+    """Every section and field `schema` reads (default: a run's) at its default, with its type and
+    help text in a comment: valid YAML that loads as the default config (`opmix-ray init` writes it)."""
     lines = []
     for sec_name, sec_field in (schema or Config).model_fields.items():
-        lines.append(f"{sec_name}:")
-        for name, f in sec_field.default_factory().__class__.model_fields.items():
-            default = f.default_factory() if f.default_factory else f.default
-            lines.append(f"  {name}: {default!r:<28} # {f.description}")
-    return "\n".join(lines)
+        model = sec_field.default_factory().__class__
+        doc = " ".join((model.__doc__ or "").split())
+        lines.append(f"{sec_name}:" + (f"  # {doc}" if doc else ""))
+        for name, f in model.model_fields.items():
+            entry = f"  {name}: {yaml_default(f)}"
+            lines.append(f"{entry:<40} # {type_name(f.annotation)}. {f.description or ''}".rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:

@@ -158,8 +158,9 @@ def test_a_bool_field_still_takes_a_bool():
 def test_config_help_lists_every_section_and_field():
     text = config_help(ExperimentConfig)
     lines = text.splitlines()
+    heads = [line.split("#")[0].strip() for line in lines if not line.startswith(" ")]
     for section, f in ExperimentConfig.model_fields.items():
-        assert f"{section}:" in lines
+        assert f"{section}:" in heads
         for name, field in f.default_factory().__class__.model_fields.items():
             assert any(line.startswith(f"  {name}: ") for line in lines), (section, name)
             assert field.description and field.description in text
@@ -168,9 +169,9 @@ def test_config_help_lists_every_section_and_field():
 
 
 def test_config_help_for_a_run_leaves_out_the_experiment_sections():
-    lines = config_help().splitlines()
-    assert "run:" in lines and "decision:" in lines
-    assert "bench:" not in lines and "schedule:" not in lines
+    heads = [line.split("#")[0].strip() for line in config_help().splitlines() if not line.startswith(" ")]
+    assert "run:" in heads and "decision:" in heads
+    assert "bench:" not in heads and "schedule:" not in heads
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -1,14 +1,15 @@
-"""docs/config.md, generated from the config models so that it cannot drift from them.
+"""The config, documented from its models so that the text cannot drift from them: docs/config.md,
+`opmix-ray config-help` and `opmix-ray init PATH` (a commented default config).
 
     python -m opmix_ray.cli.config_doc > docs/config.md      (tests/test_config.py checks it is current)
 """
 from __future__ import annotations
 
-import typing
+from pathlib import Path
 
-import yaml
-from pydantic import BaseModel
+import opmix_ray
 
+from opmix_ray.config import type_name, yaml_default
 from opmix_ray.experiments.config import ExperimentConfig
 
 HEAD = """# Config reference
@@ -21,22 +22,6 @@ the same in the terminal. `bench` and `schedule` are read only by `opmix-ray ben
 """
 
 
-def _type(annotation) -> str:
-    text = str(annotation).replace("typing.", "").replace("NoneType", "None")
-    if isinstance(annotation, type):
-        text = annotation.__name__
-    elif typing.get_origin(annotation) is typing.Literal:
-        text = " \\| ".join(repr(a) for a in typing.get_args(annotation))
-    return text.replace("|", "\\|") if "\\|" not in text else text
-
-
-def _default(field) -> str:
-    value = field.default_factory() if field.default_factory else field.default
-    if isinstance(value, BaseModel):
-        return "(section)"
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
 def reference() -> str:
     out = [HEAD]
     for name, sec in ExperimentConfig.model_fields.items():
@@ -46,9 +31,36 @@ def reference() -> str:
                                                                    "|---|---|---|---|"]
         for fname, f in model.model_fields.items():
             desc = (f.description or "").replace("|", "\\|")
-            out.append(f"| `{fname}` | {_type(f.annotation)} | `{_default(f)}` | {desc} |")
+            out.append(f"| `{fname}` | {type_name(f.annotation).replace('|', chr(92) + '|')} | `{yaml_default(f)}` | {desc} |")
         out.append("")
     return "\n".join(out)
+
+
+def cmd_config_help(args) -> int:
+    from opmix_ray.config import config_help
+    from opmix_ray.experiments.config import ExperimentConfig
+    print(config_help(ExperimentConfig if args.experiments else None))
+    return 0
+
+
+def cmd_init(args) -> int:
+    """Write a config with every field at its default, each commented with its type and meaning."""
+    from opmix_ray.config import ConfigError, config_help
+    from opmix_ray.storage import atomic_write_bytes
+    p = Path(args.path)
+    if p.exists():  # never replace what a user owns
+        raise ConfigError(f"config error at PATH: {p} already exists (fix: pass a new file name; nothing was written)")
+    if not p.parent.is_dir():
+        raise ConfigError(f"config error at PATH: {p.parent} is not a directory (fix: create it first)")
+    schema = None
+    if args.experiments:
+        from opmix_ray.experiments.config import ExperimentConfig
+        schema = ExperimentConfig
+    head = (f"# opmix-ray config: every field at its default (opmix-ray {opmix_ray.__version__}). Keep what you change,\n"
+            "# delete the rest; `opmix-ray run THIS_FILE` checks every value before Ray starts.\n")
+    atomic_write_bytes(p, (head + config_help(schema)).encode())
+    print(f"wrote {p}; run it with `opmix-ray run {p}`")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import opmix_ray
 from opmix_ray import rundir
 from opmix_ray.config import parse_overrides
 from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, RunFailed, RunInterrupted
@@ -84,8 +85,13 @@ def _remember(cfg) -> None:
         pass
 
 
+def _sets(args) -> dict:
+    """--set KEY=VALUE and KEY=VALUE after the config, in that order (a later one wins)."""
+    return parse_overrides((args.set or []) + (getattr(args, "overrides", None) or []))
+
+
 def cmd_run(args) -> int:
-    over = parse_overrides(args.set)
+    over = _sets(args)
     if args.baseline:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
@@ -139,18 +145,24 @@ def cmd_demo(args) -> int:
     from opmix_ray.config import load_config
     from opmix_ray.engine.driver import run
     path = resources.files("opmix_ray") / "configs" / "demo.yaml"
-    over = parse_overrides(args.set)
+    over = _sets(args)
     if args.storage_path:
         over.setdefault("run", {})["storage_path"] = args.storage_path
     cfg = load_config(Path(str(path)), over)
-    print(f"opmix-ray demo: config {path}\n", flush=True)
-    _remember(cfg)
-    summary = run(cfg, overwrite=args.overwrite)
-    baseline = None
+    base_cfg = None
     if not args.no_baseline:
         base_cfg = cfg.model_copy(deep=True)
         base_cfg.run.name = f"{cfg.run.name}-uniform"
         base_cfg.run.baseline = "uniform"
+    from opmix_ray.engine.preflight import check_storage
+    for c in (cfg, base_cfg):  # both, before the first starts: an earlier demo is never replaced unasked
+        if c is not None:
+            check_storage(c, args.overwrite)
+    print(f"opmix-ray demo: config {path}\n", flush=True)
+    _remember(cfg)
+    summary = run(cfg, overwrite=args.overwrite)
+    baseline = None
+    if base_cfg is not None:
         print(f"\nbaseline: the same token budget and seed on the uniform mixture ({base_cfg.run.name})", flush=True)
         _remember(base_cfg)
         baseline = run(base_cfg, overwrite=args.overwrite)
@@ -164,21 +176,9 @@ def cmd_submit(args) -> int:
                   overwrite=args.overwrite, submission_id=args.submission_id)
 
 
-def cmd_results(args) -> int:
-    from opmix_ray.report import load_run, mixture_table
-    history, summary = load_run(args.path)
-    base = None
-    if args.baseline:
-        _, base = load_run(args.baseline)
-    print(mixture_table(history, base))
-    if summary:
-        print(f"final mean val perplexity {summary['final_val_ppl_mean']:.3f}; wall {summary['wall_s']:.0f}s")
-    return 0
-
-
 def cmd_bench(args) -> int:
     from opmix_ray.experiments.config import ExperimentConfig
-    cfg = _load(args.config, parse_overrides(args.set), ExperimentConfig)
+    cfg = _load(args.config, _sets(args), ExperimentConfig)
     from opmix_ray.experiments.bench import run_bench
     result = run_bench(cfg, args.out, overwrite=args.overwrite)
     from opmix_ray.experiments.report import markdown
@@ -208,7 +208,7 @@ def cmd_fidelity(args) -> int:
 
 def cmd_continual(args) -> int:
     from opmix_ray.experiments.config import ExperimentConfig
-    cfg = _load(args.config, parse_overrides(args.set), ExperimentConfig)
+    cfg = _load(args.config, _sets(args), ExperimentConfig)
     from opmix_ray.experiments.continual import run_continual
     result = run_continual(cfg, args.out, overwrite=args.overwrite)
     from opmix_ray.experiments.continual import markdown
@@ -222,11 +222,12 @@ def cmd_data_build(args) -> int:
     return build_main(args.rest)
 
 
-def cmd_config_help(args) -> int:
-    from opmix_ray.config import config_help
-    from opmix_ray.experiments.config import ExperimentConfig
-    print(config_help(ExperimentConfig if args.experiments else None))
-    return 0
+def _lazy(module: str, name: str):
+    """A command that lives in its own module, imported when it runs."""
+    def command(args) -> int:
+        import importlib
+        return getattr(importlib.import_module(module), name)(args)
+    return command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,6 +241,7 @@ def _experiment(sub, name: str, help_text: str, out: str, fn) -> None:
     """A command that runs CONFIG into --out (bench, continual)."""
     e = sub.add_parser(name, help=help_text)
     e.add_argument("config")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config field, as --set does")
     e.add_argument("--out", default=out, help="output dir (results.json, results.md)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -269,9 +271,11 @@ def _domain_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
+    p.add_argument("--version", action="version", version=f"opmix-ray {opmix_ray.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a config (OP-Mix rounds, or a fixed-mixture baseline)")
     r.add_argument("config")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config field, as --set does")
     r.add_argument("--baseline", choices=["uniform", "natural"], help="train the same budget on a fixed mixture")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run dir of the same name")
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--storage-path", help="where runs go (default ./opmix_runs)")
     d.add_argument("--no-baseline", action="store_true", help="skip the uniform comparison run")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo's run dirs")
     d.set_defaults(fn=cmd_demo, stoppable=True)
     j = sub.add_parser("submit", help="run a config as a Ray job on a cluster (Ray Jobs API)")
     j.add_argument("config", help="config path, as seen from the job's working_dir on the cluster")
@@ -298,10 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="check that every artifact of a run dir is whole (after a crash)")
     ck.add_argument("run_dir")
     ck.set_defaults(fn=cmd_check)
-    s = sub.add_parser("results", help="print a run's mixture table")
-    s.add_argument("path")
+    s = sub.add_parser("results", help="print a run's mixture table, or a bench or continual output dir's tables")
+    s.add_argument("path", help="a run dir (or its URI), or an --out dir of bench or continual")
     s.add_argument("--baseline", help="a baseline run dir to compare with")
-    s.set_defaults(fn=cmd_results)
+    s.add_argument("--json", action="store_true", help="print history and summary (or results.json) as one JSON document")
+    s.set_defaults(fn=_lazy('opmix_ray.cli.results', 'cmd_results'))
     _experiment(sub, "bench", "every method (OP-Mix and the baselines) on the same budget and seeds",
                 "bench_runs/default", cmd_bench)
     f = sub.add_parser("fidelity", help="Spearman of merged-adapter scores vs really training on the mixtures")
@@ -314,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "continual_runs/default", cmd_continual)
     c = sub.add_parser("config-help", help="every config field with its default and meaning")
     c.add_argument("--experiments", action="store_true", help="also the sections only bench and continual read")
-    c.set_defaults(fn=cmd_config_help)
+    c.set_defaults(fn=_lazy('opmix_ray.cli.config_doc', 'cmd_config_help'))
+    i = sub.add_parser("init", help="write a config with every field at its default, commented")
+    i.add_argument("path", help="the new YAML file (an existing file is never replaced)")
+    i.add_argument("--experiments", action="store_true", help="also the bench and continual sections")
+    i.set_defaults(fn=_lazy('opmix_ray.cli.config_doc', 'cmd_init'))
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
     # its own parser (opmix_ray/data/build.py) reads the rest of the line, --help included
     b = data.add_parser("build", help="build a corpus of real-text domains from local sources", add_help=False)
@@ -327,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
+        if hasattr(args, "overrides"):  # KEY=VALUE pairs may also follow the options
+            args.overrides += [a for a in rest if not a.startswith("-")]
+            rest = [a for a in rest if a.startswith("-")]
         if rest and not getattr(args, "passthrough", False):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.rest = rest
