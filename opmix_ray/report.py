@@ -59,7 +59,7 @@ def comparison_line(summary: dict, baseline: dict) -> str:
 
 
 def plot_history(history: dict, out_png: str | Path, baseline: dict | None = None) -> Path:
-    """Two panels: mixture weights over the run's steps, per-domain val loss at each boundary."""
+    """Two panels: mixture weights over the run's tokens, per-domain val loss at each boundary."""
     import io
 
     import matplotlib
@@ -69,22 +69,27 @@ def plot_history(history: dict, out_png: str | Path, baseline: dict | None = Non
     doms, meta = all_domains(history["meta"]), history["meta"]
     rounds, final = history["rounds"], history.get("final")
     total = meta["total_steps"]
+    # tokens, not steps: what a mixture is spent on (steps differ between configs; tokens compare)
+    per_step = (final or {}).get("tokens_per_step") or next(
+        (r["tokens"] / r["step"] for r in rounds if r.get("step")), 1.0)
+    tok = lambda step: step * per_step / 1e6
     fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(12, 4.5))
-    starts = [0] + [r["step"] for r in rounds] + [total]
+    starts = [tok(x) for x in [0] + [r["step"] for r in rounds] + [total]]
     mixes = [meta["initial_mixture"]] + [r["weights"] for r in rounds]
     for d in doms:
         ys = [m.get(d, 0.0) for m in mixes] + [mixes[-1].get(d, 0.0)]
         ax_w.step(starts, ys, where="post", label=d)
-    ax_w.set(title="mixture weights (token share) over the run", xlabel="main-run step", ylabel="weight")
+    ax_w.set(title="mixture weights (token share) over the run", xlabel="main-run tokens (millions)", ylabel="weight",
+             ylim=(0, 1.1 * max(max(m.values(), default=0.0) for m in mixes) or 1.0))
     ax_w.legend(fontsize=8)
-    steps = [r["step"] for r in rounds] + ([final["step"]] if final else [])
+    steps = [tok(r["step"]) for r in rounds] + ([tok(final["step"])] if final else [])
     for d in doms:
         ys = [r["base_val_loss"].get(d, math.nan) for r in rounds] + ([final["val_loss"][d]] if final else [])
         line, = ax_l.plot(steps, ys, marker="o", label=d)
         if baseline:
-            ax_l.scatter([total], [baseline["final_val_loss"].get(d, math.nan)], marker="x", color=line.get_color())
-    ax_l.set(title="per-domain val loss (x = uniform baseline at the end)" if baseline else
-             "per-domain val loss", xlabel="main-run step", ylabel="loss (nats/token)")
+            ax_l.scatter([tok(total)], [baseline["final_val_loss"].get(d, math.nan)], marker="x", color=line.get_color())
+    ax_l.set(title="per-domain val loss, lower is better\n(x = uniform baseline at the end)" if baseline else
+             "per-domain val loss, lower is better", xlabel="main-run tokens (millions)", ylabel="loss (nats/token)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

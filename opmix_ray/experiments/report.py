@@ -30,10 +30,12 @@ def summarise(result: dict) -> list[dict]:
     for r in result["rows"]:
         groups[label(r)].append(r)
     oracle = result.get("oracle") or []
+    # the oracle's search is every one of its full runs: knowing the best took all of them
+    oracle_flops = {"search_flops": float(sum(r.get("main_flops", 0.0) for r in oracle))}
     if oracle:
-        groups["oracle (mean)"] = [min(oracle, key=lambda r: r["mean_ppl"])]
+        groups["oracle (mean)"] = [{**min(oracle, key=lambda r: r["mean_ppl"]), **oracle_flops}]
         if result["eval_only"]:
-            groups["oracle (target)"] = [min(oracle, key=lambda r: r["target_ppl"])]
+            groups["oracle (target)"] = [{**min(oracle, key=lambda r: r["target_ppl"]), **oracle_flops}]
     out = []
     for name, rs in groups.items():
         main = [r.get("main_flops", 0.0) for r in rs]
@@ -66,7 +68,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {s['label']} | " + " | ".join(f"{s['mixture'][d]:.3f}" for d in result["domains"]) + " |")
     lines += ["", *per_seed_comparisons(result)]
     fid = result.get("fidelity")
-    if fid:
+    if fid and "truth_seeds" in fid:  # results.json files from before the exact-continuation truth lack it
         lines += ["", f"Fidelity (round {fid['round']}, {fid['n']} candidates x {fid['truth_seeds']} truth seeds, "
                   f"exact continuation for {fid['truth_steps']} steps): "
                   + "; ".join(f"{k}: proxy Spearman {v['proxy']['spearman']:.3f}, regret {v['proxy']['regret']:.4f} "
@@ -96,24 +98,50 @@ def per_seed_comparisons(result: dict) -> list[str]:
     return out
 
 
-def plot(result: dict, out: Path) -> list[Path]:
+MARKERS = "osD^vP*Xph<>"
+
+
+def flops_figure(result: dict):
+    """One panel per objective: perplexity against the compute spent choosing the mixture, a marker
+    and colour per method, methods without search as dashed levels (a log axis has no 0)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     summ = summarise(result)
-    paths = []
-    fig, axes = plt.subplots(1, 2 if result["eval_only"] else 1, figsize=(11, 4.2), squeeze=False)
-    for ax, key in zip(axes[0], ["mean_ppl", "target_ppl"]):
+    colours = plt.get_cmap("tab20").colors
+    style = {s["label"]: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, s in enumerate(summ)}
+    panels = [("mean_ppl", "mean val perplexity over the training domains")]
+    panels += [("target_ppl", f"target ({', '.join(result['eval_only'])}) val perplexity")] if result["eval_only"] else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False)
+    for ax, (key, what) in zip(axes[0], panels):
         for s in summ:
             ys = [y for y in s[key] if y is not None]
-            if ys:
-                ax.errorbar(max(s["search_flops"], 1e9), np.mean(ys), yerr=np.std(ys), fmt="o", capsize=3)
-                ax.annotate(s["label"], (max(s["search_flops"], 1e9), np.mean(ys)), fontsize=7)
+            if not ys:
+                continue
+            colour, marker = style[s["label"]]
+            name = f"{s['label']} (n={len(ys)})"
+            if s["search_flops"] > 0:
+                ax.errorbar(s["search_flops"], np.mean(ys), yerr=np.std(ys), fmt=marker, color=colour, capsize=3,
+                            markersize=7, label=name)
+            else:  # no search: a level to compare against, not a point at a made-up FLOP count
+                ax.axhline(np.mean(ys), color=colour, linestyle="--", linewidth=1.2, label=f"{name}, no search")
         ax.set_xscale("log")
-        ax.set_xlabel("search FLOPs (0 shown at 1e9)")
-        ax.set_ylabel(key.replace("_", " "))
+        ax.set(title=f"{what}\nvs compute spent choosing the mixture (lower is better)",
+               xlabel="search FLOPs (log; oracle: all its full runs)", ylabel=f"{key.replace('_', ' ')} (mean ± sd over seeds)")
+        ax.grid(True, which="major", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    paths.append(_save(fig, out / "ppl_vs_search_flops.png"))
+    return fig
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    """ppl_vs_search_flops.png and mixtures.png (each method's mixture, mean over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = summarise(result)
+    paths = [_save(flops_figure(result), out / "ppl_vs_search_flops.png")]
     rows = [s for s in summ if not s["label"].startswith("oracle")]
     fig, ax = plt.subplots(figsize=(11, 4.2))
     bottom = np.zeros(len(rows))
@@ -122,7 +150,7 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.bar(range(len(rows)), vals, bottom=bottom, label=d)
         bottom += vals
     ax.set_xticks(range(len(rows)), [s["label"] for s in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("token share (mean over seeds)")
+    ax.set(title="the mixture each method chose (mean over seeds)", ylabel="token share")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
     paths.append(_save(fig, out / "mixtures.png"))
@@ -133,7 +161,7 @@ def plot(result: dict, out: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     import io
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # the legend outside the axes included
     atomic_write_bytes(path, buf.getvalue())
     return path
 
