@@ -80,7 +80,9 @@ class DataSection(Section):
     domains: list[str] | None = Field(None, description="Domain names in a fixed order; null = every "
                                       "parquet file in `path`, sorted.")
     text_column: str = Field("text", description="Parquet column holding the documents (or token ids).")
-    tokenizer: str | None = Field(None, description="tokenizer.json path; null = the bundled BPE.")
+    tokenizer: str | None = Field(None, description="A tokenizer.json, or a Hugging Face fast-tokenizer dir; null = "
+                                  "model.path's own tokenizer.json if it has one, else the bundled BPE. The end-of-text "
+                                  "token is the eos_token of a tokenizer_config.json beside it, else <|endoftext|>.")
     seq_len: int = Field(128, gt=7, description="Tokens per training/eval sequence.")
     val_tokens_per_domain: int = Field(8192, gt=0, description="Held-out tokens per domain: what every "
                                        "report (run, bench, fidelity) scores.")

@@ -1,7 +1,7 @@
 """The causal LM: a small Llama built from config, or any local Hugging Face checkpoint dir.
 
-Checkpoints are Hugging Face dirs (config.json + model.safetensors), so a round checkpoint is also
-a valid `model.path` for a later run, and nothing is ever unpickled.
+Checkpoints are Hugging Face dirs (config.json + model.safetensors + the tokenizer), so a round
+checkpoint is also a valid `model.path` for a later run, and nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from opmix_ray.config import ModelSection
+from opmix_ray.data.tokenizer import write_checkpoint_files
 
 
 def pick_device(pref: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -52,11 +53,13 @@ def load_checkpoint(path: str | os.PathLike, vocab_size: int | None = None):
     return model
 
 
-def save_checkpoint(model, path: str | os.PathLike) -> None:
-    """Write an HF checkpoint dir atomically: build it beside the target, then rename."""
+def save_checkpoint(model, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write an HF checkpoint dir atomically: build it beside the target, then rename. extra_files:
+    {name: bytes} written into it too (the tokenizer: data/tokenizer.py)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
+    write_checkpoint_files(extra_files or {}, tmp)
     if path.exists():
         import shutil
         shutil.rmtree(path)

@@ -101,7 +101,7 @@ def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mix
         train_step(model, opt, sched, batch)
     val = domain_losses(model, shards.val, max_tokens=eval_tokens)
     if save_path:
-        save_checkpoint(model, save_path)
+        save_checkpoint(model, save_path, shards.tokenizer_files)
     n, t = n_params(model), steps * main.batch_size * shards.seq_len
     eval_t = sum(min(v.shape[0], (eval_tokens or 10**12) // shards.seq_len) * shards.seq_len for v in shards.val.values())
     return {"val_loss": val, "drawn": {d: sampler.drawn_total[d] / t for d in sampler.domains},

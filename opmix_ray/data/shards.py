@@ -20,10 +20,10 @@ from tokenizers import Tokenizer
 
 from opmix_ray.config import Config, name_problem
 from opmix_ray.errors import DataError
+from opmix_ray.data.tokenizer import checkpoint_files, eos_token, tokenizer_path
 from opmix_ray.mixture import Mixture, content_hash
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "corpus"
-EOS_TOKEN = "<|endoftext|>"
 
 
 @dataclass
@@ -38,6 +38,8 @@ class TokenShards:
     data_hash: str
     source_hashes: dict[str, str] = field(default_factory=dict)
     eval_only: tuple[str, ...] = ()  # held-out target domains: in `val`, never in `train` or a mixture
+    # what every checkpoint carries so that AutoTokenizer loads it (data/tokenizer.py)
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     retired: dict[str, np.ndarray] = field(default_factory=dict)  # train tokens of domains removed live
     # Windows the search and the decision score on (data.selection_tokens_per_domain), apart from val
     # and train, so the windows that choose a mixture are not the ones that report it.
@@ -91,11 +93,7 @@ def resolve_data_paths(cfg: Config) -> tuple[Path, tuple[str, ...], Path]:
         if not (root / f"{d}.parquet").is_file():
             raise DataError(f"data.domains: {root / (d + '.parquet')} does not exist (fix: create it or "
                             f"remove '{d}' from data.domains)")
-    tok = Path(cfg.data.tokenizer).expanduser() if cfg.data.tokenizer else BUNDLED_DIR / "tokenizer.json"
-    if not tok.is_file():
-        what = "is a directory" if tok.is_dir() else "does not exist"
-        raise DataError(f"data.tokenizer: {tok} {what} (fix: point it at a tokenizer.json file)")
-    return root, domains, tok
+    return root, domains, tokenizer_path(cfg.data.tokenizer, cfg.model.path)
 
 
 def load_tokenizer(path: Path) -> tuple[Tokenizer, str]:
@@ -165,10 +163,12 @@ def _split(docs: list[np.ndarray], eos: int, need_val: int, need_sel: int, rng: 
 
 def _open_tokenizer(cfg: Config, tok_path: Path) -> tuple[Tokenizer, str, int]:
     tok, tok_hash = load_tokenizer(tok_path)
-    eos = tok.token_to_id(EOS_TOKEN)
+    name = eos_token(tok_path)
+    eos = tok.token_to_id(name)
     if eos is None:
-        raise DataError(f"data.tokenizer: {tok_path} has no '{EOS_TOKEN}' token (fix: train it with "
-                        "`opmix-ray data build`, which adds it)")
+        raise DataError(f"data.tokenizer: {tok_path} has no '{name}' token (fix: give its end-of-text token as "
+                        "eos_token in a tokenizer_config.json beside it, or train one with `opmix-ray data "
+                        "build`, which adds <|endoftext|>)")
     return tok, tok_hash, eos
 
 
@@ -210,7 +210,8 @@ def build_shards(cfg: Config) -> TokenShards:
                                if cfg.data.eval_only_domains else []),
                              *(["selection", n_sel] if n_sel else []))  # off: the hashes runs had before it
     return TokenShards(domains, train, val, cfg.data.seq_len, tok.get_vocab_size(), eos, tok_hash, data_hash, src,
-                       tuple(cfg.data.eval_only_domains), select=sel)
+                       tuple(cfg.data.eval_only_domains), select=sel,
+                       tokenizer_files=checkpoint_files(tok_path, eos_token(tok_path), cfg.data.seq_len))
 
 
 def _run_tokenizer(cfg: Config, shards: TokenShards) -> tuple[Tokenizer, int]:

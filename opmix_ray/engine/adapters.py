@@ -10,6 +10,7 @@ rank into the round's Ray Train checkpoint <run_dir>/adapters_round_<k>/adapters
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -98,6 +99,17 @@ def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, see
             "tokens": adapter_tokens(cfg, shards.seq_len)}
 
 
+def _base_relative_to_run(adapter_dir: str, base_path: str, run_dir: str) -> None:
+    """adapter_config.json names its base checkpoint relative to the run dir (main/round_k), so the
+    run dir can move: from inside it, AutoPeftModelForCausalLM.from_pretrained(<adapter dir>) loads."""
+    conf_path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(conf_path) as f:
+        conf = json.load(f)
+    conf["base_model_name_or_path"] = os.path.relpath(base_path, run_dir)
+    with open(conf_path, "w") as f:
+        json.dump(conf, f, indent=2)
+
+
 def adapter_loop(loop_cfg: dict) -> None:
     """Ray Train worker loop: rank r trains its share of the plan and reports them as one checkpoint."""
     cfg = Config.model_validate(loop_cfg["config"])
@@ -113,6 +125,7 @@ def adapter_loop(loop_cfg: dict) -> None:
             out = train_one(cfg, shards, loop_cfg["base_path"], name, weights, seeds, loop_cfg["lr"], device)
             out_dir = os.path.join(tmp, name)
             out.pop("model").save_pretrained(out_dir, safe_serialization=True)
+            _base_relative_to_run(out_dir, loop_cfg["base_path"], loop_cfg["run_dir"])
             write_json(os.path.join(out_dir, rundir.ADAPTER_META), {
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
                 "base_checkpoint": loop_cfg["base_path"], "data_hash": shards.data_hash,
@@ -133,7 +146,8 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
     trainer = TorchTrainer(
         adapter_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref, "plan": plan,
-                           "base_path": base_path, "round": round_idx, "cpus_per_worker": 1, "lr": lr},
+                           "base_path": base_path, "round": round_idx, "cpus_per_worker": 1, "lr": lr,
+                           "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": 1}),
         # controller_failure_limit: Train's default retries a worker group that cannot start

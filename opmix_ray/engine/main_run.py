@@ -24,6 +24,7 @@ from opmix_ray import rundir
 from opmix_ray.compute import train_flops
 from opmix_ray.config import Config
 from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.data.tokenizer import write_checkpoint_files
 from opmix_ray.engine.controller import controller_name
 from opmix_ray.engine.faults import on_driver_node
 from opmix_ray.engine.records import BoundaryInfo
@@ -49,14 +50,15 @@ def checkpoint_path(run_dir: str, round_idx: int | str) -> str:
     return os.path.join(run_dir, rundir.checkpoint(round_idx))
 
 
-def _report_checkpoint(model, name: str, metrics: dict, state: tuple[dict, dict] | None = None,
-                       final_dir: str | None = None) -> None:
+def _report_checkpoint(model, name: str, metrics: dict, tokenizer_files: dict[str, bytes],
+                       state: tuple[dict, dict] | None = None, final_dir: str | None = None) -> None:
     """Rank 0 reports the HF checkpoint (plus the resume tensors) and, once Ray Train has persisted
     it, writes the resume JSON into it atomically: that file's presence means the dir is whole."""
     with tempfile.TemporaryDirectory() as tmp:
         unwrapped = model.module if hasattr(model, "module") else model
         if ray.train.get_context().get_world_rank() == 0:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
+            write_checkpoint_files(tokenizer_files, tmp)  # AutoTokenizer loads the checkpoint too
             if state is not None:
                 from safetensors.torch import save_file
                 save_file(state[1], os.path.join(tmp, STATE_TENSORS))
@@ -171,7 +173,7 @@ def main_loop(loop_cfg: dict) -> None:
                     "round": k, "step": step, "losses": losses[-50:], "info": info,
                     "stall_s": push.stall_s, "applied_step": push.applied_step})
                 _report_checkpoint(model, f"round_{k}", {"step": step, "mean_val_loss": float(np.mean(list(val.values())))},
-                                   state, info["path"])
+                                   push.shards.tokenizer_files, state, info["path"])
                 if rank == 0:
                     ray.get(ctl.report_final.remote(info) if k == "final" else ctl.report_boundary.remote(k, info))
                 if k == "final":

@@ -22,6 +22,7 @@ from pyarrow.fs import FileSelector
 from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
 from opmix_ray.data.shards import TokenShards, build_shards
+from opmix_ray.data.tokenizer import vocab_problem
 from opmix_ray.mixture import Mixture, MixtureError
 from opmix_ray.storage import is_uri, join, redact, remote_fs, staging_dir
 
@@ -220,10 +221,9 @@ def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> N
             Mixture.from_dict(cfg.rounds.initial, shards.domains)
         except MixtureError as exc:
             raise ConfigError(f"config error at rounds.initial: {exc}") from None
-    if vocab is not None and vocab < shards.vocab_size:
-        raise ConfigError(f"config error at model.path: the checkpoint's vocab ({vocab}) is smaller than "
-                          f"data.tokenizer's ({shards.vocab_size}) (fix: use the tokenizer the model was "
-                          "trained with, or a model built for this tokenizer)")
+    problem = vocab_problem(vocab, shards.vocab_size) if vocab is not None else None
+    if problem:
+        raise ConfigError(f"config error at model.path: {problem}")
 
 
 def preflight(cfg: Config, overwrite: bool = False) -> tuple[Path, TokenShards]:
