@@ -123,7 +123,11 @@ class ModelSection(Section):
     num_layers: int = Field(4, gt=0, description="Decoder layers.")
     num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
     intermediate_size: int = Field(384, gt=0, description="MLP width.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda (bf16) if present.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present, else cpu.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16: matmuls of the main run, the "
+                                                       "adapters and their evaluation autocast to bfloat16 (weights, "
+                                                       "optimizer state and the loss stay fp32); auto = bf16 on "
+                                                       "cuda, fp32 on cpu.")
 
     @model_validator(mode="after")
     def _heads_divide(self):

@@ -15,10 +15,25 @@ from opmix_ray.config import ModelSection
 from opmix_ray.data.tokenizer import write_checkpoint_files
 
 
-def pick_device(pref: str = "auto") -> tuple[torch.device, torch.dtype]:
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+def pick_device(pref: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for fp32) for model.device and model.precision."""
+    device = torch.device("cuda") if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else \
+        torch.device("cpu")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return device, torch.bfloat16 if bf16 else None
+
+
+def on_device(model, model_cfg: ModelSection):
+    """`model` moved to model.device, its forward passes in lm_loss autocast as model.precision says."""
+    device, dtype = pick_device(model_cfg.device, model_cfg.precision)
+    model = model.to(device)
+    model._opmix_autocast = dtype  # read through PEFT and DDP wrappers by autocast_dtype
+    return model
+
+
+def autocast_dtype(model) -> torch.dtype | None:
+    inner = getattr(model, "module", model)  # DDP keeps plain attributes on the module it wraps
+    return getattr(inner, "_opmix_autocast", None)
 
 
 def set_threads(cpus: float) -> None:
@@ -73,7 +88,10 @@ def n_params(model) -> int:
 
 def lm_loss(model, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of windows [B, seq_len + 1]; per sequence if reduction='none'."""
-    logits = model(input_ids=tokens[:, :-1]).logits.float()
+    dtype = autocast_dtype(model)
+    with torch.autocast(device_type=tokens.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(input_ids=tokens[:, :-1]).logits
+    logits = logits.float()
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none")
     ce = ce.view(tokens.size(0), -1)

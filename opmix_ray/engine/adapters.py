@@ -31,7 +31,7 @@ from opmix_ray.config import Config
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.engine.faults import alive_nodes, lost_since
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import lm_loss, load_checkpoint, n_params, pick_device, set_threads
+from opmix_ray.model import lm_loss, load_checkpoint, n_params, on_device, pick_device, set_threads
 from opmix_ray.storage import write_json
 from opmix_ray.training import optimizer_step
 
@@ -81,7 +81,7 @@ def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, see
               device="cpu") -> dict:
     """One LoRA adapter on `base_path` trained on mixture `weights`; returns the PEFT model and stats."""
     init_seed, seed = seeds
-    model = load_checkpoint(base_path).to(device)
+    model = on_device(load_checkpoint(base_path), cfg.model)
     torch.manual_seed(init_seed)  # LoRA's A is drawn from torch's global RNG
     lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
                       target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
@@ -117,7 +117,7 @@ def adapter_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(loop_cfg["cpus_per_worker"])
-    device, _ = pick_device(cfg.model.device)
+    device, _ = pick_device(cfg.model.device, cfg.model.precision)
     with tempfile.TemporaryDirectory() as tmp:
         for name, weights in loop_cfg["plan"][rank::world]:
             t0 = time.time()

@@ -28,7 +28,7 @@ from opmix_ray.config import Config
 from opmix_ray.engine.adapters import REPLICATE, adapter_seeds, train_one
 from opmix_ray.engine.decision import adapter_noise_var, paired_se, weighted
 from opmix_ray.evaluate import window_losses
-from opmix_ray.model import load_checkpoint, pick_device, set_threads
+from opmix_ray.model import load_checkpoint, on_device, pick_device, set_threads
 
 
 def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, float], lr: float, round_idx: int,
@@ -38,7 +38,7 @@ def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, floa
     from peft import PeftModel
 
     set_threads(cpus)
-    device, _ = pick_device(cfg.model.device)
+    device, _ = pick_device(cfg.model.device, cfg.model.precision)
     t0 = time.time()
     out = train_one(cfg, shards, base_path, "confirm", mixture, adapter_seeds(cfg, round_idx, "old"), lr, device)
     tokens = cfg.search.eval_tokens_per_domain
@@ -47,7 +47,7 @@ def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, floa
            "train_s": time.time() - t0, "tokens": out["tokens"], "drawn": out["drawn"]}
     for name in ("old", REPLICATE):
         if name in adapter_dirs:
-            model = PeftModel.from_pretrained(load_checkpoint(base_path).to(device), adapter_dirs[name])
+            model = PeftModel.from_pretrained(on_device(load_checkpoint(base_path), cfg.model), adapter_dirs[name])
             res[name] = window_losses(model, val, max_tokens=tokens, device=device)
     return res
 

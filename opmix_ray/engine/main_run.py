@@ -30,7 +30,7 @@ from opmix_ray.engine.faults import on_driver_node
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import build_model, load_checkpoint, n_params, pick_device, set_threads
+from opmix_ray.model import build_model, load_checkpoint, n_params, on_device, pick_device, set_threads
 from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 from opmix_ray.storage import atomic_write_bytes
 from opmix_ray.training import make_optimizer, train_step
@@ -118,15 +118,15 @@ def main_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(cfg.main.cpus_per_worker)
-    device, dtype = pick_device(cfg.model.device)
+    device, _ = pick_device(cfg.model.device, cfg.model.precision)
     resume = loop_cfg.get("resume")
     if resume and world > 1:  # only rank 0's sampler state is saved (the engine runs one worker)
         raise RuntimeError("resume supports a single-worker main run (fix: start a new run)")
     if resume:
-        model = load_checkpoint(checkpoint_path(loop_cfg["run_dir"], resume["round"])).to(device)
+        model = on_device(load_checkpoint(checkpoint_path(loop_cfg["run_dir"], resume["round"])), cfg.model)
         model.train()
     else:
-        model = build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed).to(device)
+        model = on_device(build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed), cfg.model)
     if world > 1:
         model = ray.train.torch.prepare_model(model)
     total, boundaries = steps_and_boundaries(cfg, world)
