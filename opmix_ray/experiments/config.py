@@ -9,11 +9,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from opmix_ray.config import Config, ModelSection, Section, load_config
+
+
+# RegMix's LightGBM on a swarm of a few dozen runs: LightGBM's defaults (20 rows per leaf) cannot
+# split it, so the trees are small and regularised.
+LGBM_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 7, "min_data_in_leaf": 3,
+               "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "num_threads": 1}
+LGBM_ROUNDS = 300
 
 
 class BenchSection(Section):
@@ -30,6 +37,9 @@ class BenchSection(Section):
     proxy_tokens: int = Field(102_400, gt=0, description="Training tokens per proxy run (swarm and DoReMi).")
     regmix_simulations: int = Field(100_000, gt=0, description="Mixtures the RegMix regressor scores.")
     regmix_top_k: int = Field(128, gt=0, description="RegMix output = mean of the top-k predicted mixtures.")
+    regmix_lgbm_params: dict[str, Any] = Field(default_factory=lambda: dict(LGBM_PARAMS), description="LightGBM "
+                                               "parameters of the RegMix regressor (lightgbm.train's params).")
+    regmix_lgbm_rounds: int = Field(LGBM_ROUNDS, gt=0, description="LightGBM boosting rounds of the RegMix regressor.")
     doremi_eta: float = Field(1.0, gt=0, description="Group DRO step size (DoReMi: 1).")
     doremi_smoothing: float = Field(1e-3, ge=0, lt=1, description="Mix-in of uniform weights (DoReMi: 1e-3).")
     oracle_runs: int = Field(16, ge=0, description="Full runs on sampled mixtures (seed of the first run); "
