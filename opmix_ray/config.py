@@ -263,6 +263,13 @@ class DecisionSection(Section):
                                         "reaches this; below it the best trial leads.")
 
 
+class TrackingSection(Section):
+    """Where a run's metrics also go while it trains (`tensorboard --logdir <run dir>`)."""
+    tensorboard: bool = Field(False, description="TensorBoard events: the main run's loss, mixture weights and "
+                              "val loss per step and its pushes (<run>/tracking/main), and every search trial's "
+                              "metrics (Tune's TBX logger, in its trial dir).")
+
+
 class RaySection(Section):
     address: str | None = Field(None, description="Ray address; null = start Ray on this machine, without "
                          "a dashboard (what it listens on: cluster/README.md).")
@@ -279,6 +286,7 @@ class Config(Section):
     adapters: AdaptersSection = Field(default_factory=AdaptersSection)
     search: SearchSection = Field(default_factory=SearchSection)
     decision: DecisionSection = Field(default_factory=DecisionSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     ray: RaySection = Field(default_factory=RaySection)
 
     # Sections of a config file that only `opmix-ray bench` and `opmix-ray continual` read

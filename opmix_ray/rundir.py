@@ -38,6 +38,7 @@ STATE_TENSORS = "train_state.safetensors"
 ADAPTERS = "adapters"  # the adapter job's checkpoint dir name
 ADAPTER_META = "opmix_meta.json"
 MAIN_SNAPSHOT = f"{MAIN}/checkpoint_manager_snapshot.json"  # Ray Train's own bookkeeping
+TRACKING_MAIN = "tracking/main"  # the main run's TensorBoard events (tracking.tensorboard)
 
 
 def is_run_dir(names) -> bool:
@@ -65,6 +66,11 @@ def adapter_root(k: int) -> str:
 def search_job(k: int) -> str:
     """Round k's Tune experiment."""
     return f"search_round_{k}"
+
+
+def optuna_journal(k: int) -> str:
+    """Round k's Optuna study as a journal file (optuna-dashboard opens it)."""
+    return f"{search_job(k)}/optuna_journal.log"
 
 
 def trials(k: int) -> str:

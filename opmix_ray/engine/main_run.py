@@ -28,6 +28,7 @@ from opmix_ray.data.tokenizer import write_checkpoint_files
 from opmix_ray.engine.controller import controller_name
 from opmix_ray.engine.faults import on_driver_node
 from opmix_ray.engine.records import BoundaryInfo
+from opmix_ray.engine.tracking import MainRunLog
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, load_checkpoint, n_params, on_device, pick_device, set_threads
@@ -136,7 +137,8 @@ def main_loop(loop_cfg: dict) -> None:
     sampler = _make_sampler(cfg, shards, live, rank, ckpt)
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
-    push = _PushTracker(ctl, sampler, shards, cfg)
+    log = MainRunLog(cfg.tracking.tensorboard and rank == 0, loop_cfg["run_dir"])
+    push = _PushTracker(ctl, sampler, shards, cfg, log)
     start, saved = 0, None
     if resume:
         saved = load_train_state(ckpt, opt, sched, sampler)
@@ -172,6 +174,7 @@ def main_loop(loop_cfg: dict) -> None:
                 state = None if k == "final" or rank != 0 else _train_state(opt, sched, sampler, {
                     "round": k, "step": step, "losses": losses[-50:], "info": info,
                     "stall_s": push.stall_s, "applied_step": push.applied_step})
+                log.boundary(step, val)
                 _report_checkpoint(model, f"round_{k}", {"step": step, "mean_val_loss": float(np.mean(list(val.values())))},
                                    push.shards.tokenizer_files, state, info["path"])
                 if rank == 0:
@@ -181,9 +184,11 @@ def main_loop(loop_cfg: dict) -> None:
                 push.expect(k, step)
         batch, _ = sampler.next_batch(cfg.main.batch_size)
         losses.append(train_step(model, opt, sched, batch, device))
+        log.step(step, losses[-1], sampler.mixture.as_dict(), (step + 1) * tokens_per_step)
         if rank == 0 and step % 25 == 0:
             ctl.report_progress.remote({"step": step, "total": total, "loss": float(np.mean(losses[-25:])),
                                         "elapsed_s": time.time() - t0})
+    log.close()
 
 
 def _make_sampler(cfg: Config, shards, live: Mixture, rank: int, resume_ckpt: str | None) -> MixtureSampler:
@@ -207,8 +212,9 @@ class _PushTracker:
     the newer checkpoint when it is free), and a round that ends after the main run is recorded
     but never applied."""
 
-    def __init__(self, ctl, sampler, shards, cfg: Config):
+    def __init__(self, ctl, sampler, shards, cfg: Config, log: MainRunLog | None = None):
         self.ctl, self.sampler, self.shards, self.cfg, self.mode = ctl, sampler, shards, cfg, cfg.rounds.mode
+        self.log = log or MainRunLog(False, "")
         self.shards_version = 0  # the controller's shards version this run trains on (engine/domains.py)
         self.pending: list[tuple[int, object]] = []  # (round, ObjectRef of its winner), oldest first
         self.stall_s: dict[str, float] = {}
@@ -236,6 +242,7 @@ class _PushTracker:
             # a removed domain is absent from the push: it stays in the sampler at weight 0
             self.sampler.set_mixture(winner.over(self.sampler.domains))
             self.applied_step[str(k)] = step
+            self.log.push(step, k, winner.as_dict())
             self.pending = self.pending[i + 1:]
 
     def _refresh_shards(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -205,13 +205,16 @@ def warm_starts(cfg: Config, space) -> list[np.ndarray]:
     return points
 
 
-def make_searcher(cfg: Config, candidates: Candidates, round_idx: int, warm: bool = True):
+def make_searcher(cfg: Config, candidates: Candidates, round_idx: int, warm: bool = True,
+                  journal_path: str | None = None):
     """The round's searcher. objective_weights: the mixing law proposes for the objective's per-domain
-    weights; a searcher whose __init__ does not take it is built without it (CONTEXT_KWARGS)."""
+    weights; journal_path: where an Optuna searcher records its study; a searcher whose __init__
+    does not take one of them is built without it (CONTEXT_KWARGS)."""
     space = candidates.space or SimplexSpace(candidates.coords)
     return create_searcher(cfg.search.searcher, space=space, seed=cfg.run.seed * 1000 + round_idx,
                            points_to_evaluate=(warm_starts(cfg, space) or None) if warm else None,
-                           objective_weights=candidates.objective_weights, **cfg.search.searcher_options)
+                           objective_weights=candidates.objective_weights, journal_path=journal_path,
+                           **cfg.search.searcher_options)
 
 
 @dataclass
@@ -229,7 +232,7 @@ class SearchOutcome:
 
 def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str) -> SearchOutcome:
     t0 = time.time()
-    searcher = make_searcher(cfg, candidates, round_idx)
+    searcher = make_searcher(cfg, candidates, round_idx, journal_path=str(rundir.at(run_dir, rundir.optuna_journal(round_idx))))
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
@@ -246,7 +249,8 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
                                   # result.json + progress.csv per trial: Tune's own ResultGrid and
                                   # ExperimentAnalysis(<run>/search_round_k) read the trials back
                                   # (TensorBoard and the other auto loggers stay off: driver.py)
-                                  callbacks=[retries, JsonLoggerCallback(), CSVLoggerCallback()]),
+                                  callbacks=[retries, JsonLoggerCallback(), CSVLoggerCallback(),
+                                             *([TBXLoggerCallback()] if cfg.tracking.tensorboard else [])]),
     )
     grid = tuner.fit()
     trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]

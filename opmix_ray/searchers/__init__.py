@@ -24,7 +24,7 @@ _REGISTRY = {
 
 # Facts about the run that engine/trials.py offers every searcher; one that does not take a keyword
 # simply does not get it (a user's 3-argument searcher keeps working).
-CONTEXT_KWARGS = ("objective_weights",)
+CONTEXT_KWARGS = ("objective_weights", "journal_path")
 
 # the mixing-law math, shared with the Olmix baseline (loaded on first use: it needs scipy)
 _LAW = ("KL_LAMBDA", "fit_laws", "propose_mixture")

@@ -7,6 +7,9 @@ sampler is re-created before every ask with a seed drawn from (seed, n), so the 
 a function of (seed, n, trials so far) only: restore gives exactly the same one.
 
 Failed trials (NaN / inf / missing objective) are told as FAIL, which both samplers ignore.
+With journal_path (the engine gives <run>/search_round_k/optuna_journal.log) every finished trial
+is also added to a study in an Optuna journal file, which optuna-dashboard and optuna.load_study
+open; the sampling study itself stays in memory, rebuilt from the records as above.
 Trials still running count through TPE's constant liar (Optuna's default), so TPE under a
 concurrency limit of 2 does not propose the same point twice.
 """
@@ -18,11 +21,12 @@ from optuna.trial import TrialState, create_trial
 from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
 
 _STATES = {"running": TrialState.RUNNING, "complete": TrialState.COMPLETE, "fail": TrialState.FAIL}
+JOURNAL_STUDY = "opmix"  # optuna.load_study(study_name="opmix", storage=JournalStorage(...))
 
 
 class OptunaSimplexSearcher(MixtureSearcher):
     def __init__(self, *, space, seed: int = 0, points_to_evaluate=None, sampler: str = "tpe",
-                 n_startup_trials: int = 8,
+                 n_startup_trials: int = 8, journal_path: str | None = None,
                  metric: str = METRIC, mode: str = MODE):
         super().__init__(space=space, seed=seed, points_to_evaluate=points_to_evaluate, metric=metric, mode=mode)
         if sampler not in ("tpe", "gp"):
@@ -31,7 +35,24 @@ class OptunaSimplexSearcher(MixtureSearcher):
         self.records: list[dict] = []  # one per Optuna trial, in Optuna's numbering order
         self._number: dict[str, int] = {}  # Tune trial id -> Optuna trial number
         self._study = None
+        self.journal_path, self._journal = journal_path, None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def _record(self, params: dict, state: str, value) -> None:
+        """A finished trial, into the journal file's study (a mirror for the dashboard)."""
+        if not self.journal_path:
+            return
+        if self._journal is None:
+            import os
+
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+            os.makedirs(os.path.dirname(os.path.abspath(self.journal_path)), exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(self.journal_path))
+            self._journal = optuna.create_study(study_name=JOURNAL_STUDY, storage=storage, direction="minimize",
+                                                load_if_exists=True)
+        self._journal.add_trial(create_trial(params=params, distributions=self.space.optuna_distributions(),
+                                             state=_STATES[state], value=value if state == "complete" else None))
 
     def _sampler(self, n: int):
         seed = int(self.rng(n).integers(2**31 - 1))
@@ -69,11 +90,13 @@ class OptunaSimplexSearcher(MixtureSearcher):
             self.records.append({"params": params, "state": state, "value": value})
             study.add_trial(create_trial(params=params, distributions=self.space.optuna_distributions(),
                                               state=_STATES[state], value=value))
+            self._record(params, state, value)
             return
         # the study first: after a restore it is rebuilt from the records, and a record already
         # marked complete would be replayed as COMPLETE, which Optuna then refuses to be told again
         study = self.study
         self.records[n].update(state=state, value=value)
+        self._record(self.records[n]["params"], state, value)
         if value is None:
             study.tell(n, state=TrialState.FAIL)
         else:
@@ -89,17 +112,19 @@ class OptunaSimplexSearcher(MixtureSearcher):
 
     def __getstate__(self):  # Tune pickles the search algorithm into the experiment dir
         d = dict(self.__dict__)
-        d["_study"] = None  # rebuilt from records on first use
+        d["_study"] = d["_journal"] = None  # rebuilt from records (the journal reopened) on first use
         return d
 
 
-def make_tpe(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8, metric: str = METRIC,
-             mode: str = MODE):
+def make_tpe(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8,
+             journal_path: str | None = None, metric: str = METRIC, mode: str = MODE):
     return OptunaSimplexSearcher(space=space, seed=seed, points_to_evaluate=points_to_evaluate, sampler="tpe",
-                                 n_startup_trials=n_startup_trials, metric=metric, mode=mode)
+                                 n_startup_trials=n_startup_trials, journal_path=journal_path, metric=metric,
+                                 mode=mode)
 
 
-def make_gp(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8, metric: str = METRIC,
-             mode: str = MODE):
+def make_gp(*, space, seed=0, points_to_evaluate=None, n_startup_trials: int = 8,
+             journal_path: str | None = None, metric: str = METRIC, mode: str = MODE):
     return OptunaSimplexSearcher(space=space, seed=seed, points_to_evaluate=points_to_evaluate, sampler="gp",
-                                 n_startup_trials=n_startup_trials, metric=metric, mode=mode)
+                                 n_startup_trials=n_startup_trials, journal_path=journal_path, metric=metric,
+                                 mode=mode)
