@@ -164,7 +164,8 @@ def test_config_help_lists_every_section_and_field():
         for name, field in f.default_factory().__class__.model_fields.items():
             assert any(line.startswith(f"  {name}: ") for line in lines), (section, name)
             assert field.description and field.description in text
-    assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "decision", "ray"}
+    assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "decision",
+                                        "tracking", "ray"}
     assert set(ExperimentConfig.model_fields) == set(Config.model_fields) | set(Config.experiment_sections)
 
 

@@ -272,6 +272,8 @@ def _domain_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="opmix-ray", description="On-policy data mixing (OP-Mix) on Ray.")
     p.add_argument("--version", action="version", version=f"opmix-ray {opmix_ray.__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only what a command ends with (tables, errors)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also Ray's and Hugging Face's own messages")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a config (OP-Mix rounds, or a fixed-mixture baseline)")
     r.add_argument("config")
@@ -342,8 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+VERBOSITY_FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --quiet / --verbose anywhere on the line (before `data build`'s own arguments), for every command
+    cut = argv.index("build") + 1 if argv[:1] == ["data"] and "build" in argv else len(argv)
+    levels = [VERBOSITY_FLAGS[a] for a in argv[:cut] if a in VERBOSITY_FLAGS]
+    argv = [a for a in argv[:cut] if a not in VERBOSITY_FLAGS] + argv[cut:]
+    if levels:
+        from opmix_ray.console import set_verbosity
+        set_verbosity(levels[-1])
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)

@@ -23,6 +23,7 @@ import ray
 from opmix_ray import rundir
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
+from opmix_ray.console import Progress, colour, verbosity
 from opmix_ray.console import say as _say
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, train_adapters
@@ -49,6 +50,13 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints nothing per round
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not colour():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet)" prefixes without ANSI codes
+    if verbosity() != "verbose":
+        # this process imported transformers before the variables above were set (preflight loads models)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     # Inside a Ray job (opmix-ray submit) the job supervisor sets RAY_ADDRESS: join that cluster.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # ray.init installs a C++ failure-signal handler that also takes SIGTERM and aborts (SIGABRT, a
@@ -56,7 +64,7 @@ def init_ray(cfg: Config) -> None:
     term = signal.getsignal(signal.SIGTERM)
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=verbosity() == "verbose")
             return
         _init_local(cfg)
     finally:
@@ -70,7 +78,8 @@ def _init_local(cfg: Config) -> None:
     cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(cfg.main.cpus_per_worker)
     # No dashboard. Ray cannot be kept on loopback: ray.init turns 127.0.0.1 into the machine's
     # routable address and its servers bind every interface (cluster/README.md, tests/test_security.py).
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbosity() == "verbose",
+             logging_level="INFO" if verbosity() == "verbose" else "ERROR")
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> RunStore:
@@ -96,13 +105,23 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> RunStore:
     return store
 
 
-def _wait(ref, main_ref, ctl, seen: list[int]):
-    """ray.get(ref), printing the main run's progress meanwhile and failing fast if it died."""
+class _MainProgress:
+    """The main run's progress reports (every 25 steps, from the controller) as one progress line."""
+
+    def __init__(self, total: int):
+        self.seen, self.bar = 0, Progress("main run", total, "steps")
+
+    def show(self, ctl) -> None:
+        for p in ray.get(ctl.get_progress.remote(self.seen)):
+            self.seen += 1
+            self.bar.update(p["step"], f"loss {p['loss']:.3f}")
+
+
+def _wait(ref, main_ref, ctl, seen: _MainProgress):
+    """ray.get(ref), showing the main run's progress meanwhile and failing fast if it died."""
     while True:
         ready, _ = ray.wait(list({ref, main_ref}), num_returns=1, timeout=2.0)
-        for p in ray.get(ctl.get_progress.remote(seen[0])):
-            seen[0] += 1
-            _say(f"main run step {p['step']}/{p['total']} loss {p['loss']:.3f} ({p['elapsed_s']:.0f}s)")
+        seen.show(ctl)
         if ref in ready:
             return ray.get(ref)
         if main_ref in ready:
@@ -235,7 +254,7 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
                                     scheduling_strategy=on_driver_node()).remote(store, current, meta, rounds)
     write_live(run_dir, controller_name(cfg.run.name))
     main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace, resume=resume)
-    seen = [0]
+    seen = _MainProgress(total)
     k = max((r["round"] for r in rounds or []), default=-1) + 1
     _say(f"main run: {total} steps, rounds at steps {boundaries}, " +
          (f"resumed at round {resume['round']}'s checkpoint, " if resume else "") +

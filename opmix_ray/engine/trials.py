@@ -11,6 +11,7 @@ What the round then pushes is engine/decision.py's call (`decide`).
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from opmix_ray import rundir
 from opmix_ray.config import Config
+from opmix_ray.console import Progress
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
 from opmix_ray.engine.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
@@ -76,6 +78,9 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     stacked = stack_deltas([load_lora_delta(adapter_dirs[c]) for c in coords + extra])
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     space = search_space(cfg, coords, current, shards, info)
+    # the key names this build only: a process that drives two runs of the same name (or the same
+    # round twice) must never score one build's candidates on another's cached merged model
+    key = f"{key}/{uuid.uuid4().hex}"
     cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.selection(), current,
                        objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra)
     ratio = segment_tokens / adapter_tokens(cfg, shards.seq_len) if segment_tokens else None
@@ -181,6 +186,23 @@ def merged_trial(config: dict, candidates: Candidates, cpus: float) -> None:
     tune.report({**score(candidates, a), "node_id": ray.get_runtime_context().get_node_id()})
 
 
+class _SearchProgress(tune.Callback):
+    """Trials done out of the round's budget and the best objective so far, as one progress line."""
+
+    def __init__(self, round_idx: int, total: int):
+        self.bar, self.n, self.best = Progress(f"round {round_idx} search", total, "trials"), 0, float("inf")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        value = (trial.last_result or {}).get(METRIC)
+        if value is not None and np.isfinite(value):
+            self.best = min(self.best, float(value))
+        self.n += 1
+        self.bar.update(self.n, f"best {self.best:.4f}" if np.isfinite(self.best) else "")
+
+    def on_experiment_end(self, trials, **info):
+        self.bar.close()
+
+
 class _RetryCounter(tune.Callback):
     """Counts trial reruns after a worker died, so a round's record can say how many it took."""
 
@@ -236,7 +258,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
-    retries = _RetryCounter()
+    retries, progress = _RetryCounter(), _SearchProgress(round_idx, cfg.search.num_samples)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
@@ -249,7 +271,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
                                   # result.json + progress.csv per trial: Tune's own ResultGrid and
                                   # ExperimentAnalysis(<run>/search_round_k) read the trials back
                                   # (TensorBoard and the other auto loggers stay off: driver.py)
-                                  callbacks=[retries, JsonLoggerCallback(), CSVLoggerCallback(),
+                                  callbacks=[retries, progress, JsonLoggerCallback(), CSVLoggerCallback(),
                                              *([TBXLoggerCallback()] if cfg.tracking.tensorboard else [])]),
     )
     grid = tuner.fit()
