@@ -4,7 +4,7 @@ and trials ran on both nodes; then kill -9 the worker node in the middle of a se
 check the job finishes or fails with the one-line resume message, storage stays whole, and
 `opmix-ray resume` (submitted as a job) finishes it. Before those, the README's `ray job submit`
 line runs on a fresh cluster 5 times (OPMIX_CLUSTER_SUBMITS), and every job must succeed. Run with
-`pytest -m cluster` (about 15 minutes on 2 cores). The tests run in file order: the last one takes
+`pytest -m cluster` (about 13 minutes on 2 cores). The tests run in file order: the last one takes
 the worker node down.
 """
 import contextlib
