@@ -90,4 +90,5 @@ def test_a_real_run_in_a_pipe(tmp_path, quiet):
         assert "[opmix " not in out
     else:
         assert "round 0 search 3/3 trials" in out and "main run 60/60 steps" not in out  # final step not reported
+        assert "round 0 adapters 8/8 trained" in out
         assert len([line for line in out.splitlines() if "] main run " in line and "/60 steps" in line]) <= 11

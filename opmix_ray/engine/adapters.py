@@ -17,6 +17,7 @@ import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import ray
@@ -28,8 +29,9 @@ from ray.train.torch import TorchTrainer
 
 from opmix_ray import rundir
 from opmix_ray.config import Config
+from opmix_ray.console import Progress
 from opmix_ray.data.sampler import MixtureSampler
-from opmix_ray.engine.faults import alive_nodes, lost_since
+from opmix_ray.engine.faults import alive_nodes, lost_since, on_driver_node
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import lm_loss, load_checkpoint, n_params, on_device, pick_device, set_threads
 from opmix_ray.storage import write_json
@@ -132,6 +134,11 @@ def adapter_loop(loop_cfg: dict) -> None:
                 "tokenizer_hash": shards.tokenizer_hash, "domains": list(shards.domains),
                 "wall_s": time.time() - t0, "node_id": ray.get_runtime_context().get_node_id(),
                 "lr": loop_cfg["lr"], "init_seed": seeds[0], "data_seed": seeds[1], **out})
+            if loop_cfg.get("progress") is not None:  # the driver's progress line: best effort only
+                try:
+                    loop_cfg["progress"].put_nowait(name)
+                except Exception:
+                    pass
         ray.train.report({"rank": rank}, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name="adapters")
 
@@ -142,12 +149,15 @@ ADAPTER_NODE_RETRIES = 1  # reruns of a round's adapter job after a node died un
 def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int, run_dir: str, lr: float):
     # Workers follow the CPUs free now, so a rerun after a node loss fits on what is left.
     free = int(ray.available_resources().get("CPU", 1))
+    from ray.util.queue import Queue
+    # each worker puts an adapter's name when it is saved; on the driver's node, which a run never loses
+    done = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_driver_node()})
     workers = cfg.adapters.num_workers or max(1, min(len(plan), free))
     trainer = TorchTrainer(
         adapter_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref, "plan": plan,
                            "base_path": base_path, "round": round_idx, "cpus_per_worker": 1, "lr": lr,
-                           "run_dir": run_dir},
+                           "run_dir": run_dir, "progress": done},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": 1}),
         # controller_failure_limit: Train's default retries a worker group that cannot start
@@ -157,8 +167,31 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
     )
     # Off the main thread: from the main thread fit() installs Train's own SIGINT handler, which
     # turns Ctrl-C into a "graceful abort" of this job instead of stopping the run (cli/main.py).
-    with ThreadPoolExecutor(1, thread_name_prefix="adapter-fit") as pool:
-        return pool.submit(trainer.fit).result()
+    bar = Progress(f"round {round_idx} adapters", len(plan), "trained")
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="adapter-fit") as pool:
+            fit = pool.submit(trainer.fit)
+            n = 0
+            while True:
+                try:
+                    result = fit.result(timeout=1.0)
+                    break
+                except FutureTimeout:
+                    pass
+                try:
+                    got = len(done.get_nowait_batch(done.qsize())) if done.qsize() else 0
+                except Exception:  # progress is best effort; the fit's own result decides
+                    got = 0
+                if got:
+                    n += got
+                    bar.update(n)
+            bar.close()
+            return result
+    finally:
+        try:
+            ray.kill(done.actor)
+        except Exception:
+            pass
 
 
 def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, round_idx: int,
