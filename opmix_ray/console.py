@@ -1,5 +1,5 @@
 """What a run prints while it works: `[opmix HH:MM:SS] message` lines, and progress for the main run
-and each round's search. On a terminal a progress line redraws in place with a bar and an ETA; in a
+and each round's adapters and search. On a terminal a progress line redraws in place with a bar and an ETA; in a
 file or a pipe it is a plain line at most every tenth of the way (and at the end), so a redirected
 log stays short and greppable. Every line is flushed as it happens.
 
