@@ -264,10 +264,29 @@ class DecisionSection(Section):
 
 
 class TrackingSection(Section):
-    """Where a run's metrics also go while it trains (`tensorboard --logdir <run dir>`)."""
-    tensorboard: bool = Field(False, description="TensorBoard events: the main run's loss, mixture weights and "
-                              "val loss per step and its pushes (<run>/tracking/main), and every search trial's "
-                              "metrics (Tune's TBX logger, in its trial dir).")
+    """Where a run's metrics also go while it trains, each backend the same: the main run's loss,
+    mixture weights and val loss per step and its pushes, and every search trial's metrics."""
+    tensorboard: bool = Field(False, description="TensorBoard events: the main run under <run>/tracking/main, "
+                              "each trial in its trial dir (Tune's TBX logger); `tensorboard --logdir <run dir>`.")
+    mlflow: bool = Field(False, description="MLflow: experiment run.name, one MLflow run 'main' and one per "
+                         "search trial (Tune's MLflow logger); needs `pip install mlflow-skinny`.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; null = a SQLite store in the "
+                                            "run dir, `mlflow ui --backend-store-uri sqlite:///<run>/tracking/mlflow.db`.")
+    wandb: bool = Field(False, description="Weights & Biases: one W&B run for the main run and one per search trial "
+                        "(Tune's W&B logger), grouped by run.name; needs `pip install wandb`.")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: written under "
+                                                     "<run>/tracking/wandb, upload later with `wandb sync`; "
+                                                     "online: needs `wandb login` (or WANDB_API_KEY).")
+    wandb_project: str = Field("opmix-ray", min_length=1, description="W&B project the runs go to.")
+
+    @model_validator(mode="after")
+    def _backends_installed(self):
+        import importlib.util
+        for field, module, pkg in (("mlflow", "mlflow", "mlflow-skinny"), ("wandb", "wandb", "wandb")):
+            if getattr(self, field) and importlib.util.find_spec(module) is None:
+                raise ValueError(f"tracking.{field}: true but {module} is not installed (fix: pip install {pkg}, "
+                                 f"or set tracking.{field}: false)")
+        return self
 
 
 class RaySection(Section):

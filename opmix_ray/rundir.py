@@ -38,7 +38,9 @@ STATE_TENSORS = "train_state.safetensors"
 ADAPTERS = "adapters"  # the adapter job's checkpoint dir name
 ADAPTER_META = "opmix_meta.json"
 MAIN_SNAPSHOT = f"{MAIN}/checkpoint_manager_snapshot.json"  # Ray Train's own bookkeeping
-TRACKING_MAIN = "tracking/main"  # the main run's TensorBoard events (tracking.tensorboard)
+TRACKING = "tracking"  # the tracking backends' files (engine/tracking.py); W&B offline runs under tracking/wandb
+TRACKING_MAIN = f"{TRACKING}/main"  # the main run's TensorBoard events (tracking.tensorboard)
+MLFLOW_DB = f"{TRACKING}/mlflow.db"  # tracking.mlflow's default store
 
 
 def is_run_dir(names) -> bool:

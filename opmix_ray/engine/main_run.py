@@ -137,7 +137,7 @@ def main_loop(loop_cfg: dict) -> None:
     sampler = _make_sampler(cfg, shards, live, rank, ckpt)
     tokens_per_step = cfg.main.batch_size * shards.seq_len * world
     n_par, t0, losses = n_params(model), time.time(), []
-    log = MainRunLog(cfg.tracking.tensorboard and rank == 0, loop_cfg["run_dir"])
+    log = MainRunLog(cfg, loop_cfg["run_dir"], enabled=rank == 0)
     push = _PushTracker(ctl, sampler, shards, cfg, log)
     start, saved = 0, None
     if resume:
@@ -214,7 +214,7 @@ class _PushTracker:
 
     def __init__(self, ctl, sampler, shards, cfg: Config, log: MainRunLog | None = None):
         self.ctl, self.sampler, self.shards, self.cfg, self.mode = ctl, sampler, shards, cfg, cfg.rounds.mode
-        self.log = log or MainRunLog(False, "")
+        self.log = log or MainRunLog(cfg, "", enabled=False)
         self.shards_version = 0  # the controller's shards version this run trains on (engine/domains.py)
         self.pending: list[tuple[int, object]] = []  # (round, ObjectRef of its winner), oldest first
         self.stall_s: dict[str, float] = {}

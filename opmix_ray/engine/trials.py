@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -29,6 +29,7 @@ from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
 from opmix_ray.engine.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
 from opmix_ray.engine.records import BoundaryInfo
+from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.evaluate import domain_losses, objective, window_losses
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import load_checkpoint, set_threads
@@ -272,7 +273,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
                                   # ExperimentAnalysis(<run>/search_round_k) read the trials back
                                   # (TensorBoard and the other auto loggers stay off: driver.py)
                                   callbacks=[retries, progress, JsonLoggerCallback(), CSVLoggerCallback(),
-                                             *([TBXLoggerCallback()] if cfg.tracking.tensorboard else [])]),
+                                             *trial_callbacks(cfg, run_dir, round_idx)]),
     )
     grid = tuner.fit()
     trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
