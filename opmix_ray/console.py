@@ -110,3 +110,27 @@ class Progress:
         self.break_line()
         if _open_bar and _open_bar[0] is self:
             _open_bar.clear()
+
+
+# Ray's own warnings that say nothing a user can act on in an opmix-ray run. The worker-pool one
+# comes every round: each adapter is an actor and trials reuse actors, so a 2-core machine starts
+# more worker processes than Ray's per-core guess. They stay in Ray's logs (raylet.out) and are
+# printed with --verbose.
+_RAY_NOISE = ("PYTHON worker processes have been started on node",)
+
+
+def hide_ray_noise() -> None:
+    """Drop the lines of _RAY_NOISE from what the Ray driver prints (it prints the raylet's warnings
+    through ray._private.worker.print_to_stdstream); a no-op with --verbose or if Ray moves it."""
+    import ray._private.worker as ray_worker
+    real = getattr(ray_worker, "print_to_stdstream", None)
+    if verbosity() == "verbose" or real is None or getattr(real, "_opmix_filtered", False):
+        return
+
+    def filtered(data, *args, **kwargs):
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAY_NOISE)]
+        if lines:
+            real({**data, "lines": lines}, *args, **kwargs)
+
+    filtered._opmix_filtered = True
+    ray_worker.print_to_stdstream = filtered

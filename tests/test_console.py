@@ -85,6 +85,7 @@ def test_a_real_run_in_a_pipe(tmp_path, quiet):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
     assert "Loading weights" not in out + p.stderr and "\x1b[" not in out and "\r" not in out
+    assert "worker processes have been started" not in out + p.stderr  # Ray's worker-pool warning
     assert "mixture per round" in out  # what the command ends with, in either mode
     if quiet:
         assert "[opmix " not in out
@@ -92,3 +93,20 @@ def test_a_real_run_in_a_pipe(tmp_path, quiet):
         assert "round 0 search 3/3 trials" in out and "main run 60/60 steps" not in out  # final step not reported
         assert "round 0 adapters 8/8 trained" in out
         assert len([line for line in out.splitlines() if "] main run " in line and "/60 steps" in line]) <= 11
+
+
+def test_ray_worker_pool_warning_is_dropped_and_other_raylet_lines_kept(monkeypatch, capsys):
+    import ray._private.worker as ray_worker
+
+    from opmix_ray.console import hide_ray_noise
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # undone after the test
+    monkeypatch.setenv("OPMIX_VERBOSITY", "normal")
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "0")
+    hide_ray_noise()
+    noise = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 10.0.0.1, which is "
+             "4x the maximum expected startup concurrency (2).")
+    ray_worker.print_to_stdstream({"lines": [noise], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": [noise, "Task was killed due to the node running low on memory."],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "worker processes" not in out and "(raylet) Task was killed due to the node running low on memory." in out

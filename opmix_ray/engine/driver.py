@@ -23,7 +23,7 @@ import ray
 from opmix_ray import rundir
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
-from opmix_ray.console import Progress, colour, verbosity
+from opmix_ray.console import Progress, colour, hide_ray_noise, verbosity
 from opmix_ray.console import say as _say
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, train_adapters
@@ -62,6 +62,7 @@ def init_ray(cfg: Config) -> None:
     # ray.init installs a C++ failure-signal handler that also takes SIGTERM and aborts (SIGABRT, a
     # stack dump); whoever set a Python SIGTERM handler (the CLI's stop) gets it back afterwards.
     term = signal.getsignal(signal.SIGTERM)
+    hide_ray_noise()
     try:
         if address:
             ray.init(address=address, log_to_driver=verbosity() == "verbose")
