@@ -209,3 +209,25 @@ def test_every_built_in_takes_metric_and_mode_at_construction(name):
     assert s.metric == "objective" and s.mode == "max"
     with pytest.raises(SearcherError, match="mode 'best'"):
         create_searcher(name, space=PLAIN, mode="best")
+
+
+@pytest.mark.parametrize("name", ["optuna-tpe", "optuna-gp"])
+def test_an_optuna_searcher_on_a_journal_goes_on_from_its_finished_trials(name, tmp_path):
+    """What a round redone on resume does: a new searcher on the interrupted search's journal makes
+    the suggestions the uninterrupted searcher makes after the same trials (warm point included)."""
+    from opmix_ray.searchers import journal
+    space = SimplexSpace(("a", "b", "c"))
+    start = [[1 / 3, 1 / 3, 1 / 3]]
+    opts = dict(space=space, seed=5, points_to_evaluate=start, n_startup_trials=3)
+    whole = drive(create_searcher(name, **opts), space, 7)
+    path = str(tmp_path / "optuna_journal.log")
+    first = drive(create_searcher(name, journal_path=path, **opts), space, 4)
+    assert len(journal.finished_trials(path)) == 4
+    assert journal.reusable(path, "") == [] and not (tmp_path / "optuna_journal.log").exists()  # unstamped: stale
+    (tmp_path / "optuna_journal.log.stale").rename(path)
+    journal.stamp(path, "fp")
+    rows = journal.reusable(path, "fp")
+    assert [r["state"] for r in rows] == ["complete"] * 4 and all("loss_a" in r["metrics"] for r in rows)
+    rest = drive(create_searcher(name, journal_path=path, **opts), space, 3, prefix="r")
+    np.testing.assert_allclose(np.array(first + rest), np.array(whole), atol=1e-12)
+    assert len(journal.finished_trials(path)) == 7

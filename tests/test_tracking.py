@@ -24,7 +24,7 @@ def tracked_run(tmp_path_factory):
     pytest.importorskip("wandb")
     from opmix_ray.engine.driver import run
     cfg = load_config(TINY, {"run": {"storage_path": str(tmp_path_factory.mktemp("runs"))},
-                             "rounds": {"num_rounds": 1}, "search": {"num_samples": 4},
+                             "rounds": {"num_rounds": 1}, "search": {"num_samples": 4, "max_concurrent": 1},
                              "tracking": {"tensorboard": True, "mlflow": True, "wandb": True}})
     try:
         yield cfg, run(cfg)
@@ -158,3 +158,40 @@ def test_a_backend_that_is_not_installed_is_one_line_naming_the_field(monkeypatc
     with pytest.raises(ConfigError, match=r"tracking.*wandb.*not installed \(fix: pip install wandb"):
         load_config(TINY, {"tracking": {"wandb": True}})
     assert load_config(TINY, {"tracking": {"wandb": False}}).tracking.wandb is False
+
+
+def test_a_round_redone_on_resume_reads_its_finished_trials_from_the_journal(tracked_run, tmp_path):
+    """The driver died mid-search after 2 of round 0's 4 trials: resume trains the adapters again
+    (the same weights), takes the 2 trials from the journal, runs only 2 more, and the round comes
+    out as the uninterrupted one did."""
+    import shutil
+
+    from optuna.trial import create_trial
+
+    from opmix_ray.engine.resume import resume
+    from opmix_ray.searchers import journal
+    cfg, summary = tracked_run
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(summary["run_dir"], run_dir)
+    h = json.loads((run_dir / "history.json").read_text())
+    want = h["rounds"][0]
+    (run_dir / "history.json").write_text(json.dumps({**{k: v for k, v in h.items() if k != "final"}, "rounds": []}))
+    (run_dir / "summary.json").unlink()
+    path = str(run_dir / "search_round_0" / "optuna_journal.log")
+    study = journal.open_study(path, create=False)
+    fingerprint, done = study.user_attrs[journal.FINGERPRINT], journal.finished_trials(path)
+    os.unlink(path)
+    journal.stamp(path, fingerprint)
+    cut = journal.open_study(path)
+    for t in done[:2]:
+        cut.add_trial(create_trial(params=t.params, distributions=t.distributions, value=t.value,
+                                   user_attrs=t.user_attrs))
+    got = resume(run_dir)
+    rounds = json.loads((run_dir / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0] and rounds[0]["n_trials"] == 4
+    for key in ("weights", "objective", "adapter_weights", "merged_val_loss"):
+        assert rounds[0][key] == want[key], key
+    assert len([p for p in (run_dir / "search_round_0").iterdir() if p.is_dir()]) == 2  # only 2 trials ran
+    assert [t.value for t in journal.finished_trials(path)][:2] == [t.value for t in done[:2]]
+    assert len(journal.finished_trials(path)) == 4
+    assert got["final_val_loss"] == summary["final_val_loss"]

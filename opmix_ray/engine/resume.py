@@ -11,8 +11,11 @@ train_state.json written last. From that:
 - the last pushed round k with a resumable checkpoint: the main run restarts from main/round_k on
   round k's winner; rounds 0..k stay as saved (the controller is seeded with them);
 - sync rounds, boundary k+1 reached but not pushed (the driver died mid-round): the main run
-  restarts from main/round_{k+1} and round k+1 is redone from the start on that checkpoint (its
-  adapters and a fresh searcher with the round's seed; Tune's partial search is not reused);
+  restarts from main/round_{k+1} and round k+1 is redone on that checkpoint: its adapters are
+  trained again, and when they come out the same (same machine and config: training is
+  deterministic) the trials the interrupted search finished are read back from its Optuna
+  journal and not rerun; an Optuna searcher goes on from them (searchers/journal.py). Otherwise a
+  fresh searcher with the round's seed searches from the start;
 - async rounds always restart from the last pushed round and apply its winner at once;
 - nothing pushed and no checkpoint: the run starts over in the same dir;
 - the main run already finished (final in history.json) but no summary.json: only the summary is written.
@@ -59,9 +62,16 @@ def _clear_after(run_dir: Path, point: dict | None, n_rounds: int) -> None:
     for k in range(n_rounds):
         rels = [rundir.adapters_job(k), rundir.search_job(k), rundir.trials(k), rundir.manifest(k)] if k >= first_redo else []
         rels += [rundir.checkpoint(k)] if k > keep_main else []
+        # the redone round's Optuna journal stays: its search reads the finished trials back when the
+        # round's adapters come out the same (searchers/journal.py)
+        journal = run_dir / rundir.optuna_journal(k)
+        kept = journal.read_bytes() if k >= first_redo and journal.is_file() else None
         for rel in rels:
             p = run_dir / rel
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if kept is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            journal.write_bytes(kept)
     for rel in (rundir.checkpoint(rundir.FINAL), rundir.MAIN_SNAPSHOT, rundir.manifest(rundir.FINAL)):
         p = run_dir / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -10,9 +10,12 @@ What the round then pushes is engine/decision.py's call (`decide`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -24,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from opmix_ray import rundir
 from opmix_ray.config import Config
-from opmix_ray.console import Progress
+from opmix_ray.console import Progress, say
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
 from opmix_ray.engine.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
@@ -33,7 +36,8 @@ from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.evaluate import domain_losses, objective, window_losses
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import load_checkpoint, set_threads
-from opmix_ray.searchers import METRIC, MODE, create_searcher
+from opmix_ray.searchers import METRIC, MODE, create_searcher, journal
+from opmix_ray.storage import sha256_file
 from search_spaces import SimplexSpace
 
 TRIAL_RETRIES = 2  # reruns of a trial whose process died, before it counts as failed
@@ -57,6 +61,7 @@ class Candidates:
     scale: float = 1.0  # c, already applied to `stacked`
     driver_evals: int = 0  # evaluations outside the trials (choosing c, the decision): counted as search
     norm_to: float | None = None  # search.delta_norm: matched -> every merge has the 'old' delta's norm
+    fingerprint: str = ""  # what trials are scored on (adapters, base, scale, space): a journal is reused only on it
 
     def full(self, a) -> np.ndarray:
         """Weights over coords + extra (the extra adapters at 0)."""
@@ -91,7 +96,25 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
         cands.scale = scale
     if cfg.search.delta_norm == "matched" and "old" in coords:
         cands.norm_to = delta_norm(cands.stacked, coords.index("old"))
+    cands.fingerprint = _fingerprint(cands, base_path, adapter_dirs)
     return cands
+
+
+def _fingerprint(cands: Candidates, base_path: str, adapter_dirs: dict[str, str]) -> str:
+    """sha256 over the adapters' weights, the base checkpoint, the scale and the space's caps: two
+    builds with one fingerprint score every candidate alike (adapter training is deterministic, so
+    a round redone on resume gets the fingerprint of the interrupted one)."""
+    h = hashlib.sha256()
+    for name in sorted(adapter_dirs):
+        h.update(name.encode())
+        for f in sorted(Path(adapter_dirs[name]).glob("*.safetensors")):
+            h.update(sha256_file(f).encode())
+    for f in sorted(Path(base_path).glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h.update(json.dumps([cands.coords, cands.extra, cands.scale, cands.current.as_dict(), cands.max_tokens,
+                         type(cands.space).__name__, getattr(cands.space, "caps_share", None)], sort_keys=True,
+                        default=str).encode())
+    return h.hexdigest()
 
 
 def cap_shares(cfg: Config, shards, info: BoundaryInfo) -> dict[str, float]:
@@ -190,8 +213,8 @@ def merged_trial(config: dict, candidates: Candidates, cpus: float) -> None:
 class _SearchProgress(tune.Callback):
     """Trials done out of the round's budget and the best objective so far, as one progress line."""
 
-    def __init__(self, round_idx: int, total: int):
-        self.bar, self.n, self.best = Progress(f"round {round_idx} search", total, "trials"), 0, float("inf")
+    def __init__(self, round_idx: int, total: int, done: int = 0):
+        self.bar, self.n, self.best = Progress(f"round {round_idx} search", total, "trials"), done, float("inf")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         value = (trial.last_result or {}).get(METRIC)
@@ -255,15 +278,22 @@ class SearchOutcome:
 
 def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str) -> SearchOutcome:
     t0 = time.time()
-    searcher = make_searcher(cfg, candidates, round_idx, journal_path=str(rundir.at(run_dir, rundir.optuna_journal(round_idx))))
+    journal_path = str(rundir.at(run_dir, rundir.optuna_journal(round_idx)))
+    # a round redone on resume: the trials its interrupted search finished count, and are not rerun
+    reused = journal.reusable(journal_path, candidates.fingerprint)
+    searcher = make_searcher(cfg, candidates, round_idx, journal_path=journal_path)
+    if getattr(searcher, "journal_path", None):
+        journal.stamp(journal_path, candidates.fingerprint)
+    if reused:
+        say(f"round {round_idx}: {len(reused)} trials of the interrupted search reused from {journal_path}")
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
     trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
     trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
-    retries, progress = _RetryCounter(), _SearchProgress(round_idx, cfg.search.num_samples)
+    retries, progress = _RetryCounter(), _SearchProgress(round_idx, cfg.search.num_samples, done=len(reused))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
-                                    num_samples=cfg.search.num_samples),
+                                    num_samples=max(cfg.search.num_samples - len(reused), 0)),
         # A trial whose worker dies (OOM kill, node lost, kill -9) is rerun on a fresh actor: a
         # trial is one merge + one eval, so a retry is cheap and the candidate is not lost. A NaN
         # objective is no error and is not retried: the searcher records it failed (base.py).
@@ -275,8 +305,9 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
                                   callbacks=[retries, progress, JsonLoggerCallback(), CSVLoggerCallback(),
                                              *trial_callbacks(cfg, run_dir, round_idx)]),
     )
-    grid = tuner.fit()
-    trials = [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
+    grid = tuner.fit() if cfg.search.num_samples > len(reused) else []
+    trials = [r["metrics"] for r in reused if r["state"] == "complete"]
+    trials += [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
     if not trials:
         raise RuntimeError(f"round {round_idx}: every search trial failed (fix: see the trial errors in "
                            f"{run_dir}/{rundir.search_job(round_idx)})")
@@ -285,7 +316,8 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     mixture = candidate_mixture(candidates, trial_weights(candidates, best))
     keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
-                         len(grid), len(grid) - len(trials), time.time() - t0, [keep(m) for m in trials],
+                         len(grid) + len(reused), len(grid) + len(reused) - len(trials), time.time() - t0,
+                         [keep(m) for m in trials],
                          retries.n)
 
 

@@ -9,7 +9,9 @@ a function of (seed, n, trials so far) only: restore gives exactly the same one.
 Failed trials (NaN / inf / missing objective) are told as FAIL, which both samplers ignore.
 With journal_path (the engine gives <run>/search_round_k/optuna_journal.log) every finished trial
 is also added to a study in an Optuna journal file, which optuna-dashboard and optuna.load_study
-open; the sampling study itself stays in memory, rebuilt from the records as above.
+open; the sampling study itself stays in memory, rebuilt from the records as above. A searcher
+built on a journal that already holds finished trials goes on from them (searchers/journal.py):
+they become its first records, and its next suggestion is the one it would have made after them.
 Trials still running count through TPE's constant liar (Optuna's default), so TPE under a
 concurrency limit of 2 does not propose the same point twice.
 """
@@ -18,10 +20,23 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
+from opmix_ray.searchers import journal
+from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError, _floats
 
 _STATES = {"running": TrialState.RUNNING, "complete": TrialState.COMPLETE, "fail": TrialState.FAIL}
-JOURNAL_STUDY = "opmix"  # optuna.load_study(study_name="opmix", storage=JournalStorage(...))
+JOURNAL_STUDY = journal.STUDY
+# what a journal trial keeps of its result: enough for the engine to count it without rerunning it
+_KEPT = ("loss_", "mix_", "a_")
+
+
+def _kept(result: dict | None) -> dict:
+    if not result:
+        return {}
+    out = {k: float(v) for k, v in result.items() if k.startswith(_KEPT) and isinstance(v, (int, float))}
+    for k in (METRIC, "node_id"):
+        if isinstance(result.get(k), (int, float, str)):
+            out[k] = result[k]
+    return out
 
 
 class OptunaSimplexSearcher(MixtureSearcher):
@@ -37,22 +52,32 @@ class OptunaSimplexSearcher(MixtureSearcher):
         self._study = None
         self.journal_path, self._journal = journal_path, None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if journal_path:
+            self._replay_journal()
 
-    def _record(self, params: dict, state: str, value) -> None:
-        """A finished trial, into the journal file's study (a mirror for the dashboard)."""
+    def _replay_journal(self) -> None:
+        """The journal's finished trials become this searcher's first trials, as if it had run them:
+        the next suggestion's seed and the points still to evaluate follow from their count."""
+        for t in journal.finished_trials(self.journal_path):
+            state = "complete" if t.state == TrialState.COMPLETE else "fail"
+            value = t.value if state == "complete" else None
+            self.records.append({"params": dict(t.params), "state": state, "value": value})
+            w = self.space.weights(dict(t.params))
+            losses = _floats(t.user_attrs.get(journal.METRICS, {}), "loss_") if value is not None else {}
+            self.history.append({"id": f"journal_{t.number}", "w": list(map(float, w)), "value": value, "losses": losses})
+        n = len(self.records)
+        self.n_suggested += n
+        self._warm = self._warm[n:]
+
+    def _record(self, params: dict, state: str, value, result: dict | None = None) -> None:
+        """A finished trial, into the journal file's study (the dashboard's and resume's copy)."""
         if not self.journal_path:
             return
         if self._journal is None:
-            import os
-
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
-            os.makedirs(os.path.dirname(os.path.abspath(self.journal_path)), exist_ok=True)
-            storage = JournalStorage(JournalFileBackend(self.journal_path))
-            self._journal = optuna.create_study(study_name=JOURNAL_STUDY, storage=storage, direction="minimize",
-                                                load_if_exists=True)
+            self._journal = journal.open_study(self.journal_path)
         self._journal.add_trial(create_trial(params=params, distributions=self.space.optuna_distributions(),
-                                             state=_STATES[state], value=value if state == "complete" else None))
+                                             state=_STATES[state], value=value if state == "complete" else None,
+                                             user_attrs={journal.METRICS: _kept(result)}))
 
     def _sampler(self, n: int):
         seed = int(self.rng(n).integers(2**31 - 1))
@@ -90,13 +115,13 @@ class OptunaSimplexSearcher(MixtureSearcher):
             self.records.append({"params": params, "state": state, "value": value})
             study.add_trial(create_trial(params=params, distributions=self.space.optuna_distributions(),
                                               state=_STATES[state], value=value))
-            self._record(params, state, value)
+            self._record(params, state, value, result)
             return
         # the study first: after a restore it is rebuilt from the records, and a record already
         # marked complete would be replayed as COMPLETE, which Optuna then refuses to be told again
         study = self.study
         self.records[n].update(state=state, value=value)
-        self._record(self.records[n]["params"], state, value)
+        self._record(self.records[n]["params"], state, value, result)
         if value is None:
             study.tell(n, state=TrialState.FAIL)
         else:
