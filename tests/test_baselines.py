@@ -153,8 +153,28 @@ def test_tiny_bench_end_to_end(tmp_path):
     res = json.loads((out / "results.json").read_text())
     labels = {(r["method"], r["objective"]) for r in res["rows"]}
     assert {("opmix", "mean"), ("opmix", "target"), ("natural", "any"), ("regmix", "target"),
-            ("olmix", "mean"), ("doremi", "any")} <= labels
+            ("olmix", "mean"), ("doremi", "any"), ("aioli", "any")} <= labels
     assert all(np.isfinite(r["mean_ppl"]) and r["target_ppl"] > 0 for r in res["rows"])
     assert len(res["oracle"]) == 3 and res["fidelity"]["n"] == 4
     for f in ("results.md", "ppl_vs_search_flops.png", "mixtures.png"):
         assert (out / f).is_file()
+
+
+def test_an_online_method_is_its_own_row_beside_a_fixed_one(tmp_path):
+    """bench with aioli and uniform: uniform's row is a fixed full run, aioli's is its own run."""
+    import ray
+
+    from opmix_ray.experiments.bench import run_bench
+    cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"),
+                                 {"bench": {"methods": ["uniform", "aioli"], "oracle_runs": 0, "fidelity_mixtures": 0}})
+    try:
+        res = run_bench(cfg, tmp_path / "bench")
+    finally:
+        ray.shutdown()
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"uniform", "aioli"}
+    a = rows["aioli"]
+    assert a["objective"] == "any" and len(a["rounds"]) == 3 and a["search_flops"] > 0
+    assert a["mean_ppl"] > 0 and a["target_ppl"] > 0 and a["val_loss"] != rows["uniform"]["val_loss"]
+    assert a["main_flops"] == pytest.approx(rows["uniform"]["main_flops"])  # the same main budget
+    assert "aioli" in (tmp_path / "bench" / "results.md").read_text()

@@ -6,7 +6,8 @@ Objectives: "mean" (mean val loss over the training domains) and, when data.eval
 set, "target" (mean val loss over those held-out domains, which no method trains on).
 Per seed, in order:
   1. the proxy swarm (Tune trials) and the RegMix / Olmix fits on it, per objective;
-  2. DoReMi (reference + Group DRO proxy, one Ray task);
+  2. DoReMi (reference + Group DRO proxy, one Ray task) and Aioli (its one online run of the main
+     model, a Ray task: its row is that run);
   3. OP-Mix: one real engine run per objective (Ray Train main run, adapters, Tune search);
 then one Tune run trains every baseline's mixture for the full main-run budget, plus the oracle
 (bench.oracle_runs full runs on sampled mixtures, first seed), and the fidelity check.
@@ -22,10 +23,11 @@ import numpy as np
 
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
-from opmix_ray.config import Config, ConfigError
+from opmix_ray.config import ConfigError
 from opmix_ray.experiments.config import ExperimentConfig
 from opmix_ray.experiments.baselines import (
     OBJECTIVE_FREE,
+    ONLINE,
     BaselineContext,
     propose,
     usage_upper_bounds,
@@ -44,9 +46,10 @@ def objectives(shards) -> dict[str, dict[str, float]]:
     return out
 
 
-def seed_config(cfg: ExperimentConfig, seed: int, out_dir: Path) -> Config:
-    """The run config of one seed's run (what its run dir saves and resumes from)."""
-    c = cfg.run_config()
+def seed_config(cfg: ExperimentConfig, seed: int, out_dir: Path) -> ExperimentConfig:
+    """One seed's config: its run sections are what that seed's runs save and resume from
+    (`.run_config()`), its bench section what the baselines read."""
+    c = cfg.model_copy(deep=True)
     c.run.seed, c.run.storage_path, c.run.baseline = seed, str(out_dir / "runs"), "none"
     return c
 
@@ -69,9 +72,15 @@ def _proposals(cfg: ExperimentConfig, seed: int, shards, out_dir: Path) -> list[
                 continue  # one mixture serves every objective
             _say(f"seed {seed}: {m}{'' if m in OBJECTIVE_FREE else f' ({name})'}")
             res = propose(m, ctx, obj)
-            rows.append({"method": m, "objective": "any" if m in OBJECTIVE_FREE else name, "seed": seed,
-                         "mixture": res.mixture.as_dict(), "search_flops": res.search_flops,
-                         "search_wall_s": res.search_wall_s, "info": res.info})
+            row = {"method": m, "objective": "any" if m in OBJECTIVE_FREE else name, "seed": seed,
+                   "mixture": res.mixture.as_dict(), "search_flops": res.search_flops,
+                   "search_wall_s": res.search_wall_s, "info": res.info}
+            if m in ONLINE:  # its own run is the row: the final mixture is where it ended, not what it trained on
+                info = res.info
+                row.update(metrics(info["val_loss"], shards), main_flops=info["main_flops"], drawn=info["drawn"],
+                           rounds=[r["weights"] for r in info["path"]])
+                row["info"] = {k: v for k, v in info.items() if k not in ("val_loss", "drawn")}
+            rows.append(row)
     return rows
 
 
@@ -88,7 +97,7 @@ def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method:
     from opmix_ray.engine.driver import run
     rows = []
     for name, obj in objectives(shards).items():
-        c = seed_config(cfg, seed, out_dir)
+        c = seed_config(cfg, seed, out_dir).run_config()
         if method == "opmix-v1":
             c = load_config(c.model_dump(mode="json"), OPMIX_V1)
         c.run.name, c.search.objective_weights = f"{method}-{name}-s{seed}", obj
@@ -173,7 +182,7 @@ def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = Fals
             if m in cfg.bench.methods:
                 rows += _opmix_rows(sc, s, sh, out, m)
         write_json(out / "rows_partial.json", rows)  # a crash later still leaves the proposals
-    fixed = [r for r in rows if r["method"] not in OPMIX_METHODS]
+    fixed = [r for r in rows if r["method"] not in OPMIX_METHODS + ONLINE]
     oracle = _train_fixed_rows(cfg, fixed, shards_by_seed, out)
     fidelity = None
     first_opmix = next((r for r in rows if r["method"] == "opmix"), None)

@@ -27,10 +27,12 @@ class BenchSection(Section):
     """`opmix-ray bench` only: every method on the same data, model, main-run budget and seeds."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
                              "method runs once per seed (data split, init, sampling and search all follow it).")
-    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "opmix", "opmix-v1"]] = Field(
-        default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "opmix"], min_length=1,
+    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "aioli", "opmix",
+                        "opmix-v1"]] = Field(
+        default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "aioli", "opmix"], min_length=1,
         description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
-        "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison.")
+        "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison; "
+        "aioli is online: its own run is its row.")
     swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
     proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
                                       intermediate_size=192), description="The small model of proxy runs.")
@@ -42,6 +44,16 @@ class BenchSection(Section):
     regmix_lgbm_rounds: int = Field(LGBM_ROUNDS, gt=0, description="LightGBM boosting rounds of the RegMix regressor.")
     doremi_eta: float = Field(1.0, gt=0, description="Group DRO step size (DoReMi: 1).")
     doremi_smoothing: float = Field(1e-3, ge=0, lt=1, description="Mix-in of uniform weights (DoReMi: 1e-3).")
+    # Aioli (experiments/baselines/_aioli.py); defaults = the reference implementation's README example
+    aioli_eta: float = Field(0.2, gt=0, description="Aioli step size: p <- p * exp(eta * A^T 1).")
+    aioli_ema: float | None = Field(0.1, ge=0, lt=1, description="Weight of the previous A in its EMA; null = none.")
+    aioli_lp_rounds: int = Field(4, ge=1, description="Aioli LearnParams sweeps over the domains per update.")
+    aioli_lp_steps: int = Field(4, ge=1, description="Training steps on each probe mixture in a sweep.")
+    aioli_update_steps: int = Field(250, ge=1, description="Steps per Aioli update round, LearnParams included.")
+    aioli_one_hot_factor: float = Field(0.625, gt=0, le=1, description="Weight of the probed domain in its "
+                                        "smoothed one-hot probe mixture (the rest shared equally).")
+    aioli_normalize: bool = Field(True, description="Shift A to be non-negative and scale it to sum 1 "
+                                    "before the update (the reference's aioli_normalize).")
     oracle_runs: int = Field(16, ge=0, description="Full runs on sampled mixtures (seed of the first run); "
                              "the best of them says how near-optimal each method is. 0 = no oracle.")
     fidelity_mixtures: int = Field(16, ge=0, description="Mixtures for the merged-adapter fidelity check "

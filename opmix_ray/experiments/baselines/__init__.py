@@ -13,6 +13,7 @@ on, plus the search FLOPs and seconds it spent finding it.
 | regmix-linear | the same swarm + a linear regressor                                    |
 | olmix         | the same swarm + the per-domain log-linear law and the KL proposer     |
 | doremi        | reference on natural weights, proxy trained with Group DRO             |
+| aioli         | online: LearnParams probes in the one run, p <- p * exp(eta * A^T 1)   |
 
 A name maps to "module:function" and is imported only when used, like ray.tune.search.
 """
@@ -29,11 +30,14 @@ _REGISTRY = {
     "regmix-linear": "opmix_ray.experiments.baselines._regmix:regmix_linear",
     "olmix": "opmix_ray.experiments.baselines._olmix:olmix",
     "doremi": "opmix_ray.experiments.baselines._doremi:doremi",
+    "aioli": "opmix_ray.experiments.baselines._aioli:aioli",
 }
 # Methods whose mixture does not depend on the objective: proposed once per seed.
-OBJECTIVE_FREE = ("uniform", "natural", "doremi")
+OBJECTIVE_FREE = ("uniform", "natural", "doremi", "aioli")
+# Methods whose row is their own training run (the mixture changes during it): no fixed full run.
+ONLINE = ("aioli",)
 
-__all__ = ["OBJECTIVE_FREE", "BaselineContext", "BaselineResult", "propose", "usage_upper_bounds"]
+__all__ = ["ONLINE", "OBJECTIVE_FREE", "BaselineContext", "BaselineResult", "propose", "usage_upper_bounds"]
 
 
 def propose(name: str, ctx: BaselineContext, objective: dict[str, float]) -> BaselineResult:
