@@ -16,8 +16,8 @@ def eval_flops(n_params: int, tokens: int) -> float:
 
 
 def round_search_flops(n_params: int, adapter_tokens: int, n_adapters: int, n_trials: int,
-                       eval_tokens_per_trial: int) -> dict[str, float]:
-    """A round's search compute: adapter training plus scoring every candidate."""
-    adapters = lora_flops(n_params, adapter_tokens) * n_adapters
+                       eval_tokens_per_trial: int, full: bool = False) -> dict[str, float]:
+    """A round's search compute: adapter (or full component, `full`) training plus scoring every candidate."""
+    adapters = (train_flops if full else lora_flops)(n_params, adapter_tokens) * n_adapters
     trials = eval_flops(n_params, eval_tokens_per_trial) * n_trials
     return {"adapters": adapters, "trials": trials, "total": adapters + trials}

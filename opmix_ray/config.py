@@ -167,6 +167,10 @@ class RoundsSection(Section):
 
 
 class AdaptersSection(Section):
+    kind: Literal["lora", "full"] = Field("lora", description="lora: one PEFT LoRA adapter per probe mixture "
+                                          "(OP-Mix); full: one fully fine-tuned component model per probe mixture, "
+                                          "merged as sum_i w_i theta_i over every parameter (DeMix, "
+                                          "arXiv 2602.00747; the full-rank ablation). Same steps, data and lr.")
     r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (paper: 32).")
     lr_multiplier: float = Field(2.0, gt=0, description="Adapter lr = this * the main run's lr (paper: 2).")

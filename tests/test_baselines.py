@@ -177,4 +177,4 @@ def test_an_online_method_is_its_own_row_beside_a_fixed_one(tmp_path):
     assert a["objective"] == "any" and len(a["rounds"]) == 3 and a["search_flops"] > 0
     assert a["mean_ppl"] > 0 and a["target_ppl"] > 0 and a["val_loss"] != rows["uniform"]["val_loss"]
     assert a["main_flops"] == pytest.approx(rows["uniform"]["main_flops"])  # the same main budget
-    assert "aioli" in (tmp_path / "bench" / "results.md").read_text()
+    assert "- aioli vs uniform, mean_ppl: " in (tmp_path / "bench" / "results.md").read_text()

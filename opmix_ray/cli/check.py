@@ -44,7 +44,8 @@ def _missing(run_dir: Path, history: dict) -> list[str]:
         for name in (STATE_JSON, STATE_TENSORS, "config.json", "model.safetensors"):
             if not (ckpt / name).is_file():
                 out.append(f"{rundir.checkpoint(k)}/{name}: missing for pushed round {k}")
-        if not list(rundir.at(run_dir, rundir.adapter_root(k)).glob("*/adapter_model.safetensors")):
+        root = rundir.at(run_dir, rundir.adapter_root(k))  # LoRA adapters, or full components (adapters.kind)
+        if not list(root.glob("*/adapter_model.safetensors")) + list(root.glob("*/model.safetensors")):
             out.append(f"{rundir.adapters_job(k)}: no adapters for pushed round {k}")
     if (run_dir / rundir.SUMMARY).is_file() and history.get("final") is None:
         out.append(f"{rundir.SUMMARY}: present but {rundir.HISTORY} has no end of run")

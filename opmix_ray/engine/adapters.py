@@ -1,4 +1,5 @@
-"""Per-domain LoRA adapters trained on the live checkpoint, as one Ray Train job per round.
+"""Per-domain LoRA adapters trained on the live checkpoint, as one Ray Train job per round
+(adapters.kind: full trains full component models instead, DeMix's; everything else is the same).
 
 The plan (the paper's): one adapter on the current mixture p ("old"), and one per domain d on
 probe data that is `probe_domain_share` d and the rest p. The job has as many workers as free CPUs
@@ -81,13 +82,16 @@ def adapter_seeds(cfg: Config, round_idx: int | str, name: str) -> tuple[int, in
 
 def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seeds: tuple[int, int], lr: float,
               device="cpu") -> dict:
-    """One LoRA adapter on `base_path` trained on mixture `weights`; returns the PEFT model and stats."""
+    """One LoRA adapter (adapters.kind: full: one fully fine-tuned component model) on `base_path`
+    trained on mixture `weights`; returns the model and stats."""
     init_seed, seed = seeds
     model = on_device(load_checkpoint(base_path), cfg.model)
-    torch.manual_seed(init_seed)  # LoRA's A is drawn from torch's global RNG
-    lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
-    model = get_peft_model(model, lora)
+    full = cfg.adapters.kind == "full"
+    if not full:
+        torch.manual_seed(init_seed)  # LoRA's A is drawn from torch's global RNG
+        lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
+                          target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
+        model = get_peft_model(model, lora)
     sampler = MixtureSampler(shards.train, Mixture.from_dict(weights, shards.domains), shards.seq_len, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.adapters.weight_decay)
@@ -97,8 +101,19 @@ def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, see
         batch, _ = sampler.next_batch(cfg.adapters.batch_size)
         losses.append(optimizer_step(model, opt, None, lm_loss(model, torch.as_tensor(batch, device=device))))
     return {"model": model, "first_loss": losses[0], "final_loss": float(np.mean(losses[-5:])),
-            "drawn": sampler.segment_fractions(), "n_params": n_params(model.get_base_model()),
+            "drawn": sampler.segment_fractions(), "n_params": n_params(model if full else model.get_base_model()),
             "tokens": adapter_tokens(cfg, shards.seq_len)}
+
+
+def _save_component(model, out_dir: str) -> None:
+    """A full component as a HF model dir (config.json + model.safetensors, tied weights once).
+    Not save_pretrained: under Ray Train's process group it writes on rank 0 only, and here every
+    rank trains components of its own."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
 def _base_relative_to_run(adapter_dir: str, base_path: str, run_dir: str) -> None:
@@ -126,8 +141,12 @@ def adapter_loop(loop_cfg: dict) -> None:
             seeds = adapter_seeds(cfg, loop_cfg["round"], name)
             out = train_one(cfg, shards, loop_cfg["base_path"], name, weights, seeds, loop_cfg["lr"], device)
             out_dir = os.path.join(tmp, name)
-            out.pop("model").save_pretrained(out_dir, safe_serialization=True)
-            _base_relative_to_run(out_dir, loop_cfg["base_path"], loop_cfg["run_dir"])
+            model = out.pop("model")
+            if cfg.adapters.kind == "full":
+                _save_component(model, out_dir)
+            else:
+                model.save_pretrained(out_dir, safe_serialization=True)
+                _base_relative_to_run(out_dir, loop_cfg["base_path"], loop_cfg["run_dir"])
             write_json(os.path.join(out_dir, rundir.ADAPTER_META), {
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],
                 "base_checkpoint": loop_cfg["base_path"], "data_hash": shards.data_hash,
@@ -219,7 +238,8 @@ def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, ro
         shutil.rmtree(os.path.join(run_dir, rundir.adapters_job(round_idx)), ignore_errors=True)
     root = result.checkpoint.path
     dirs = {name: os.path.join(root, name) for name, _ in plan}
-    missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, "adapter_model.safetensors"))]
+    weights_file = "model.safetensors" if cfg.adapters.kind == "full" else "adapter_model.safetensors"
+    missing = [n for n, p in dirs.items() if not os.path.isfile(os.path.join(p, weights_file))]
     if missing:
         raise RuntimeError(f"adapters {missing} missing from {root} after training (fix: check the "
                            "adapter job's logs under /tmp/ray/, or the Ray temp dir you set)")

@@ -47,7 +47,8 @@ def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, floa
            "train_s": time.time() - t0, "tokens": out["tokens"], "drawn": out["drawn"]}
     for name in ("old", REPLICATE):
         if name in adapter_dirs:
-            model = PeftModel.from_pretrained(on_device(load_checkpoint(base_path), cfg.model), adapter_dirs[name])
+            model = on_device(load_checkpoint(adapter_dirs[name]), cfg.model) if cfg.adapters.kind == "full" else \
+                PeftModel.from_pretrained(on_device(load_checkpoint(base_path), cfg.model), adapter_dirs[name])
             res[name] = window_losses(model, val, max_tokens=tokens, device=device)
     return res
 

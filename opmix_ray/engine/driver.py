@@ -206,7 +206,8 @@ def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, sh
     eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
                       for v in shards.selection().values())
     flops = round_search_flops(info.n_params, adapter_tokens(cfg, shards.seq_len),
-                               len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed, eval_tokens)
+                               len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed, eval_tokens,
+                               full=cfg.adapters.kind == "full")
     record = RoundRecord(
         step=info.step, tokens=info.tokens, weights=pushed, adapter_weights=out.weights, objective=out.objective,
         merged_val_loss=out.losses, decision=decision.as_dict(), delta_scale=cands.scale,

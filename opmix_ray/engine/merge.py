@@ -7,6 +7,10 @@ terms); tests/test_merge.py checks both facts against PEFT itself.
 
 Deltas are dense numpy arrays [k, out, in] per module so they sit in Ray's object store once and
 every trial reads them zero-copy; one merge is a tensordot per module (milliseconds).
+
+Full component models (adapters.kind: full, DeMix) merge the same way over every parameter:
+theta(w) = theta_0 + sum_i w_i (theta_i - theta_0), which for weights summing to 1 is DeMix's
+sum_i w_i theta_i; their deltas are keyed by parameter name ("model.norm.weight").
 """
 from __future__ import annotations
 
@@ -52,6 +56,30 @@ def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
     return {mod: scale * (ab["B"] @ ab["A"]) for mod, ab in sorted(pairs.items())}
 
 
+def load_full_delta(component_dir: str | Path, base: torch.nn.Module) -> dict[str, np.ndarray]:
+    """One fully fine-tuned component model (a HF model dir) -> {parameter name: theta_i - theta_0}
+    over every parameter of `base` (tied parameters once, under their first name)."""
+    d = Path(component_dir)
+    try:
+        tensors = {}
+        for f in sorted(d.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+    except Exception as exc:
+        raise AdapterError(f"component model {d}: cannot read its safetensors ({type(exc).__name__}: {exc}) "
+                           "(fix: retrain the components for this round)") from None
+    out = {}
+    for name, p in base.named_parameters():
+        if name not in tensors:
+            raise AdapterError(f"component model {d} lacks parameter {name} (fix: components must be "
+                               "fine-tuned from this round's checkpoint)")
+        theta = tensors[name].astype(np.float32)
+        if theta.shape != tuple(p.shape):
+            raise AdapterError(f"component model {d}: {name} has shape {theta.shape}, the base "
+                               f"{tuple(p.shape)} (fix: components must come from this model)")
+        out[name] = theta - p.detach().cpu().float().numpy()
+    return out
+
+
 def stack_deltas(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """[k adapters] of {module: [out, in]} -> {module: [k, out, in]}; all must cover the same modules."""
     modules = list(deltas[0])
@@ -84,29 +112,31 @@ def delta_norm(stacked: dict[str, np.ndarray], i: int) -> float:
 
 
 class MergedModel:
-    """A base model whose adapted linears can be set to W0 + sum_i w_i * delta_i in place."""
+    """A base model whose adapted linears (or, for full components, parameters) can be set to
+    W0 + sum_i w_i * delta_i in place."""
 
     def __init__(self, model: torch.nn.Module, stacked: dict[str, np.ndarray], norm_to: float | None = None):
         """norm_to: every merge is rescaled to this delta norm (search.delta_norm: matched)."""
         self.model, self.stacked, self.norm_to = model, stacked, norm_to
-        try:
-            self.targets = {m: model.get_submodule(m) for m in stacked}
+        params = dict(model.named_parameters())
+        try:  # a LoRA delta names its module (the linear's weight); a full component's its parameter
+            self.targets = {m: params[m] if m in params else model.get_submodule(m).weight for m in stacked}
         except AttributeError as exc:
             raise AdapterError(f"adapter targets a module this model lacks ({exc}) "
                                "(fix: adapters must come from this model)") from None
-        self.base = {m: lin.weight.detach().clone() for m, lin in self.targets.items()}
-        for m, lin in self.targets.items():
-            if tuple(lin.weight.shape) != stacked[m].shape[1:]:
+        self.base = {m: w.detach().clone() for m, w in self.targets.items()}
+        for m, w in self.targets.items():
+            if tuple(w.shape) != stacked[m].shape[1:]:
                 raise AdapterError(f"adapter delta for {m} has shape {stacked[m].shape[1:]} but the model's "
-                                   f"weight is {tuple(lin.weight.shape)} (fix: adapters must come from this model)")
+                                   f"weight is {tuple(w.shape)} (fix: adapters must come from this model)")
 
     @torch.no_grad()
     def apply(self, weights) -> None:
         for m, delta in merged_delta(self.stacked, weights, self.norm_to).items():
-            w = self.targets[m].weight
+            w = self.targets[m]
             w.copy_(self.base[m] + torch.from_numpy(delta).to(w.device, w.dtype))
 
     @torch.no_grad()
     def reset(self) -> None:
-        for m, lin in self.targets.items():
-            lin.weight.copy_(self.base[m])
+        for m, w in self.targets.items():
+            w.copy_(self.base[m])

@@ -30,7 +30,7 @@ from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
-from opmix_ray.engine.merge import MergedModel, delta_norm, load_lora_delta, stack_deltas
+from opmix_ray.engine.merge import MergedModel, delta_norm, load_full_delta, load_lora_delta, stack_deltas
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.evaluate import domain_losses, objective, window_losses
@@ -81,7 +81,8 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     model = load_checkpoint(base_path)
     coords = tuple(c for c in adapter_dirs if c != REPLICATE)
     extra = (REPLICATE,) if REPLICATE in adapter_dirs else ()
-    stacked = stack_deltas([load_lora_delta(adapter_dirs[c]) for c in coords + extra])
+    load = (lambda d: load_full_delta(d, model)) if cfg.adapters.kind == "full" else load_lora_delta
+    stacked = stack_deltas([load(adapter_dirs[c]) for c in coords + extra])
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     space = search_space(cfg, coords, current, shards, info)
     # the key names this build only: a process that drives two runs of the same name (or the same

@@ -89,7 +89,11 @@ def _proposals(cfg: ExperimentConfig, seed: int, shards, out_dir: Path) -> list[
 # weight decay, unit step size, raw merged deltas, no caps in the search, and the argmin over the trials pushed.
 OPMIX_V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_decay": 0.0, "replicate_old": False},
             "search": {"delta_scale": 1.0, "delta_norm": "raw", "caps": False}, "decision": {"rule": "argmin"}}
-OPMIX_METHODS = ("opmix", "opmix-v1")
+# "demix": the same engine with full component models instead of LoRA adapters (adapters.kind:
+# full): DeMix's weighted merge of fully fine-tuned models, scored by the same searcher and decided
+# by the same rule, so it is also OP-Mix's full-rank ablation.
+VARIANTS = {"opmix": {}, "opmix-v1": OPMIX_V1, "demix": {"adapters": {"kind": "full"}}}
+OPMIX_METHODS = tuple(VARIANTS)
 
 
 def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method: str = "opmix") -> list[dict]:
@@ -98,8 +102,8 @@ def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method:
     rows = []
     for name, obj in objectives(shards).items():
         c = seed_config(cfg, seed, out_dir).run_config()
-        if method == "opmix-v1":
-            c = load_config(c.model_dump(mode="json"), OPMIX_V1)
+        if VARIANTS[method]:
+            c = load_config(c.model_dump(mode="json"), VARIANTS[method])
         c.run.name, c.search.objective_weights = f"{method}-{name}-s{seed}", obj
         _say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
         s = run(c, overwrite=True)
@@ -190,7 +194,15 @@ def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = Fals
         from opmix_ray.experiments.fidelity import run_fidelity
         _say(f"fidelity: {cfg.bench.fidelity_mixtures} mixtures on {first_opmix['run_dir']} round 0")
         fidelity = run_fidelity(first_opmix["run_dir"], 0, cfg.bench.fidelity_mixtures)
-    result = {"rows": rows, "oracle": oracle, "fidelity": fidelity, "wall_s": time.time() - t0,
+    # DeMix's fidelity on the same instrument: its first run's round 0, the same number of mixtures
+    first_demix = next((r for r in rows if r["method"] == "demix"), None)
+    fidelity_demix = None
+    if cfg.bench.fidelity_mixtures and first_demix:
+        from opmix_ray.experiments.fidelity import run_fidelity
+        _say(f"fidelity (demix): {cfg.bench.fidelity_mixtures} mixtures on {first_demix['run_dir']} round 0")
+        fidelity_demix = run_fidelity(first_demix["run_dir"], 0, cfg.bench.fidelity_mixtures)
+    result = {"rows": rows, "oracle": oracle, "fidelity": fidelity, "fidelity_demix": fidelity_demix,
+              "wall_s": time.time() - t0,
               "domains": list(shards_by_seed[cfg.bench.seeds[0]].domains),
               "eval_only": list(shards_by_seed[cfg.bench.seeds[0]].eval_only),
               "config": cfg.model_dump(mode="json")}

@@ -28,11 +28,12 @@ class BenchSection(Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
                              "method runs once per seed (data split, init, sampling and search all follow it).")
     methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "aioli", "opmix",
-                        "opmix-v1"]] = Field(
+                        "opmix-v1", "demix"]] = Field(
         default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "aioli", "opmix"], min_length=1,
         description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
         "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison; "
-        "aioli is online: its own run is its row.")
+        "aioli is online: its own run is its row; demix is the engine with full component models "
+        "(adapters.kind: full).")
     swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
     proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
                                       intermediate_size=192), description="The small model of proxy runs.")

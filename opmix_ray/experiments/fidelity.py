@@ -97,7 +97,8 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     shards = build_shards(cfg)
     current = Mixture.from_dict(rec["mixture_before"], shards.domains)
     adir = rundir.at(run_dir, rundir.adapter_root(round_idx))
-    dirs = adapter_dirs or {p.name: str(p) for p in sorted(adir.iterdir()) if (p / "adapter_model.safetensors").is_file()}
+    dirs = adapter_dirs or {p.name: str(p) for p in sorted(adir.iterdir())
+                            if (p / "adapter_model.safetensors").is_file() or (p / "model.safetensors").is_file()}
     dirs = {c: dirs[c] for c in sorted(dirs, key=lambda c: (c != "old", c))}  # 'old' first, as the plan has it
     ckpt = checkpoint_path(str(run_dir), round_idx)
     total, bounds = steps_and_boundaries(cfg)

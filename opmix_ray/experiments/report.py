@@ -67,19 +67,36 @@ def markdown(result: dict) -> str:
             continue
         lines.append(f"| {s['label']} | " + " | ".join(f"{s['mixture'][d]:.3f}" for d in result["domains"]) + " |")
     lines += ["", *per_seed_comparisons(result)]
-    fid = result.get("fidelity")
-    if fid and "truth_seeds" in fid:  # results.json files from before the exact-continuation truth lack it
-        lines += ["", f"Fidelity (round {fid['round']}, {fid['n']} candidates x {fid['truth_seeds']} truth seeds, "
-                  f"exact continuation for {fid['truth_steps']} steps): "
-                  + "; ".join(f"{k}: proxy Spearman {v['proxy']['spearman']:.3f}, regret {v['proxy']['regret']:.4f} "
-                              f"(entropy {v['entropy']['spearman']:.3f}, stay regret {v['stay']['regret']:.4f})"
-                              for k, v in fid["objectives"].items() if v["proxy"]["spearman"] is not None)]
+    lines += ["", *vs_uniform(result)]
+    for key, name in (("fidelity", "OP-Mix"), ("fidelity_demix", "DeMix")):
+        fid = result.get(key)
+        if fid and "truth_seeds" in fid:  # results.json files from before the exact-continuation truth lack it
+            lines += ["", f"Fidelity of {name} (round {fid['round']}, {fid['n']} candidates x {fid['truth_seeds']} "
+                      f"truth seeds, exact continuation for {fid['truth_steps']} steps): "
+                      + "; ".join(f"{k}: proxy Spearman {v['proxy']['spearman']:.3f}, regret {v['proxy']['regret']:.4f} "
+                                  f"(entropy {v['entropy']['spearman']:.3f}, stay regret {v['stay']['regret']:.4f})"
+                                  for k, v in fid["objectives"].items() if v["proxy"]["spearman"] is not None)]
     cv = [(label(r), r["seed"], r["info"]["cv_spearman"]) for r in result["rows"]
           if "cv_spearman" in (r.get("info") or {})]
     if cv:
         lines += ["RegMix regressor 5-fold CV Spearman on the swarm: "
                   + "; ".join(f"{n} seed {s}: {c:.3f}" for n, s, c in cv)]
     return "\n".join(lines) + "\n"
+
+
+def vs_uniform(result: dict) -> list[str]:
+    """Every method against uniform, seed by seed, on its own objective's perplexity (< 0 = better)."""
+    by = {(label(r), r["seed"]): r for r in result["rows"]}
+    uni = {s: r for (lab, s), r in by.items() if lab == "uniform"}
+    out = []
+    for lab in sorted({lab for lab, _ in by if lab != "uniform"}):
+        key = "target_ppl" if lab.endswith("(target)") else "mean_ppl"
+        rel = [100.0 * (r[key] / uni[s][key] - 1) for (lb, s), r in sorted(by.items()) if lb == lab and s in uni
+               and r.get(key) and uni[s].get(key)]
+        if rel:
+            out.append(f"- {lab} vs uniform, {key}: " + ", ".join(f"{x:+.2f}%" for x in rel) + " by seed"
+                       + (" (better on every seed)" if all(x < 0 for x in rel) else ""))
+    return out
 
 
 def per_seed_comparisons(result: dict) -> list[str]:
