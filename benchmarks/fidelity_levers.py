@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opmix_ray.config import load_config  # noqa: E402
 from opmix_ray.data.shards import build_shards  # noqa: E402
-from opmix_ray.engine.adapters import REPLICATE, adapter_lr, adapter_plan, adapter_seeds, train_one  # noqa: E402
+from opmix_ray.engine.adapters import REPLICATE, adapter_lr, adapter_plan, adapter_seeds, save_component, train_one  # noqa: E402
 from opmix_ray.experiments.fidelity import run_fidelity  # noqa: E402
 from opmix_ray.mixture import Mixture  # noqa: E402
 from opmix_ray.run_config import load_run_config_only  # noqa: E402
@@ -56,14 +56,17 @@ VARIANTS = {
     "matched, 60 adapter steps": _with(M, "adapters", steps=60),
     "matched, all 8192 eval tokens": _with(M, "search", eval_tokens_per_domain=8192),
     "raw, 60 adapter steps": _with(RAW, "adapters", steps=60),
+    # DeMix (adapters.kind: full): full fine-tuned components, the same settings and merge otherwise
+    "DeMix: full components, 2x current lr, wd .01, c 1, raw": _with(RAW, "adapters", kind="full"),
 }
 QUICK = ["v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)", "shared init, 2x current lr, wd .01, c 1, raw",
          "raw, 60 adapter steps"]
 
 
 def adapter_key(ov: dict) -> str:
-    a = {**RAW["adapters"], "steps": None, **ov.get("adapters", {})}
-    return f"{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}"
+    a = {**RAW["adapters"], "steps": None, "kind": "lora", **ov.get("adapters", {})}
+    kind = "" if a["kind"] == "lora" else f"{a['kind']}_"
+    return f"{kind}{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}"
 
 
 def base_run(out: Path, seed: int, schedule: str = "cosine") -> Path:
@@ -94,9 +97,13 @@ def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
         if name == REPLICATE:
             continue  # the noise probe of the decision rule: no part of a candidate's score
         d = dest / name
-        if not (d / "adapter_model.safetensors").is_file():
+        full = cfg.adapters.kind == "full"
+        if not (d / ("model.safetensors" if full else "adapter_model.safetensors")).is_file():
             out = train_one(cfg, shards, ckpt, name, weights, adapter_seeds(cfg, 0, name), adapter_lr(cfg, info.get("lr")))
-            out["model"].save_pretrained(str(d), safe_serialization=True)
+            if full:
+                save_component(out["model"], str(d))
+            else:
+                out["model"].save_pretrained(str(d), safe_serialization=True)
         dirs[name] = str(d)
     return dirs
 

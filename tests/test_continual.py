@@ -1,8 +1,10 @@
-"""Domain-set changes: the collapsed adapter plan, explicit initial mixtures, the stage schedule;
-the tiny continual run end to end is `slow`.
+"""Domain-set changes: the collapsed adapter plan, explicit initial mixtures, the stage schedule
+(adds, removals, splits, revisions), the split and revised data; the tiny continual runs end to end
+are `slow`.
 
     pytest tests/test_continual.py                 # seconds
-    pytest -m slow tests/test_continual.py         # + opmix-ray continual on continual_tiny.yaml (~4 min)
+    pytest -m slow tests/test_continual.py         # + opmix-ray continual on continual_tiny.yaml and
+                                                   #   continual_mixed_tiny.yaml (~10 min)
 """
 import json
 import os
@@ -15,7 +17,7 @@ from opmix_ray.config import ConfigError
 from opmix_ray.experiments.config import load_experiment_config
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.preflight import preflight
-from opmix_ray.experiments.continual import check_schedule
+from opmix_ray.experiments.continual import _carry, check_schedule, schedule_steps
 from opmix_ray.mixture import Mixture
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
@@ -48,6 +50,76 @@ def test_schedule_lists_domains_seen_per_stage():
 def test_bad_schedule_names_the_field(stages, field):
     with pytest.raises(ConfigError, match=f"config error at {field}"):
         check_schedule(_tiny({"schedule": {"stages": stages}}))
+
+
+def test_a_mixed_schedule_adds_splits_removes_and_revises():
+    steps = schedule_steps(_tiny(name="continual_mixed.yaml"))
+    assert [s["label"] for s in steps[1:]] == ["+python", "+fortunes", "bible>bible_ot+bible_nt", "-dictionary",
+                                               "python>python_v2", "+licenses"]
+    assert steps[3]["current"] == ["bible_ot", "bible_nt", "dictionary", "python", "fortunes"]  # parts in place
+    assert steps[3]["new"] == ["bible_ot", "bible_nt"] and steps[4]["new"] == []  # a removal brings nothing new
+    assert steps[-1]["current"] == ["bible_ot", "bible_nt", "python_v2", "fortunes", "licenses"]
+    assert len(steps) - 1 >= 5  # at least five updates, as Olmix's sequences have
+
+
+S0 = {"add": ["bible", "dictionary"], "tokens": 10}
+
+
+@pytest.mark.parametrize("stages, field", [
+    ([S0, {"remove": ["python"], "tokens": 10}], "schedule.stages.1.remove"),
+    ([S0, {"split": {"python": ["a1", "a2"]}, "tokens": 10}], "schedule.stages.1.split"),
+    ([S0, {"revise": {"bible": "dictionary"}, "tokens": 10}], "schedule.stages.1.revise"),
+    ([S0, {"add": ["python"], "tokens": 10}, {"revise": {"python": "bible"}, "tokens": 10}], "schedule.stages.2.revise"),
+    ([S0, {"split": {"bible": ["python", "python"]}, "tokens": 10}], "schedule.stages.1.split"),
+    ([{"add": ["bible"], "remove": ["python"], "tokens": 10}, S0], "schedule.stages.0"),
+    ([S0, {"remove": ["bible", "dictionary"], "tokens": 10}], "schedule.stages.1.remove"),
+    ([S0, {"revise": {"bible": "b2", "dictionary": "d2"}, "tokens": 10}], "schedule.stages.1"),
+])
+def test_a_bad_domain_change_names_its_stage(stages, field):
+    with pytest.raises(ConfigError, match=f"config error at {field}"):
+        schedule_steps(_tiny({"schedule": {"stages": stages}}))
+
+
+@pytest.mark.parametrize("stage, why", [({"tokens": 10}, "changes no domain"),
+                                        ({"split": {"bible": ["b1"]}, "tokens": 10}, "2 or more")])
+def test_a_stage_that_changes_nothing_is_refused_with_its_fix(stage, why):
+    with pytest.raises(ConfigError, match=why):
+        _tiny({"schedule": {"stages": [S0, stage]}})
+
+
+def test_carry_renormalises_the_previous_mixture_on_the_current_domains():
+    assert _carry({"a": 0.5, "b": 0.25, "c": 0.25}, ["b", "c"]) == {"b": 0.25, "c": 0.25}
+    assert _carry({"a": 1.0}, ["b", "c"]) == {"b": 1.0, "c": 1.0}  # nothing left: uniform (weights normalise later)
+
+
+def test_the_revisions_dir_partitions_bible_and_strips_python_comments(tmp_path, capsys):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from opmix_ray.data import revisions
+    from opmix_ray.data.shards import BUNDLED_DIR, DataError
+    out = tmp_path / "mixed"
+    man = revisions.ensure_built(str(out))
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    assert all(man["copied"][f.stem] == sha(f) for f in BUNDLED_DIR.glob("*.parquet"))  # copied byte for byte
+    docs = lambda p: pq.read_table(p)["text"].to_pylist()
+    ot, nt, bible = docs(out / "bible_ot.parquet"), docs(out / "bible_nt.parquet"), docs(BUNDLED_DIR / "bible.parquet")
+    assert sorted(ot + nt) == sorted(bible) and ot and nt
+    first = lambda ds: {d.split("\n", 1)[0].rsplit(" ", 1)[0] for d in ds}  # "<book> <chapter>"
+    assert {"Matthew", "Acts", "Romans", "Revelation"} <= first(nt) and {"Genesis", "Psalms", "Isaiah"} <= first(ot)
+    assert not first(nt) & {"Genesis", "Psalms", "Isaiah", "1 Chronicles"} and not first(ot) & {"Acts", "1 John"}
+    assert not any(line.lstrip().startswith("#") for d in docs(out / "python_v2.parquet") for line in d.split("\n"))
+    assert revisions.ensure_built(str(out)) == man  # verified, not rebuilt
+    (out / "python_v2.parquet").write_bytes(b"changed")
+    with pytest.raises(DataError, match="differs from revisions.json"):
+        revisions.ensure_built(str(out))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "mine.parquet").write_bytes(b"a user's file")
+    with pytest.raises(DataError, match="no revisions.json"):
+        revisions.ensure_built(str(theirs))
+    assert [p.name for p in theirs.iterdir()] == ["mine.parquet"]  # nothing written beside it
 
 
 @pytest.mark.parametrize("over, field", [
@@ -85,3 +157,29 @@ def test_tiny_continual_end_to_end(tmp_path):
     # reuse trains 2 adapters per stage, recompute one per seen domain + old
     assert res["flops"]["opmix"]["search"] < res["flops"]["opmix-recompute"]["search"]
     assert all(set(r["val_loss"]) >= set(res["seen_by_stage"][-1]) for r in final.values())
+
+
+@pytest.mark.slow
+def test_tiny_mixed_continual_end_to_end(tmp_path):
+    out = tmp_path / "c"
+    p = subprocess.run([sys.executable, "-m", "opmix_ray.cli", "continual",
+                        os.path.join(CONFIGS, "continual_mixed_tiny.yaml"), "--out", str(out),
+                        "--set", f"data.path={tmp_path / 'data'}"], capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    by = {(r["method"], r["stage"]): r for r in res["rows"]}
+    methods = {r["method"] for r in res["rows"]}
+    for m in methods:
+        assert by[(m, 2)]["mixture"]["bible"] == 0.0  # split: the parent is never drawn again
+        assert all(by[(m, s)]["mixture"]["dictionary"] == 0.0 for s in (3, 4))  # removed
+        assert by[(m, 4)]["mixture"]["python"] == 0.0  # revised: only the new version is drawn
+        assert set(by[(m, 4)]["val_loss"]) >= {"bible_ot", "bible_nt", "python_v2"}
+    # a removal brings no new data: reuse keeps the previous mixture, renormalised, with no search
+    prev, kept = by[("opmix", 2)]["mixture"], by[("opmix", 3)]["mixture"]
+    left = {d: w for d, w in prev.items() if d != "dictionary"}
+    assert kept == pytest.approx({d: w / sum(left.values()) for d, w in left.items()} | {"dictionary": 0.0})
+    assert by[("opmix", 3)]["stage_search_flops"] == 0.0 < by[("opmix-recompute", 3)]["stage_search_flops"]
+    assert res["flops"]["opmix"]["search"] < res["flops"]["opmix-recompute"]["search"]
+    assert by[("naive", 4)]["mixture"]["python_v2"] == 1.0
+    assert by[("opmix", 4)]["mean_loss"] == pytest.approx(
+        sum(by[("opmix", 4)]["val_loss"][d] for d in res["seen_by_stage"][4]) / len(res["seen_by_stage"][4]))

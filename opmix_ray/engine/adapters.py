@@ -105,7 +105,7 @@ def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, see
             "tokens": adapter_tokens(cfg, shards.seq_len)}
 
 
-def _save_component(model, out_dir: str) -> None:
+def save_component(model, out_dir: str) -> None:
     """A full component as a HF model dir (config.json + model.safetensors, tied weights once).
     Not save_pretrained: under Ray Train's process group it writes on rank 0 only, and here every
     rank trains components of its own."""
@@ -143,7 +143,7 @@ def adapter_loop(loop_cfg: dict) -> None:
             out_dir = os.path.join(tmp, name)
             model = out.pop("model")
             if cfg.adapters.kind == "full":
-                _save_component(model, out_dir)
+                save_component(model, out_dir)
             else:
                 model.save_pretrained(out_dir, safe_serialization=True)
                 _base_relative_to_run(out_dir, loop_cfg["base_path"], loop_cfg["run_dir"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opmix_ray.config import Config, ModelSection, Section, load_config
 
@@ -63,20 +63,43 @@ class BenchSection(Section):
 
 
 class Stage(Section):
-    add: list[str] = Field(min_length=1, description="Domains that arrive at this stage.")
+    """One update of the domain set; the parts of a split and a revised version are domains of data.path
+    new to the run (opmix_ray/data/revisions.py builds a dir with some)."""
+    add: list[str] = Field(default_factory=list, description="Domains that arrive at this stage.")
+    remove: list[str] = Field(default_factory=list, description="Domains that leave: never drawn again and "
+                              "no longer part of the objective.")
+    split: dict[str, list[str]] = Field(default_factory=dict, description="A domain replaced by its parts, "
+                                        "e.g. {bible: [bible_ot, bible_nt]}.")
+    revise: dict[str, str] = Field(default_factory=dict, description="A domain replaced by its new version, "
+                                   "e.g. {python: python_v2}.")
     tokens: int = Field(gt=0, description="Training tokens in this stage.")
+
+    @model_validator(mode="after")
+    def _changes_something(self):
+        if not (self.add or self.remove or self.split or self.revise):
+            raise ValueError("a stage changes no domain (fix: give it add, remove, split or revise)")
+        for d, parts in self.split.items():
+            if len(parts) < 2:
+                raise ValueError(f"split.{d} has {len(parts)} part (fix: split a domain into 2 or more)")
+        return self
 
 
 class ScheduleSection(Section):
     """`opmix-ray continual` only: domains arriving in stages (continual midtraining)."""
     stages: list[Stage] = Field(default_factory=list, description="Stage 0 pretrains (uniform over its "
-                                "domains, shared by every method); each later stage adds domains.")
+                                "domains, shared by every method); each later stage adds, removes, splits or "
+                                "revises domains.")
     methods: list[Literal["opmix", "opmix-recompute", "naive", "replay", "retrain"]] = Field(
         default_factory=lambda: ["opmix", "opmix-recompute", "naive", "replay", "retrain"], min_length=1,
-        description="opmix: adapters for the new domains + old, search over {old, new} (mixture reuse); "
-        "opmix-recompute: adapters for every seen domain; naive: 100% new; replay: new + replay_share old; "
-        "retrain: the stage-0 checkpoint retrained on everything seen so far.")
+        description="New data = the stage's added domains, split parts and revised versions. opmix: adapters "
+        "for the new data + old, search over {old, new} (mixture reuse; a stage with no new data keeps the "
+        "previous mixture, renormalised, with no search); opmix-recompute: adapters for every current domain; "
+        "naive: 100% new; replay: new + replay_share old; retrain: the stage-0 checkpoint retrained on every "
+        "current domain.")
     replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
+    build_revisions: bool = Field(False, description="Build data.path first, when it has no revisions.json, "
+                                  "with the bundled domains plus bible_ot, bible_nt and python_v2 "
+                                  "(`python -m opmix_ray.data.revisions`).")
     instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
                                 "on the instruction tasks in data.path (exact match and answer loss, held-out and "
                                 "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "

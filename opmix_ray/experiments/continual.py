@@ -1,23 +1,29 @@
-"""`opmix-ray continual CONFIG`: continual midtraining, domains arriving in stages.
+"""`opmix-ray continual CONFIG`: continual midtraining, domains arriving, leaving and changing in stages.
 
-    opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default   # ~25 min, 2 cores
+    opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default        # ~25 min, 2 cores
+    opmix-ray continual opmix_ray/configs/continual_mixed.yaml --out continual_runs/mixed  # adds, removes, splits, revises
 
 Stage 0 pretrains one model (uniform over its domains, from scratch or model.path); every method
-starts from that checkpoint. At each later stage new domains arrive and each method trains
-`tokens` more from its own previous checkpoint:
+starts from that checkpoint. Each later stage changes the domain set (add, remove, split into parts,
+revise into a new version; schedule_steps) and each method trains `tokens` more from its own
+previous checkpoint. A stage's new data is its added domains, split parts and revised versions;
+its old domains are the rest of the current set:
 
 | method          | stage mixture                                                               |
 |-----------------|-----------------------------------------------------------------------------|
 | opmix           | OP-Mix on the live checkpoint with the old domains collapsed: adapters only  |
-|                 | for the new domains plus one on the old mixture, search over {old, new}      |
-|                 | (mixture reuse); a real engine run (Ray Train + adapters + Tune)             |
-| opmix-recompute | the same, with an adapter for every domain seen so far (full recomputation) |
+|                 | for the new data plus one on the old mixture, search over {old, new}        |
+|                 | (mixture reuse); a real engine run (Ray Train + adapters + Tune). A stage   |
+|                 | with no new data (a removal) keeps the previous mixture, renormalised       |
+| opmix-recompute | the same, with an adapter for every current domain (full recomputation)     |
 | naive           | 100% new data                                                               |
 | replay          | new data plus replay_share of the old domains (uniform over them)            |
-| retrain         | the stage-0 checkpoint retrained on every domain seen so far (uniform), for  |
+| retrain         | the stage-0 checkpoint retrained on every current domain (uniform), for     |
 |                 | all tokens of stages 1..s                                                   |
 
-Metric: mean val loss over every domain seen so far (forgetting included) and FLOPs, per stage.
+Metric: mean val loss over the current domains (forgetting included; a removed or replaced domain
+leaves the objective) and FLOPs, per stage. With `schedule.build_revisions: true` data.path is
+first built with the bundled domains and the split and revised ones (opmix_ray/data/revisions.py).
 With `schedule.instruct_eval: true` (continual instruction tuning, configs/continual_instruct.yaml)
 the later stages add instruction tasks (opmix_ray/data/instruct.py), and every checkpoint is also
 scored on the tasks seen so far: exact match and answer loss, held-out and trained-sample
@@ -46,21 +52,64 @@ def _say(msg: str) -> None:
     print(f"[continual {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def check_schedule(cfg: ExperimentConfig) -> list[list[str]]:
-    """Domains seen after each stage; one-line errors for a bad schedule."""
+def schedule_steps(cfg: ExperimentConfig) -> list[dict]:
+    """Per stage: {"current": the domains trained and scored from then on, "new": its new data (added
+    domains, split parts, revised versions), "label": the change}; one-line errors for a bad schedule."""
     stages = cfg.schedule.stages
     if len(stages) < 2:
         raise ConfigError("config error at schedule.stages: needs a pretraining stage and at least one more "
                           "(fix: list stages, each with add: [...] and tokens: N)")
-    seen, out = [], []
+    current, ever, out = [], set(), []
     for i, st in enumerate(stages):
-        again = sorted(set(st.add) & set(seen))
-        if again:
-            raise ConfigError(f"config error at schedule.stages.{i}.add: {again} arrived in an earlier stage "
-                              "(fix: add each domain once)")
-        seen = seen + list(st.add)
-        out.append(list(seen))
+        at = f"schedule.stages.{i}"
+        if i == 0 and (st.remove or st.split or st.revise):
+            raise ConfigError(f"config error at {at}: the pretraining stage can only add domains "
+                              "(fix: move remove, split and revise to a later stage)")
+        for field, names in (("remove", st.remove), ("split", list(st.split)), ("revise", list(st.revise))):
+            if missing := [d for d in names if d not in current]:
+                raise ConfigError(f"config error at {at}.{field}: {missing} not among the current domains "
+                                  f"{current} (fix: name a domain the run has at that stage)")
+        gone = [*st.remove, *st.split, *st.revise]
+        if len(set(gone)) != len(gone):
+            raise ConfigError(f"config error at {at}: a domain is removed, split or revised twice "
+                              "(fix: change each domain once per stage)")
+        arriving = {"add": list(st.add), "split": [p for ps in st.split.values() for p in ps],
+                    "revise": list(st.revise.values())}
+        seen_here: set[str] = set()
+        for field, names in arriving.items():
+            again = sorted((set(names) & (ever | seen_here)) | {d for d in names if names.count(d) > 1})
+            if again:
+                raise ConfigError(f"config error at {at}.{field}: {again} arrived in an earlier stage or twice "
+                                  "(fix: every added domain, split part and revised version is new to the run)")
+            seen_here |= set(names)
+        nxt = []
+        for d in current:
+            nxt += st.split.get(d, [st.revise[d]] if d in st.revise else [] if d in st.remove else [d])
+        nxt += st.add
+        if not nxt:
+            raise ConfigError(f"config error at {at}.remove: no domain is left (fix: keep at least one)")
+        if i and set(nxt) <= seen_here:
+            raise ConfigError(f"config error at {at}: every domain is new, none is left to reuse "
+                              "(fix: keep at least one domain unchanged)")
+        label = "; ".join([*(f"+{d}" for d in st.add), *(f"-{d}" for d in st.remove),
+                           *(f"{d}>{'+'.join(ps)}" for d, ps in st.split.items()),
+                           *(f"{d}>{v}" for d, v in st.revise.items())])
+        ever |= seen_here
+        out.append({"current": nxt, "new": [*arriving["add"], *arriving["split"], *arriving["revise"]],
+                    "label": label})
+        current = nxt
     return out
+
+
+def check_schedule(cfg: ExperimentConfig) -> list[list[str]]:
+    """The current domains after each stage (schedule_steps without the rest)."""
+    return [s["current"] for s in schedule_steps(cfg)]
+
+
+def _carry(prev: dict[str, float], current) -> dict[str, float]:
+    """The previous mixture on the current domains, renormalised (uniform if none of it is left)."""
+    kept = {d: prev.get(d, 0.0) for d in current}
+    return kept if sum(kept.values()) > 0 else dict.fromkeys(current, 1.0)
 
 
 def _weights(domains, parts: dict[str, float]) -> dict[str, float]:
@@ -110,11 +159,15 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     from opmix_ray.engine.preflight import check_against_data
     from opmix_ray.training import run_fixed_jobs
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
-    seen_by_stage = check_schedule(cfg)
+    steps = schedule_steps(cfg)
+    seen_by_stage = [st['current'] for st in steps]
     if (out / "results.json").exists() and not overwrite:
         raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
     cfg = cfg.model_copy(deep=True)
-    cfg.data.domains = seen_by_stage[-1]
+    cfg.data.domains = list(dict.fromkeys(d for st in steps for d in st['new'] + st['current']))
+    if cfg.schedule.build_revisions:
+        from opmix_ray.data.revisions import ensure_built as ensure_revisions
+        ensure_revisions(cfg.data.path)  # seconds; verifies the sha256s when already built
     if cfg.schedule.instruct_eval:
         from opmix_ray.data.instruct import ensure_built
         ensure_built(cfg.data.path)  # deterministic, seconds; verifies the sha256s when already built
@@ -135,27 +188,30 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     zero_shot = scorer(str(out / "stage_0" / "pretrained"), doms)  # every task, before any is trained on
     rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m],
              **_score(pre["val_loss"], st0.add), **zero_shot} for m in methods]
-    for s in range(1, len(seen_by_stage)):
-        seen, new, T = seen_by_stage[s], cfg.schedule.stages[s].add, cfg.schedule.stages[s].tokens
+    for s in range(1, len(steps)):
+        seen, new, T = steps[s]["current"], steps[s]["new"], cfg.schedule.stages[s].tokens
         old = [d for d in seen if d not in new]
         r = cfg.schedule.replay_share
-        plans = {"naive": (_weights(doms, dict.fromkeys(new, 1.0)), T, ckpt.get("naive")),
-                 "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}),
-                            T, ckpt.get("replay")),
+        plans = {"naive": (_weights(doms, dict.fromkeys(new, 1.0) if new else _carry(mix.get("naive", {}), seen)),
+                           T, ckpt.get("naive")),
+                 "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
+                                     if new else _carry(mix.get("replay", {}), seen)), T, ckpt.get("replay")),
                  "retrain": (_weights(doms, dict.fromkeys(seen, 1.0)),
                              sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), str(out / "stage_0" / "pretrained"))}
+        if not new and "opmix" in methods:  # nothing to search: mixture reuse keeps the renormalised mixture
+            plans["opmix"] = (_weights(doms, _carry(mix["opmix"], seen)), T, ckpt["opmix"])
         jobs = [_fixed_job(cfg, shards, m, w, tok, init, str(out / f"stage_{s}" / m), s)
                 for m, (w, tok, init) in plans.items() if m in methods]
         results = {}
         if jobs:
-            _say(f"stage {s}: +{new}; {', '.join(j['method'] for j in jobs)} as Tune trials")
+            _say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials")
             for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
                 results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "ckpt": j["save_path"],
                                         "main_flops": train_flops(res["n_params"], j["tokens"]), "search_flops": 0.0,
                                         "wall_s": res["wall_s"]}
-        for m in [m for m in methods if m.startswith("opmix")]:
-            _say(f"stage {s}: {m} (adapters for {new if m == 'opmix' else seen} + old)")
-            results[m] = _opmix_stage(cfg, m, s, seen, new, mix[m], ckpt[m], out)
+        for m in [m for m in methods if m.startswith("opmix") and m not in results]:
+            _say(f"stage {s}: {steps[s]['label']}; {m} (adapters for {new if m == 'opmix' else seen} + old)")
+            results[m] = _opmix_stage(cfg, m, s, seen, new, _weights(doms, _carry(mix[m], old)), ckpt[m], out)
         for m, res in results.items():
             ckpt[m], mix[m] = res["ckpt"], res["mixture"]
             flops[m]["main"] += res["main_flops"]
@@ -168,7 +224,8 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
             _say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}"
                  + (f"; EM held-out/trained {em}" if em else ""))
         write_json(out / "rows_partial.json", rows)
-    result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage, "wall_s": time.time() - t0,
+    result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage,
+              "changes": [st["label"] for st in steps], "wall_s": time.time() - t0,
               "config": cfg.model_dump(mode="json"), **({"instruct_majority_em": majority} if majority else {})}
     write_json(out / "results.json", result)
     (out / "rows_partial.json").unlink(missing_ok=True)
@@ -185,9 +242,10 @@ def markdown(result: dict) -> str:
     rows, seen = result["rows"], result["seen_by_stage"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     S = len(seen)
-    head = ["method"] + [f"stage {s} (+{','.join(seen[s][len(seen[s - 1]):]) if s else ','.join(seen[0])})"
-                         for s in range(S)] + ["final mean ppl", "search FLOPs", "total FLOPs"]
-    lines = ["Mean val loss over every domain seen so far, after each stage:", "",
+    labels = result.get("changes") or ["+" + ",".join(seen[s][len(seen[s - 1]) if s else 0:]) for s in range(S)]
+    head = ["method"] + [f"stage {s} ({labels[s]})" for s in range(S)] + ["final mean ppl", "search FLOPs", "total FLOPs"]
+    lines = ["Mean val loss over the stage's current domains (all seen so far, less removed and replaced ones), "
+             "after each stage:", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         by = {r["stage"]: r for r in rows if r["method"] == m}
