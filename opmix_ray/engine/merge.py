@@ -5,8 +5,13 @@ This is the weighted sum of each adapter's full weight delta. It is what PEFT's
 ("linear" mixes A and B separately, so its delta is (sum a_i B_i)(sum a_i A_i), with cross
 terms); tests/test_merge.py checks both facts against PEFT itself.
 
-Deltas are dense numpy arrays [k, out, in] per module so they sit in Ray's object store once and
-every trial reads them zero-copy; one merge is a tensordot per module (milliseconds).
+LoRA deltas are kept factored (LowRankStack: A_cat [K, in], B_cat [out, K], K = sum of the ranks,
+alpha/r folded into B): a merged model is W0 x + B_cat diag(w_owner) A_cat x, added by a forward
+hook on each adapted linear, so neither the k dense deltas nor a merged weight is ever made and
+memory is O(K (in + out)) per module (about 3 GB dense against 0.1 GB factored for 7 adapters at
+the SmolLM2-135M shape; benchmarks/factored_merge.py). A merge is setting K numbers. Dense
+[k, out, in] stacks (stack_deltas) remain for full components and as the reference the tests
+check the factored path against. Either sits in Ray's object store once; trials read it zero-copy.
 
 Full component models (adapters.kind: full, DeMix) merge the same way over every parameter:
 theta(w) = theta_0 + sum_i w_i (theta_i - theta_0), which for weights summing to 1 is DeMix's
@@ -28,8 +33,8 @@ from opmix_ray.errors import AdapterError
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
-def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
-    """One saved PEFT LoRA adapter -> {module name: (alpha / r) * B @ A} as float32 [out, in]."""
+def load_lora_factors(adapter_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One saved PEFT LoRA adapter -> {module name: (A [r, in], (alpha / r) * B [out, r])}, float32."""
     d = Path(adapter_dir)
     try:
         conf = json.loads((d / "adapter_config.json").read_text())
@@ -53,7 +58,12 @@ def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
             raise AdapterError(f"adapter {d}: {mod} has LoRA weights {shapes}, not a matching "
                                "A [r, in] / B [out, r] pair (fix: retrain the adapters for this round)")
     scale = float(conf["lora_alpha"]) / float(conf["r"])
-    return {mod: scale * (ab["B"] @ ab["A"]) for mod, ab in sorted(pairs.items())}
+    return {mod: (ab["A"], (scale * ab["B"]).astype(np.float32)) for mod, ab in sorted(pairs.items())}
+
+
+def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
+    """One saved PEFT LoRA adapter -> {module name: (alpha / r) * B @ A} as float32 [out, in]."""
+    return {mod: B @ A for mod, (A, B) in load_lora_factors(adapter_dir).items()}
 
 
 def load_full_delta(component_dir: str | Path, base: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -94,11 +104,75 @@ def stack_deltas(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {m: np.stack([d[m] for d in deltas]) for m in modules}
 
 
+class LowRankStack:
+    """k adapters' deltas of one module, never multiplied out: delta_i = B[:, owner == i] @ A[owner == i]."""
+
+    def __init__(self, A: np.ndarray, B: np.ndarray, owner: np.ndarray, k: int):
+        self.A, self.B, self.owner, self.k = A, B, owner, k  # [K, in], [out, K] (alpha/r in B), [K], adapters
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.k, self.B.shape[0], self.A.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.B.nbytes + self.owner.nbytes
+
+    def __rmul__(self, c: float) -> "LowRankStack":  # delta scale c (search.delta_scale)
+        return LowRankStack(self.A, (c * self.B).astype(np.float32), self.owner, self.k)
+
+    def astype(self, dtype) -> "LowRankStack":
+        return self
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Adapter i's dense delta [out, in] (one module, for checks; the merge never calls it)."""
+        rows = self.owner == i
+        return self.B[:, rows] @ self.A[rows]
+
+    def combine(self, w) -> np.ndarray:
+        """sum_i w_i delta_i as float64 [out, in]."""
+        d = np.asarray(w, dtype=np.float64)[self.owner]
+        return (self.B.astype(np.float64) * d) @ self.A.astype(np.float64)
+
+    def sqnorm(self, w) -> float:
+        """||sum_i w_i delta_i||_F^2 without forming it: sum((Bd^T Bd) * (A A^T)), two K x K products."""
+        Bd = self.B.astype(np.float64) * np.asarray(w, dtype=np.float64)[self.owner]
+        A = self.A.astype(np.float64)
+        return float(((Bd.T @ Bd) * (A @ A.T)).sum())
+
+
+def stack_factors(factors: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict[str, LowRankStack]:
+    """[k adapters] of {module: (A, B)} -> {module: LowRankStack}; all must cover the same modules."""
+    modules = list(factors[0])
+    out = {}
+    for i, f in enumerate(factors):
+        if list(f) != modules:
+            raise AdapterError(f"adapter #{i} targets other modules than adapter #0 "
+                               "(fix: train every adapter with the same adapters.target_modules)")
+    for m in modules:
+        shapes = {(f[m][1].shape[0], f[m][0].shape[1]) for f in factors}
+        if len(shapes) > 1:
+            raise AdapterError(f"adapter deltas for {m} have shapes {sorted(shapes)} (fix: train every adapter "
+                               "on the same model)")
+        owner = np.concatenate([np.full(f[m][0].shape[0], i, dtype=np.int64) for i, f in enumerate(factors)])
+        out[m] = LowRankStack(np.ascontiguousarray(np.concatenate([f[m][0] for f in factors], axis=0)),
+                              np.ascontiguousarray(np.concatenate([f[m][1] for f in factors], axis=1)), owner,
+                              len(factors))
+    return out
+
+
+def _sqnorm(D, w) -> float:
+    if isinstance(D, LowRankStack):
+        return D.sqnorm(w)
+    x = np.tensordot(np.asarray(w, dtype=np.float64), D, axes=1)
+    return float((x * x).sum())
+
+
 def merged_delta(stacked: dict[str, np.ndarray], weights, norm_to: float | None = None) -> dict[str, np.ndarray]:
     """{module: sum_i w_i * delta_i} (float64 accumulation, returned as float32). norm_to: rescale
     the whole merged delta (every module by one factor) to this Frobenius norm."""
     w = np.asarray(weights, dtype=np.float64)
-    out = {m: np.tensordot(w, D, axes=1) for m, D in stacked.items()}
+    out = {m: D.combine(w) if isinstance(D, LowRankStack) else np.tensordot(w, D, axes=1) for m, D in stacked.items()}
     if norm_to is not None:
         norm = float(np.sqrt(sum(float((x * x).sum()) for x in out.values())))
         if norm > 0:
@@ -108,35 +182,77 @@ def merged_delta(stacked: dict[str, np.ndarray], weights, norm_to: float | None 
 
 def delta_norm(stacked: dict[str, np.ndarray], i: int) -> float:
     """Frobenius norm of adapter i's whole delta (every module)."""
-    return float(np.sqrt(sum(float((D[i].astype(np.float64) ** 2).sum()) for D in stacked.values())))
+    unit = np.eye(next(iter(stacked.values())).shape[0])[i]
+    return float(np.sqrt(sum(_sqnorm(D, unit) for D in stacked.values())))
 
 
 class MergedModel:
-    """A base model whose adapted linears (or, for full components, parameters) can be set to
-    W0 + sum_i w_i * delta_i in place."""
+    """A base model whose adapted linears (or, for full components, parameters) compute with
+    W0 + sum_i w_i * delta_i: dense stacks are merged into the weights in place; LowRankStacks add
+    B_cat diag(w) A_cat x in a forward hook and leave the weights alone."""
 
-    def __init__(self, model: torch.nn.Module, stacked: dict[str, np.ndarray], norm_to: float | None = None):
+    def __init__(self, model: torch.nn.Module, stacked: dict, norm_to: float | None = None):
         """norm_to: every merge is rescaled to this delta norm (search.delta_norm: matched)."""
         self.model, self.stacked, self.norm_to = model, stacked, norm_to
+        self.factored = all(isinstance(D, LowRankStack) for D in stacked.values())
         params = dict(model.named_parameters())
         try:  # a LoRA delta names its module (the linear's weight); a full component's its parameter
             self.targets = {m: params[m] if m in params else model.get_submodule(m).weight for m in stacked}
         except AttributeError as exc:
             raise AdapterError(f"adapter targets a module this model lacks ({exc}) "
                                "(fix: adapters must come from this model)") from None
-        self.base = {m: w.detach().clone() for m, w in self.targets.items()}
         for m, w in self.targets.items():
             if tuple(w.shape) != stacked[m].shape[1:]:
                 raise AdapterError(f"adapter delta for {m} has shape {stacked[m].shape[1:]} but the model's "
                                    f"weight is {tuple(w.shape)} (fix: adapters must come from this model)")
+        if self.factored:
+            self.base = {}
+            self.scales = {m: torch.zeros(D.B.shape[1], dtype=torch.float32) for m, D in stacked.items()}
+            self._factors = {m: (torch.from_numpy(np.ascontiguousarray(D.A)), torch.from_numpy(np.ascontiguousarray(D.B)))
+                             for m, D in stacked.items()}
+            self._cast: dict = {}
+            self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in stacked]
+        else:
+            self.base = {m: w.detach().clone() for m, w in self.targets.items()}
+
+    def _hook(self, m: str):
+        def add_low_rank(module, inputs, out):
+            key = (m, out.device, out.dtype)
+            if key not in self._cast:  # the float32 factors stay as loaded; copies per device and dtype
+                A, B = self._factors[m]
+                self._cast[key] = (A.to(out.device, out.dtype), B.to(out.device, out.dtype))
+            A, B = self._cast[key]
+            d = self.scales[m].to(out.device, out.dtype)
+            return out + ((inputs[0].to(out.dtype) @ A.T) * d) @ B.T
+        return add_low_rank
 
     @torch.no_grad()
     def apply(self, weights) -> None:
+        if self.factored:
+            w = np.asarray(weights, dtype=np.float64)
+            f = 1.0
+            if self.norm_to is not None:
+                norm = float(np.sqrt(sum(D.sqnorm(w) for D in self.stacked.values())))
+                f = self.norm_to / norm if norm > 0 else 1.0
+            for m, D in self.stacked.items():
+                self.scales[m].copy_(torch.from_numpy(f * w[D.owner]))
+            return
         for m, delta in merged_delta(self.stacked, weights, self.norm_to).items():
             w = self.targets[m]
             w.copy_(self.base[m] + torch.from_numpy(delta).to(w.device, w.dtype))
 
     @torch.no_grad()
     def reset(self) -> None:
+        if self.factored:
+            for d in self.scales.values():
+                d.zero_()
+            return
         for m, w in self.targets.items():
             w.copy_(self.base[m])
+
+    def close(self) -> None:
+        """Back to the plain base model: weights restored, hooks removed."""
+        self.reset()
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks = []

@@ -30,7 +30,7 @@ from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
-from opmix_ray.engine.merge import MergedModel, delta_norm, load_full_delta, load_lora_delta, stack_deltas
+from opmix_ray.engine.merge import MergedModel, delta_norm, load_full_delta, load_lora_factors, stack_deltas, stack_factors
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.evaluate import domain_losses, objective, window_losses
@@ -51,7 +51,7 @@ class Candidates:
     coords: tuple[str, ...]
     model_config: dict
     base_state: dict[str, np.ndarray]
-    stacked: dict[str, np.ndarray]
+    stacked: dict  # module -> LowRankStack (LoRA) or dense [k, out, in] (full components)
     val: dict[str, np.ndarray]
     current: Mixture
     objective_weights: dict[str, float] | None
@@ -81,8 +81,10 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     model = load_checkpoint(base_path)
     coords = tuple(c for c in adapter_dirs if c != REPLICATE)
     extra = (REPLICATE,) if REPLICATE in adapter_dirs else ()
-    load = (lambda d: load_full_delta(d, model)) if cfg.adapters.kind == "full" else load_lora_delta
-    stacked = stack_deltas([load(adapter_dirs[c]) for c in coords + extra])
+    if cfg.adapters.kind == "full":  # full components are dense by nature
+        stacked = stack_deltas([load_full_delta(adapter_dirs[c], model) for c in coords + extra])
+    else:  # LoRA stays factored: O(sum of ranks x (in + out)) per module, never k dense deltas
+        stacked = stack_factors([load_lora_factors(adapter_dirs[c]) for c in coords + extra])
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     space = search_space(cfg, coords, current, shards, info)
     # the key names this build only: a process that drives two runs of the same name (or the same
@@ -164,7 +166,7 @@ def delta_scale(cfg: Config, cands: Candidates, model, token_ratio: float | None
         losses.append(objective(domain_losses(mm.model, train, max_tokens=cands.max_tokens)))
         if len(losses) > 1 and losses[-1] > losses[-2]:
             break  # past the minimum along the stay direction
-    mm.reset()
+    mm.close()
     cands.driver_evals += len(losses)
     return float(grid[int(np.argmin(losses))])
 
