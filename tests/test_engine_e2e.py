@@ -50,6 +50,9 @@ def test_history_is_complete(tiny_run):
         assert set(r["merged_val_loss"]) == set(h["meta"]["domains"])
         assert r["flops"]["adapters"] > 0 and r["flops"]["search"] > 0 and r["tokens"] > 0
     assert h["final"]["step"] == total and set(h["final"]["val_loss"]) == set(h["meta"]["domains"])
+    # step timing for tokens/s and MFU: inside the run's wall time, every trained token counted
+    assert 0 < summary["main_train_s"] < summary["wall_s"] and summary["main_tokens"] == h["final"]["tokens"]
+    assert summary["main_tokens_per_s"] == pytest.approx(summary["main_tokens"] / summary["main_train_s"])
     run_dir = summary["run_dir"]
     for name in ("history.parquet", "summary.json", "config.yaml", "data_manifest.json",
                  "rounds/round_0_trials.parquet", "main/round_0/model.safetensors",

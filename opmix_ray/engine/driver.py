@@ -315,6 +315,8 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
                "main_flops": final["flops"], "rounds_mode": cfg.rounds.mode,
                "main_stall_s": sum(final.get("stall_s", {}).values()), "applied_step": final.get("applied_step", {}),
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
+               "main_train_s": final.get("train_s", 0.0), "main_tokens": final["tokens"],
+               "main_tokens_per_s": final["tokens"] / final["train_s"] if final.get("train_s") else None,
                "wall_s": time.time() - t_start}
     if unapplied:
         summary["unapplied_domain_changes"] = unapplied

@@ -139,11 +139,12 @@ def main_loop(loop_cfg: dict) -> None:
     n_par, t0, losses = n_params(model), time.time(), []
     log = MainRunLog(cfg, loop_cfg["run_dir"], enabled=rank == 0)
     push = _PushTracker(ctl, sampler, shards, cfg, log)
-    start, saved = 0, None
+    start, saved, train_s = 0, None, 0.0
     if resume:
         saved = load_train_state(ckpt, opt, sched, sampler)
         start, losses = saved["step"], list(saved["losses"])
         push.stall_s, push.applied_step = dict(saved["stall_s"]), dict(saved["applied_step"])
+        train_s = float(saved["info"].get("train_s", 0.0))
         if resume["weights"] is not None:  # the round was pushed: train on its winner, as the run did
             caps = shards.cap_tokens(cfg)
             for d in resume.get("revised", []):  # revised live after this checkpoint was written
@@ -170,7 +171,7 @@ def main_loop(loop_cfg: dict) -> None:
                     wall_s=time.time() - t0, path=checkpoint_path(loop_cfg["run_dir"], k),
                     lr=float(sched.get_last_lr()[0]), drawn_tokens=dict(sampler.drawn_total),
                     total_steps=total, tokens_per_step=tokens_per_step,
-                    stall_s=dict(push.stall_s), applied_step=dict(push.applied_step)).as_dict()
+                    stall_s=dict(push.stall_s), applied_step=dict(push.applied_step), train_s=train_s).as_dict()
                 state = None if k == "final" or rank != 0 else _train_state(opt, sched, sampler, {
                     "round": k, "step": step, "losses": losses[-50:], "info": info,
                     "stall_s": push.stall_s, "applied_step": push.applied_step})
@@ -182,8 +183,10 @@ def main_loop(loop_cfg: dict) -> None:
                 if k == "final":
                     break
                 push.expect(k, step)
+        t_step = time.perf_counter()
         batch, _ = sampler.next_batch(cfg.main.batch_size)
-        losses.append(train_step(model, opt, sched, batch, device))
+        losses.append(train_step(model, opt, sched, batch, device))  # float(loss): synchronises a GPU
+        train_s += time.perf_counter() - t_step
         log.step(step, losses[-1], sampler.mixture.as_dict(), (step + 1) * tokens_per_step)
         if rank == 0 and step % 25 == 0:
             ctl.report_progress.remote({"step": step, "total": total, "loss": float(np.mean(losses[-25:])),

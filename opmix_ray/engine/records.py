@@ -33,6 +33,7 @@ class BoundaryInfo:
     tokens_per_step: int | None = None
     stall_s: dict = field(default_factory=dict)
     applied_step: dict = field(default_factory=dict)
+    train_s: float = 0.0  # seconds inside training steps (batch draw + forward/backward/step): tokens/s, MFU
 
     @classmethod
     def from_dict(cls, d: dict) -> BoundaryInfo:
