@@ -69,17 +69,37 @@ def adapter_key(ov: dict) -> str:
     return f"{kind}{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}"
 
 
-def base_run(out: Path, seed: int, schedule: str = "cosine") -> Path:
+def base_run(out: Path, seed: int, schedule: str = "cosine", selection_tokens: int | None = None) -> Path:
     """bench.yaml's OP-Mix run at `seed`; schedule wsd anneals the lr before every round boundary,
-    so round 0 decides at an annealed checkpoint, as the OP-Mix paper does."""
+    so round 0 decides at an annealed checkpoint, as the OP-Mix paper does. selection_tokens:
+    data.selection_tokens_per_domain (0 = no selection windows, the layout of the cosine truths in
+    benchmarks/results/fidelity_levers, made before selection windows existed)."""
     from opmix_ray.engine.driver import run
     name = f"bench-s{seed}" if schedule == "cosine" else f"bench-{schedule}-s{seed}"
+    data = {} if selection_tokens is None else {"selection_tokens_per_domain": selection_tokens}
     cfg = load_config(CONFIG, {"run": {"seed": seed, "name": name, "storage_path": str(out / "runs")},
-                               "main": {"schedule": schedule}})
+                               "main": {"schedule": schedule}, "data": data})
     run_dir = out / "runs" / cfg.run.name
     if not (run_dir / "summary.json").is_file():
         run(cfg, overwrite=True)
     return run_dir
+
+
+def stay_gap(run_dir: Path, stored: Path) -> float:
+    """Largest per-domain difference between a stored fidelity file's stay truth (truth seed 0) and the
+    same continuation from run_dir's round-0 checkpoint: 0.0 means the checkpoint, data and training
+    are the ones the stored truths were made with."""
+    from opmix_ray.engine.continuation import continue_many
+    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
+    cfg = load_run_config_only(run_dir)
+    shards = build_shards(cfg)
+    _, b = steps_and_boundaries(cfg)
+    stay = next(c for c in read_json(stored)["candidates"] if c["label"] == "stay")
+    init_ray(cfg)
+    row = continue_many(cfg, shards, checkpoint_path(str(run_dir), 0),
+                        [{"weights": stay["mixture"], "truth_seed": 0}], b[1] - b[0])[0]
+    return max(abs(row["val_loss"][d] - stay["truth"][0][d]) for d in stay["truth"][0])
 
 
 def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
@@ -208,6 +228,10 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these variants")
     ap.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                     help="the main run's lr schedule (main.schedule) in the base runs")
+    ap.add_argument("--selection-tokens", type=int, help="data.selection_tokens_per_domain of the base runs "
+                    "(0: the layout the stored cosine truths were made with)")
+    ap.add_argument("--truths-from", nargs="+", metavar="FIDELITY_JSON", help="one stored fidelity file per seed "
+                    "(its candidates and truths), used when the rebuilt base run reproduces its stay truth exactly")
     ap.add_argument("--mixture-adapters", action="store_true",
                     help=f"also score the no-merge reference ({MIXTURE_ADAPTER}); 16 adapter trainings per seed")
     ap.add_argument("--only-mixture-adapters", action="store_true", help="score only the no-merge reference")
@@ -225,8 +249,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
     for seed in args.seeds:
-        run_dir = base_run(out, seed, args.schedule)
+        run_dir = base_run(out, seed, args.schedule, args.selection_tokens)
         truth_file = run_dir / "fidelity_round_0.json"
+        if args.truths_from and not truth_file.is_file():
+            stored = Path(args.truths_from[args.seeds.index(seed)])
+            gap = stay_gap(run_dir, stored)
+            print(f"seed {seed}: stay truth from the rebuilt checkpoint vs {stored}: max |diff| {gap:.3g} nats", flush=True)
+            if gap == 0.0:
+                truth_file.write_bytes(stored.read_bytes())
         if not truth_file.is_file():
             run_fidelity(run_dir, 0, args.mixtures, truth_seeds=2)
         todo = [] if args.only_mixture_adapters else [n for n in VARIANTS if (not args.quick or n in QUICK)
