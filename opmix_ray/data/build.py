@@ -241,6 +241,15 @@ def _split(doc: str) -> list[str]:
     return chunks + [cur] if cur else chunks
 
 
+def verify_built(root: Path, manifest: str, files: dict[str, str], fix: str) -> None:
+    """A DataError naming the first of `files` ({file name: sha256}) that root lacks or that differs
+    from what `manifest` recorded: a built data dir (instruct.py, revisions.py) is checked before use."""
+    from opmix_ray.errors import DataError
+    for name, sha in files.items():
+        if not (root / name).is_file() or hashlib.sha256((root / name).read_bytes()).hexdigest() != sha:
+            raise DataError(f"data.path: {root / name} is missing or differs from {manifest}'s sha256 (fix: {fix})")
+
+
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """write(tmp) to a temp file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opmix_ray.data.build import _atomic_write
+from opmix_ray.data.build import _atomic_write, verify_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
 
 DELIM = "\nAnswer:"
@@ -228,10 +228,7 @@ def ensure_built(data_dir: str | None) -> dict:
                         f"builder, not {FORMAT} (fix: rebuild with `python -m opmix_ray.data.instruct --out {root}`)")
     files = {**{f"{d}.parquet": r["sha256"] for d, r in man["raw"].items()},
              **{f"{t}.parquet": r["sha256"] for t, r in man["tasks"].items()}, EVAL_FILE: man["eval_sha256"]}
-    for name, sha in files.items():
-        if not (root / name).is_file() or _sha(root / name) != sha:
-            raise DataError(f"data.path: {root / name} is missing or differs from {MANIFEST}'s sha256 "
-                            f"(fix: rebuild with `python -m opmix_ray.data.instruct --out {root}`)")
+    verify_built(root, MANIFEST, files, f"rebuild with `python -m opmix_ray.data.instruct --out {root}`")
     return man
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opmix_ray.data.build import _atomic_write
+from opmix_ray.data.build import _atomic_write, verify_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError
 
 MANIFEST = "revisions.json"
@@ -101,11 +101,9 @@ def ensure_built(data_dir: str | None) -> dict:
     if man.get("format") != FORMAT:
         raise DataError(f"data.path: {root / MANIFEST} is {man.get('format')}, not {FORMAT} (fix: rebuild with "
                         f"`python -m opmix_ray.data.revisions --out` into a new dir)")
-    files = {**man["copied"], **{d: r["sha256"] for d, r in man["derived"].items()}}
-    for d, sha in files.items():
-        if not (root / f"{d}.parquet").is_file() or _sha(root / f"{d}.parquet") != sha:
-            raise DataError(f"data.path: {root / (d + '.parquet')} is missing or differs from {MANIFEST}'s sha256 "
-                            "(fix: rebuild with `python -m opmix_ray.data.revisions --out` into a new dir)")
+    files = {f"{d}.parquet": sha for d, sha in {**man["copied"],
+                                                **{d: r["sha256"] for d, r in man["derived"].items()}}.items()}
+    verify_built(root, MANIFEST, files, "rebuild with `python -m opmix_ray.data.revisions --out` into a new dir")
     return man
 
 
