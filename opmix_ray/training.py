@@ -8,6 +8,7 @@ baselines' full runs and the oracle are all just lists of jobs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -78,6 +79,20 @@ def optimizer_step(model, opt, sched, loss: torch.Tensor) -> float:
 def train_step(model, opt, sched, batch: np.ndarray, device="cpu") -> float:
     """One optimizer step on the mean next-token loss of windows [B, seq_len + 1]."""
     return optimizer_step(model, opt, sched, lm_loss(model, torch.as_tensor(batch, device=device)))
+
+
+def accumulated_step(model, opt, sched, micro: list[np.ndarray], device="cpu") -> float:
+    """One optimizer step on the mean loss over equal micro-batches (gradient accumulation); the
+    mean loss of this process's rows. Under DDP only the last micro-batch's backward all-reduces."""
+    if len(micro) == 1:
+        return train_step(model, opt, sched, micro[0], device)
+    total = 0.0
+    for mb in micro[:-1]:
+        with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+            loss = lm_loss(model, torch.as_tensor(mb, device=device)) / len(micro)
+            loss.backward()
+        total += float(loss.detach())
+    return total + optimizer_step(model, opt, sched, lm_loss(model, torch.as_tensor(micro[-1], device=device)) / len(micro))
 
 
 def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mixture, tokens: int,

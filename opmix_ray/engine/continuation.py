@@ -25,7 +25,8 @@ from opmix_ray.engine.main_run import _make_sampler, load_train_state, steps_and
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import load_checkpoint, n_params, set_threads
-from opmix_ray.training import make_optimizer, train_step
+from opmix_ray.engine.ranks import rank_rows
+from opmix_ray.training import accumulated_step, make_optimizer
 
 
 def _reshuffle(sampler, truth_seed: int) -> None:
@@ -47,14 +48,15 @@ def continue_main_run(cfg: Config, shards, checkpoint: str, weights: dict[str, f
     total, boundaries = steps_and_boundaries(cfg)
     opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
     target = Mixture.from_dict(weights)
-    sampler = _make_sampler(cfg, shards, target, 0, checkpoint)
+    sampler = _make_sampler(cfg, shards, target, checkpoint)
     load_train_state(checkpoint, opt, sched, sampler)
     sampler.set_mixture(target.over(sampler.domains))
     if truth_seed:
         _reshuffle(sampler, truth_seed)
+    parts = cfg.main.num_workers * cfg.main.grad_accum_steps  # every rank's micro-batches, in one process
     for _ in range(steps):
         batch, _ = sampler.next_batch(cfg.main.batch_size)
-        train_step(model, opt, sched, batch)
+        accumulated_step(model, opt, sched, rank_rows(batch, 0, 1, parts))
     val = domain_losses(model, shards.val, batch_size=32)
     n = n_params(model)
     tokens = steps * cfg.main.batch_size * shards.seq_len

@@ -74,9 +74,9 @@ def init_ray(cfg: Config) -> None:
 
 
 def _init_local(cfg: Config) -> None:
-    # The main run's worker idles while a synchronous round runs, so its CPU is counted on top of
-    # the cores: otherwise the round's adapter workers and trials would wait for a sleeping worker.
-    cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(cfg.main.cpus_per_worker)
+    # The main run's workers idle while a synchronous round runs, so their CPUs are counted on top of
+    # the cores: otherwise the round's adapter workers and trials would wait for sleeping workers.
+    cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(math.ceil(cfg.main.num_workers * cfg.main.cpus_per_worker))
     # No dashboard. Ray cannot be kept on loopback: ray.init turns 127.0.0.1 into the machine's
     # routable address and its servers bind every interface (cluster/README.md, tests/test_security.py).
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbosity() == "verbose",

@@ -1,9 +1,10 @@
 """The main training run: one Ray Train TorchTrainer that lives across every round.
 
-Its workers read the live mixture from the MixtureController. At each round boundary rank 0
-evaluates, writes a Hugging Face checkpoint through `ray.train.report` to
-<run_dir>/main/round_<k>, tells the controller, and every rank waits for the pushed winner, then
-trains on it: the run continues on the new mixture without a restart.
+Its main.num_workers workers (DDP; engine/ranks.py says how they share a global step) read the
+live mixture from the MixtureController. At each round boundary rank 0 evaluates, writes a Hugging
+Face checkpoint through `ray.train.report` to <run_dir>/main/round_<k> with every rank's resume
+state, tells the controller, and every rank waits for the pushed winner, then trains on it: the run
+continues on the new mixture without a restart.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.data.tokenizer import write_checkpoint_files
 from opmix_ray.engine.controller import controller_name
 from opmix_ray.engine.faults import on_driver_node
+from opmix_ray.engine.ranks import from_rank0, gather_on_rank0, mean_over_ranks, rank_rows
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.tracking import MainRunLog
 from opmix_ray.evaluate import domain_losses
@@ -34,12 +36,13 @@ from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model, load_checkpoint, n_params, on_device, pick_device, set_threads
 from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 from opmix_ray.storage import atomic_write_bytes
-from opmix_ray.training import make_optimizer, train_step
+from opmix_ray.training import accumulated_step, make_optimizer
 
 
-def steps_and_boundaries(cfg: Config, world_size: int = 1) -> tuple[int, list[int]]:
-    """Total optimizer steps and the steps at which rounds start (uniform prefix, then even)."""
-    total = cfg.main.total_tokens // (cfg.main.batch_size * cfg.data.seq_len * world_size)
+def steps_and_boundaries(cfg: Config) -> tuple[int, list[int]]:
+    """Total optimizer steps and the steps at which rounds start (uniform prefix, then even).
+    main.batch_size is the global batch, so neither depends on the number of workers."""
+    total = cfg.main.total_tokens // (cfg.main.batch_size * cfg.data.seq_len)
     if cfg.run.baseline != "none" or cfg.rounds.num_rounds == 0:
         return total, []
     prefix = int(round(cfg.rounds.uniform_prefix * total))
@@ -70,9 +73,18 @@ def _report_checkpoint(model, name: str, metrics: dict, tokenizer_files: dict[st
             ray.train.report(metrics)
 
 
-def _train_state(opt, sched, sampler, extra: dict) -> tuple[dict, dict]:
+def rank_state(sampler) -> tuple[dict, dict]:
+    """One rank's own resume state: its sampler streams and its torch RNG."""
+    meta, arrays = sampler.get_state()
+    return meta, {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "torch_rng": torch.get_rng_state()}
+
+
+def _train_state(opt, sched, sampler, extra: dict, ranks: list[tuple[dict, dict]] | None = None) -> tuple[dict, dict]:
     """Everything beyond the weights that the next steps depend on, as (JSON, tensors): AdamW
-    moments and step counts, the LR schedule position, the sampler's streams, the torch RNG."""
+    moments and step counts, the LR schedule position, and every rank's sampler streams and torch
+    RNG (`ranks`, rank 0 first; None = this process alone). Rank 0's keys are unprefixed, as a
+    one-worker run writes them; rank r's carry a 'rank<r>.' prefix. The optimizer is rank 0's:
+    DDP keeps it identical on every rank."""
     tensors, scalars = {}, {}
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
@@ -81,19 +93,27 @@ def _train_state(opt, sched, sampler, extra: dict) -> tuple[dict, dict]:
                 tensors[f"opt.{idx}.{key}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = v
-    meta, arrays = sampler.get_state()
-    tensors.update({k: torch.from_numpy(v) for k, v in arrays.items()})
-    tensors["torch_rng"] = torch.get_rng_state()
+    ranks = ranks or [rank_state(sampler)]
+    metas = []
+    for r, (meta, rank_tensors) in enumerate(ranks):
+        metas.append(meta)
+        tensors.update({(f"rank{r}." if r else "") + k: v for k, v in rank_tensors.items()})
     sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}  # the lambda is rebuilt
     return {"optimizer": {"param_groups": sd["param_groups"], "scalars": scalars}, "scheduler": sched_sd,
-            "sampler": meta, **extra}, tensors
+            "sampler": metas[0], "world_size": len(ranks), "rank_samplers": metas[1:], **extra}, tensors
 
 
-def load_train_state(path: str, opt, sched, sampler) -> dict:
-    """Restore what _train_state saved in checkpoint dir `path`; returns its JSON (step, info...)."""
+def load_train_state(path: str, opt, sched, sampler, rank: int = 0, world: int = 1) -> dict:
+    """Restore what _train_state saved in checkpoint dir `path` (rank `rank`'s sampler and RNG);
+    returns its JSON (step, info...). A process that reads the run's state to continue it alone
+    (the exact continuation) takes rank 0's."""
     from safetensors.torch import load_file
     with open(os.path.join(path, STATE_JSON)) as f:
         meta = json.load(f)
+    saved_world = int(meta.get("world_size", 1))
+    if world > 1 and saved_world != world:
+        raise RuntimeError(f"main.num_workers: the checkpoint {path} was written by {saved_world} workers, not "
+                           f"{world} (fix: resume with main.num_workers: {saved_world})")
     tensors = load_file(os.path.join(path, STATE_TENSORS))
     state: dict[int, dict] = {}
     for key, t in tensors.items():
@@ -105,8 +125,11 @@ def load_train_state(path: str, opt, sched, sampler) -> dict:
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
-    sampler.set_state(meta["sampler"], {k: t.numpy() for k, t in tensors.items() if k.startswith("sampler.")})
-    torch.set_rng_state(tensors["torch_rng"])
+    prefix = f"rank{rank}." if rank else ""
+    mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)} if rank else tensors
+    sampler.set_state(meta["rank_samplers"][rank - 1] if rank else meta["sampler"],
+                      {k: t.numpy() for k, t in mine.items() if k.startswith("sampler.")})
+    torch.set_rng_state(mine["torch_rng"])
     return meta
 
 
@@ -120,28 +143,31 @@ def main_loop(loop_cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(cfg.main.cpus_per_worker)
     device, _ = pick_device(cfg.model.device, cfg.model.precision)
+    if device.type == "cuda" and world > 1:
+        device = ray.train.torch.get_device()  # this worker's own GPU
     resume = loop_cfg.get("resume")
-    if resume and world > 1:  # only rank 0's sampler state is saved (the engine runs one worker)
-        raise RuntimeError("resume supports a single-worker main run (fix: start a new run)")
+    ckpt = checkpoint_path(loop_cfg["run_dir"], resume["round"]) if resume else None
     if resume:
-        model = on_device(load_checkpoint(checkpoint_path(loop_cfg["run_dir"], resume["round"])), cfg.model)
+        model = on_device(load_checkpoint(ckpt), cfg.model).to(device)
         model.train()
     else:
-        model = on_device(build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed), cfg.model)
+        model = on_device(build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed), cfg.model).to(device)
+    plain = model  # rank 0 evaluates and saves the module itself, never through DDP's collectives
     if world > 1:
-        model = ray.train.torch.prepare_model(model)
-    total, boundaries = steps_and_boundaries(cfg, world)
+        # the only buffers are rotary frequencies, equal on every rank: no broadcast per forward
+        model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                              parallel_strategy_kwargs={"broadcast_buffers": False})
+    total, boundaries = steps_and_boundaries(cfg)
     opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
     _, live = ray.get(ctl.get_mixture.remote())
-    ckpt = checkpoint_path(loop_cfg["run_dir"], resume["round"]) if resume else None
-    sampler = _make_sampler(cfg, shards, live, rank, ckpt)
-    tokens_per_step = cfg.main.batch_size * shards.seq_len * world
-    n_par, t0, losses = n_params(model), time.time(), []
+    sampler = _make_sampler(cfg, shards, live, ckpt)
+    tokens_per_step = cfg.main.batch_size * shards.seq_len
+    n_par, t0, losses = n_params(plain), time.time(), []
     log = MainRunLog(cfg, loop_cfg["run_dir"], enabled=rank == 0)
-    push = _PushTracker(ctl, sampler, shards, cfg, log)
+    push = _PushTracker(ctl, sampler, shards, cfg, log, world)
     start, saved, train_s = 0, None, 0.0
     if resume:
-        saved = load_train_state(ckpt, opt, sched, sampler)
+        saved = load_train_state(ckpt, opt, sched, sampler, rank, world)
         start, losses = saved["step"], list(saved["losses"])
         push.stall_s, push.applied_step = dict(saved["stall_s"]), dict(saved["applied_step"])
         train_s = float(saved["info"].get("train_s", 0.0))
@@ -163,21 +189,26 @@ def main_loop(loop_cfg: dict) -> None:
                         ray.get(ctl.report_boundary.remote(k, saved["info"]))
                     push.expect(k, step)
             else:
-                val = domain_losses(model, push.shards.val, batch_size=32, device=device)  # + domains added live
-                info = BoundaryInfo(
-                    step=step, tokens=step * tokens_per_step, train_loss=float(np.mean(losses[-50:] or [math.nan])),
-                    val_loss=val, drawn=sampler.segment_fractions(), mixture=sampler.mixture.as_dict(),
-                    epochs=sampler.epochs(), n_params=n_par, flops=train_flops(n_par, step * tokens_per_step),
-                    wall_s=time.time() - t0, path=checkpoint_path(loop_cfg["run_dir"], k),
-                    lr=float(sched.get_last_lr()[0]), drawn_tokens=dict(sampler.drawn_total),
-                    total_steps=total, tokens_per_step=tokens_per_step,
-                    stall_s=dict(push.stall_s), applied_step=dict(push.applied_step), train_s=train_s).as_dict()
-                state = None if k == "final" or rank != 0 else _train_state(opt, sched, sampler, {
-                    "round": k, "step": step, "losses": losses[-50:], "info": info,
-                    "stall_s": push.stall_s, "applied_step": push.applied_step})
-                log.boundary(step, val)
-                _report_checkpoint(model, f"round_{k}", {"step": step, "mean_val_loss": float(np.mean(list(val.values())))},
-                                   push.shards.tokenizer_files, state, info["path"])
+                ranks = gather_on_rank0(rank_state(sampler), world) if k != "final" else None
+                info, state, metrics = None, None, {"step": step}
+                if rank == 0:
+                    val = domain_losses(plain, push.shards.val, batch_size=32, device=device)  # + domains added live
+                    info = BoundaryInfo(
+                        step=step, tokens=step * tokens_per_step, train_loss=float(np.mean(losses[-50:] or [math.nan])),
+                        val_loss=val, drawn=sampler.segment_fractions(), mixture=sampler.mixture.as_dict(),
+                        epochs=sampler.epochs(), n_params=n_par, flops=train_flops(n_par, step * tokens_per_step),
+                        wall_s=time.time() - t0, path=checkpoint_path(loop_cfg["run_dir"], k),
+                        lr=float(sched.get_last_lr()[0]), drawn_tokens=dict(sampler.drawn_total),
+                        total_steps=total, tokens_per_step=tokens_per_step,
+                        stall_s=dict(push.stall_s), applied_step=dict(push.applied_step), train_s=train_s).as_dict()
+                    if ranks is not None:
+                        state = _train_state(opt, sched, sampler, {
+                            "round": k, "step": step, "losses": losses[-50:], "info": info,
+                            "stall_s": push.stall_s, "applied_step": push.applied_step}, ranks)
+                    log.boundary(step, val)
+                    metrics["mean_val_loss"] = float(np.mean(list(val.values())))
+                _report_checkpoint(plain, f"round_{k}", metrics, push.shards.tokenizer_files, state,
+                                   info and info["path"])
                 if rank == 0:
                     ray.get(ctl.report_final.remote(info) if k == "final" else ctl.report_boundary.remote(k, info))
                 if k == "final":
@@ -185,7 +216,9 @@ def main_loop(loop_cfg: dict) -> None:
                 push.expect(k, step)
         t_step = time.perf_counter()
         batch, _ = sampler.next_batch(cfg.main.batch_size)
-        losses.append(train_step(model, opt, sched, batch, device))  # float(loss): synchronises a GPU
+        micro = rank_rows(batch, rank, world, cfg.main.grad_accum_steps)
+        loss = accumulated_step(model, opt, sched, micro, device)  # float(loss): synchronises a GPU
+        losses.append(mean_over_ranks(loss, world))
         train_s += time.perf_counter() - t_step
         log.step(step, losses[-1], sampler.mixture.as_dict(), (step + 1) * tokens_per_step)
         if rank == 0 and step % 25 == 0:
@@ -194,16 +227,17 @@ def main_loop(loop_cfg: dict) -> None:
     log.close()
 
 
-def _make_sampler(cfg: Config, shards, live: Mixture, rank: int, resume_ckpt: str | None) -> MixtureSampler:
-    """The main run's sampler. A resumed run lists its domains in the order its saved state has
-    them (domains removed live stay in it at weight 0), then those added since."""
+def _make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -> MixtureSampler:
+    """The main run's sampler, the same on every rank (engine/ranks.py). A resumed run lists its
+    domains in the order its saved state has them (domains removed live stay in it at weight 0),
+    then those added since."""
     domains = list(shards.domains)
     if resume_ckpt:
         with open(os.path.join(resume_ckpt, STATE_JSON)) as f:
             saved = json.load(f)["sampler"]["domains"]
         domains = saved + [d for d in domains if d not in saved]
     return MixtureSampler({**shards.retired, **shards.train}, live.over(domains), shards.seq_len, shards.cap_tokens(cfg),
-                          seed=cfg.run.seed * 1000 + rank)
+                          seed=cfg.run.seed * 1000)
 
 
 class _PushTracker:
@@ -213,10 +247,12 @@ class _PushTracker:
     keeps training on the current mixture and switches at the first step after a push arrives.
     A round still running at the next boundary just continues (the driver starts the next round on
     the newer checkpoint when it is free), and a round that ends after the main run is recorded
-    but never applied."""
+    but never applied. With several workers rank 0's view of which pushes have arrived decides,
+    so every rank switches at the same step."""
 
-    def __init__(self, ctl, sampler, shards, cfg: Config, log: MainRunLog | None = None):
+    def __init__(self, ctl, sampler, shards, cfg: Config, log: MainRunLog | None = None, world: int = 1):
         self.ctl, self.sampler, self.shards, self.cfg, self.mode = ctl, sampler, shards, cfg, cfg.rounds.mode
+        self.world = world
         self.log = log or MainRunLog(cfg, "", enabled=False)
         self.shards_version = 0  # the controller's shards version this run trains on (engine/domains.py)
         self.pending: list[tuple[int, object]] = []  # (round, ObjectRef of its winner), oldest first
@@ -236,11 +272,12 @@ class _PushTracker:
         if not self.pending:
             return
         ready, _ = ray.wait([ref for _, ref in self.pending], num_returns=len(self.pending), timeout=0)
-        if ready:
-            # the newest pushed round wins; older ones still pending were overtaken (never pushed)
-            i = max(j for j, (_, ref) in enumerate(self.pending) if ref in ready)
+        # the newest pushed round wins; older ones still pending were overtaken (never pushed)
+        i = max((j for j, (_, ref) in enumerate(self.pending) if ref in ready), default=-1)
+        i = from_rank0(i, self.world)  # every rank has the same pending rounds, in the same order
+        if i >= 0:
             k, ref = self.pending[i]
-            winner = ray.get(ref)
+            winner = ray.get(ref)  # on rank > 0 this rank's own future of the same push
             self._refresh_shards()
             # a removed domain is absent from the push: it stays in the sampler at weight 0
             self.sampler.set_mixture(winner.over(self.sampler.domains))
@@ -271,15 +308,14 @@ def _fit(trainer: TorchTrainer):
     return result.metrics
 
 
-def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, num_workers: int = 1,
-                    resume: dict | None = None):
-    """Start the main run in the background; returns the ObjectRef of its final metrics.
-    resume={"round": k, "weights": ...|None} continues from main/round_k (see main_loop)."""
+def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, resume: dict | None = None):
+    """Start the main run on main.num_workers workers in the background; returns the ObjectRef of
+    its final metrics. resume={"round": k, "weights": ...|None} continues from main/round_k (see main_loop)."""
     trainer = TorchTrainer(
         main_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref,
                            "run_dir": run_dir, "namespace": namespace, "resume": resume},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=torch.cuda.is_available(),
+        scaling_config=ScalingConfig(num_workers=cfg.main.num_workers, use_gpu=torch.cuda.is_available(),
                                      resources_per_worker={"CPU": cfg.main.cpus_per_worker}),
         run_config=RunConfig(storage_path=run_dir, name=rundir.MAIN),
     )
