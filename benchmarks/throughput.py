@@ -1,7 +1,8 @@
 """Candidates/s: the real Ray Tune search path vs an in-process loop over the SAME candidates.
 
     .venv/bin/python benchmarks/throughput.py [--run-dir DIR] [--num-candidates 48] \
-        [--max-concurrent 2] [--eval-tokens-per-domain N] [--model-config tiny|demo] [--repeats 1]
+        [--max-concurrent 2] [--eval-tokens-per-domain N] [--model-config tiny|demo] [--repeats 1] \
+        [--candidates-per-trial 1] [--scorer-pool]
 
 Without --run-dir it first runs the OP-Mix config once (engine.run, storage in a temp dir) and then
 uses round 0's checkpoint + adapters. Candidates come from the seeded `random` searcher: the Tune
@@ -11,6 +12,14 @@ an identically seeded searcher's suggest() in-process, then calls search.score()
 cores. Headline = steady-state ratio (one-time setup excluded: Tuner start, actor start and each
 actor's first-trial model build, i.e. rate after the first max_concurrent completions; for the loop,
 after the first call). "incl" = candidates / whole run_search wall (teardown too) or whole loop.
+--candidates-per-trial k packs k candidates into a trial (steady state then starts after the first
+max_concurrent trials, i.e. max_concurrent x k candidates). --scorer-pool scores in processes that
+outlive a round: before the first Tune pass the pool is removed, so that pass starts them ("cold",
+at worst what a run's first round pays); later passes find them warm (every later round); the ratios
+are given for both. A pass's breakdown: tuner_start_to_first_suggest_s (Tuner start), first_done_s
+(to the first trial's result: actor start, imports, first model build and score),
+fresh_process_import_s (`import opmix_ray.engine.scoring`, what a trial process imports, in a new
+interpreter, measured once), in-trial seconds per trial (first per actor vs steady).
 Results go to benchmarks/results/throughput.json (see benchmarks/README.md).
 """
 from __future__ import annotations
@@ -20,6 +29,7 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +41,7 @@ import torch
 
 from opmix_ray.config import load_config
 from opmix_ray.data.shards import build_shards
+from opmix_ray.engine import scoring
 from opmix_ray.engine import trials as search
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.driver import init_ray, run
@@ -53,6 +64,7 @@ class TimedRandomSearcher(RandomSimplexSearcher):
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         TimedRandomSearcher.log.append(("complete", time.perf_counter(), trial_id, result or {}))
+        super().on_trial_complete(trial_id, result, error)
 
 
 def rates(n: int, ends: list[float], t0: float, warm: int, t_end: float | None = None) -> dict:
@@ -85,14 +97,17 @@ def main() -> None:
     ap.add_argument("--eval-tokens-per-domain", type=int, default=None, help="default: the config's")
     ap.add_argument("--model-config", choices=["tiny", "demo"], default="tiny")
     ap.add_argument("--repeats", type=int, default=1, help="alternating loop/tune passes; the median ratio is reported")
+    ap.add_argument("--candidates-per-trial", type=int, default=1, help="search.candidates_per_trial")
+    ap.add_argument("--scorer-pool", action="store_true", help="search.scorer_pool: warm scorer processes")
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="opmix_throughput_")
     cfg, run_dir = inputs(args, tmp)
     n, m = args.num_candidates, args.max_concurrent
     ev = args.eval_tokens_per_domain or cfg.search.eval_tokens_per_domain
+    kpt = args.candidates_per_trial
     over = {"search": {"searcher": f"{__name__}:TimedRandomSearcher", "num_samples": n, "max_concurrent": m,
-                       "eval_tokens_per_domain": ev}}
+                       "eval_tokens_per_domain": ev, "candidates_per_trial": kpt, "scorer_pool": args.scorer_pool}}
     if ev and ev > cfg.data.val_tokens_per_domain:  # more held-out windows than the run kept: re-split
         over["data"] = {"val_tokens_per_domain": ev}
     cfg = load_config(cfg.model_dump(mode="json"), over)
@@ -109,39 +124,68 @@ def main() -> None:
 
     # The candidates: exactly what run_search's searcher will suggest (same class, seed, warm start).
     space = SimplexSpace(cands.coords)
-    uniform = np.full(len(space.coords), 1.0 / len(space.coords))
-    ref = create_searcher("random", space=space, seed=cfg.run.seed * 1000 + 0, points_to_evaluate=[uniform])
+    ref = create_searcher("random", space=space, seed=cfg.run.seed * 1000 + 0,
+                          points_to_evaluate=search.warm_starts(cfg, space) or None)
     weights = [space.weights(ref.suggest(f"loop_{i}")) for i in range(n)]
 
     cores = len(os.sched_getaffinity(0))
 
     def loop_pass() -> dict:  # driver, torch threads = cores, cold cache (the first call builds the model)
         torch.set_num_threads(cores)
-        search._CACHE.clear()
+        scoring._CACHE.clear()
         load, t0, ends, obj = os.getloadavg()[0], time.perf_counter(), [], {}
         for a in weights:
             obj[tuple(np.round(a, 6))] = search.score(cands, a)[METRIC]
             ends.append(time.perf_counter())
         return {"mode": "loop", **rates(n, ends, t0, 1), "torch_threads": cores, "load_1min": load, "obj": obj}
 
+    from ray import tune
+    fit, grids = tune.Tuner.fit, []
+
+    def spy(self):  # keeps each pass's ResultGrid: per-trial pid and time_this_iter_s
+        grids.append(fit(self))
+        return grids[-1]
+    tune.Tuner.fit = spy
+
+    def cold_pool() -> None:  # what a run's first round finds: no scorer started yet (build_candidates started them)
+        import ray
+        from opmix_ray.engine.trial_batch import POOL
+        ray.kill(ray.get_actor(POOL))  # its scorers die with it (it owns them)
+        while True:
+            try:
+                ray.get_actor(POOL)
+                time.sleep(0.1)
+            except ValueError:
+                return
+
     def tune_pass(rep: int) -> dict:  # the real run_search, trials timestamped by the driver-side searcher
         TimedRandomSearcher.log.clear()
+        if args.scorer_pool and rep == 0:
+            cold_pool()
         load, t0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
         out = search.run_search(cfg, cands, 0, str(Path(tmp) / f"tune_{rep}"))
         t_ret, cpu = time.perf_counter(), time.process_time() - cpu0
         log = TimedRandomSearcher.log
         done = [(t, r) for kind, t, _, r in log if kind == "complete"]
-        row = {"mode": "tune", **rates(len(done), [t for t, _ in done], t0, m, t_ret), "torch_threads": f"{cfg.search.cpus_per_trial:g} x {m} trials",
-               "load_1min": load, "driver_cpu_s": cpu, "last_trial_to_return_s": t_ret - max(t for t, _ in done),
-               "tuner_start_to_first_suggest_s": min(t for kind, t, _, _ in log if kind == "suggest") - t0}
+        warm = min(m * kpt, n - 1)  # the candidates of the first max_concurrent trials
+        row = {"mode": "tune", **rates(len(done), [t for t, _ in done], t0, warm, t_ret),
+               "torch_threads": f"{cfg.search.cpus_per_trial:g} x {m} trials", "candidates_per_trial": kpt,
+               "scorer_pool": ("warm" if rep else "cold") if args.scorer_pool else "off",
+               "load_1min": load, "load_1min_after": os.getloadavg()[0], "driver_cpu_s": cpu,
+               "last_trial_to_return_s": t_ret - max(t for t, _ in done),
+               "tuner_start_to_first_suggest_s": min(t for kind, t, _, _ in log if kind == "suggest") - t0,
+               "first_done_s": min(t for t, _ in done) - t0}
         # actor reuse; in-trial seconds (an actor's first trial includes its model build); busy slots
-        pids, secs = [r.get("pid") for _, r in done], [r.get("time_this_iter_s", np.nan) for _, r in done]
-        w0, steady = done[m - 1][0], secs[m:]  # trials completing inside the steady window (starts at w0)
-        busy = sum(min(sec, t - w0) for (t, _), sec in zip(done[m:], steady))  # their compute inside it
+        trials = sorted((r.metrics for r in grids[-1] if r.metrics), key=lambda r: r.get("timestamp", 0))
+        pids, secs = [r.get("pid") for r in trials], [r.get("time_this_iter_s", np.nan) for r in trials]
+        ends = sorted({t for t, _ in done})[:len(trials)]  # one driver time per trial (a batch ends at once)
+        w0, steady = ends[min(m, len(ends)) - 1], secs[m:]  # trials completing inside the steady window
+        busy = sum(min(sec, t - w0) for t, sec in zip(ends[m:], steady))  # their compute inside it
         row.update(actors=len(set(pids)), trials_per_actor=sorted(Counter(pids).values()),
                    in_trial_s_first_per_actor=float(np.mean([s for i, s in enumerate(secs) if pids[i] not in pids[:i]])),
-                   in_trial_s_steady=float(np.mean(steady)), busy_slots_steady=busy / row["steady_seconds"],
-                   idle_slot_s_per_trial=(m * row["steady_seconds"] - busy) / len(steady),
+                   in_trial_s_steady=float(np.mean(steady)) if steady else float("nan"),
+                   busy_slots_steady=busy / row["steady_seconds"],
+                   idle_slot_s_per_trial=(m * row["steady_seconds"] - busy) / len(steady) if steady else float("nan"),
                    obj={tuple(np.round([t[f"a_{c}"] for c in cands.coords], 6)): t[METRIC] for t in out.trials})
         return row
 
@@ -155,7 +199,10 @@ def main() -> None:
     # score() per candidate (warm) at 1 and at `cores` threads, and the one-time model build
     probe = {f"score_s_{th}_threads": per_call(th, [lambda a=a: search.score(cands, a) for a in weights[1:5]])
              for th in sorted({1, cores})}
-    probe["model_build_s"] = per_call(cores, [lambda: (search._CACHE.clear(), search._merged_model(cands))])
+    probe["model_build_s"] = per_call(cores, [lambda: (scoring._CACHE.clear(), scoring._merged_model(cands))])
+    code = "import time; t = time.perf_counter(); import opmix_ray.engine.scoring; print(time.perf_counter() - t)"
+    probe["fresh_process_import_s"] = float(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                           text=True, check=True).stdout)
     loop_obj = rows[0]["obj"]
     same = all(set(r["obj"]) == set(loop_obj) for r in rows)
     max_dobj = max(abs(r["obj"][k] - loop_obj[k]) for r in rows for k in loop_obj) if same else float("nan")
@@ -168,13 +215,17 @@ def main() -> None:
         "ratio_steady": float(np.median(ratio("rate_steady"))),
         "ratio_incl_setup": float(np.median(ratio("rate_incl_setup"))),
         "ratios_steady": ratio("rate_steady"), "ratios_incl_setup": ratio("rate_incl_setup"),
+        # with the pool, the first pass starts the scorers (a run's first round); later ones find them warm
+        "ratio_incl_setup_first_pass": ratio("rate_incl_setup")[0],
+        "ratio_incl_setup_later_passes": float(np.median(ratio("rate_incl_setup")[1:])) if args.repeats > 1 else None,
         "rows": rows, "probe": probe, "same_candidates": same, "max_abs_objective_diff": max_dobj,
         "setup": {"run_dir": str(run_dir), "model_params": int(sum({v.__array_interface__["data"][0]: v.size
                                                                       for v in cands.base_state.values()}.values())),
                   "adapters": list(cands.coords), "eval_tokens_per_candidate": int(eval_tokens),
                   "eval_tokens_per_domain": ev, "num_candidates": n, "max_concurrent": m, "repeats": args.repeats,
+                  "candidates_per_trial": kpt, "scorer_pool": args.scorer_pool,
                   "cpus_per_trial": cfg.search.cpus_per_trial, "candidates_from": "seeded random searcher "
-                  "(seed = run.seed*1000 + 0, uniform warm start); loop calls its suggest() in-process"},
+                  "(seed = run.seed*1000 + 0, the run's warm starts); loop calls its suggest() in-process"},
         "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "torch_threads_loop": cores, "python": sys.version.split()[0]},
     }
@@ -186,6 +237,9 @@ def main() -> None:
               f"{r['steady_seconds']:>10.2f}{r['rate_steady']:>12.2f}{r['load_1min']:>6.1f}")
     print(f"ratio tune/loop (median of {args.repeats}): steady {result['ratio_steady']:.3f} (headline), incl. setup "
           f"{result['ratio_incl_setup']:.3f}; same candidates: {same}, max |d objective| {max_dobj:.2e}")
+    later = result["ratio_incl_setup_later_passes"]
+    print(f"incl. setup: first pass {result['ratio_incl_setup_first_pass']:.3f}, later passes "
+          f"{'n/a' if later is None else f'{later:.3f}'} (k={kpt}, scorer pool {'on' if args.scorer_pool else 'off'})")
     fmt = lambda d: ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
     print("probe: " + fmt(probe))
     for r in rows[1::2]:

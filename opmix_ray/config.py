@@ -76,9 +76,10 @@ class RunSection(Section):
 
 
 class DataSection(Section):
-    path: str | None = Field(None, description="Dir with <domain>.parquet files; null = bundled corpus.")
+    path: str | None = Field(None, description="Dir with <domain>.parquet files and/or hive dirs "
+                             "domain=<domain>/ of parquet files (data/layout.py); null = bundled corpus.")
     domains: list[str] | None = Field(None, description="Domain names in a fixed order; null = every "
-                                      "parquet file in `path`, sorted.")
+                                      "parquet file and domain=<name>/ dir in `path`, sorted.")
     text_column: str = Field("text", description="Parquet column holding the documents (or token ids).")
     tokenizer: str | None = Field(None, description="A tokenizer.json, or a Hugging Face fast-tokenizer dir; null = "
                                   "model.path's own tokenizer.json if it has one, else the bundled BPE. The end-of-text "
@@ -96,6 +97,12 @@ class DataSection(Section):
     eval_only_domains: list[str] = Field(default_factory=list, description="Held-out target domains: "
                                          "scored on validation, never trained on and never mixed (as RegMix "
                                          "targets Pile-CC); name them in search.objective_weights to optimise for them.")
+    reader: Literal["driver", "ray_data"] = Field("driver", description="Who reads and tokenizes the domains: "
+                                                  "driver = this process (fastest on a small corpus); ray_data = "
+                                                  "Ray Data tasks on the cluster (read_parquet + map_batches), the "
+                                                  "train tokens stored by those tasks so the driver never holds the "
+                                                  "corpus; every node must see data.path at the same path (a shared "
+                                                  "filesystem). Both give the same tokens and data hash.")
 
     @field_validator("domains", "eval_only_domains")
     @classmethod
@@ -139,7 +146,15 @@ class ModelSection(Section):
 
 class MainSection(Section):
     total_tokens: int = Field(1_000_000, gt=0, description="Main-run training budget in tokens.")
-    batch_size: int = Field(16, gt=0, description="Sequences per step.")
+    batch_size: int = Field(16, gt=0, description="Sequences per optimizer step, over all workers and "
+                            "accumulation steps (the global batch): the run's steps, rounds and draws do "
+                            "not depend on how it is split.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers of the main run (DDP: gloo on CPU, "
+                             "nccl on GPU). Each holds main.cpus_per_worker CPUs (a GPU each on a GPU "
+                             "cluster) and trains batch_size / (num_workers x grad_accum_steps) sequences "
+                             "per micro-step.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step on each worker "
+                                  "(gradients summed before the step): the same global batch in less memory.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     schedule: Literal["cosine", "wsd"] = Field(
@@ -148,7 +163,15 @@ class MainSection(Section):
         "annealed checkpoint (as the OP-Mix paper does), then back to the peak.")
     wsd_decay_fraction: float = Field(0.1, gt=0, lt=1, description="wsd: share of each segment spent annealing.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs the main-run worker holds.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each main-run worker holds.")
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        parts = self.num_workers * self.grad_accum_steps
+        if self.batch_size % parts:
+            raise ValueError(f"batch_size={self.batch_size} does not split into num_workers x grad_accum_steps "
+                             f"= {parts} equal micro-batches (fix: make batch_size a multiple of {parts})")
+        return self
 
 
 class RoundsSection(Section):
@@ -230,12 +253,28 @@ class SearchSection(Section):
         "bench's round 0 (benchmarks/RESULTS.md), so not the default.")
     caps: bool = Field(True, description="Search only mixtures within the repetition caps left for the rest "
                        "of the run: a_old * p_d + a_d <= (cap_d - drawn_d) / tokens_left for every domain d.")
+    candidates_per_trial: int = Field(1, description="Candidates one Tune trial scores, one after another on "
+                                      "one model build (the last trial takes the rest of num_samples); each is "
+                                      "still its own record for the searcher, the Optuna journal and the decision. "
+                                      "Shares Tune's per-trial cost; the searcher has up to max_concurrent x this "
+                                      "suggestions in flight, so Bayesian search sees results later.")
+    scorer_pool: bool = Field(False, description="Score candidates in processes that outlive a round (one per "
+                              "trial slot and node, holding no Ray CPU while the trial holds them), so the trial "
+                              "processes' torch and transformers imports are paid once per run, not per round; "
+                              "each keeps its imports (a few hundred MB) while adapters train.")
 
     @field_validator("delta_scale")
     @classmethod
     def _scale(cls, v):
         if v != "auto" and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"delta_scale={v!r} (fix: a positive number, e.g. 1.0, or 'auto')")
+        return v
+
+    @field_validator("candidates_per_trial")
+    @classmethod
+    def _per_trial(cls, v):
+        if v < 1:
+            raise ValueError(f"candidates_per_trial={v} (fix: a whole number >= 1; 1 = one candidate per trial)")
         return v
 
     @field_validator("searcher_options")

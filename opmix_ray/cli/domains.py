@@ -95,8 +95,10 @@ def change_domains(run_dir: str | Path, changes: list[dict]) -> list[dict]:
                                   f"with a '{cfg.data.text_column}' column)")
             c = {"op": c["op"], "name": c["name"], "path": path}
         queued.append(c)
-    # the run's domains now, then these changes: bad data or names fail here, before the run sees them
-    shards = replay_changes(cfg, run_dir, build_shards(cfg), history.get("meta", {}))
+    # the run's domains now, then these changes: bad data or names fail here, before the run sees them.
+    # Read here, not with Ray Data: this process joins the run's cluster below and must not start Ray.
+    here = cfg.model_copy(update={"data": cfg.data.model_copy(update={"reader": "driver"})})
+    shards = replay_changes(cfg, run_dir, build_shards(here), history.get("meta", {}))
     apply_changes(cfg, run_dir, shards, [{**c, "file": str(c.get("path", ""))} for c in queued])  # absolute paths
     return _queue(run_dir, live, queued)
 

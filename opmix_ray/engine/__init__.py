@@ -5,6 +5,8 @@
     adapters.py      one LoRA adapter per domain (and 'old') on the live checkpoint
     merge.py         the exact weight-space merge  W0 + c * sum_i a_i * delta_i
     trials.py        a round's candidates, the caps polytope and the Ray Tune search
+    scoring.py       what a trial process runs: the merged model built once, candidates scored
+    trial_batch.py   several candidates per trial; scorer processes kept across rounds
     decision.py      the safe rule: stay vs the leader, paired standard error plus adapter noise
     confirm.py       a move confirmed by an adapter trained on the leader's mixture
     controller.py    the MixtureController actor: pushes the decision into the main run

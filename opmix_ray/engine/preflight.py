@@ -1,9 +1,10 @@
-"""Checks a run's inputs before anything is written or Ray starts.
+"""Checks a run's inputs before anything is written (and, with data.reader: driver, before Ray starts).
 
     run_dir, shards = preflight(cfg, overwrite)   # raises ConfigError / DataError / SearcherError
 
 Cheap checks first (storage, searcher, ray address, model checkpoint), then the data is read and
-tokenized once (the shards are returned, so this costs the run nothing extra), then the checks
+tokenized once (the shards are returned, so this costs the run nothing extra; with data.reader:
+ray_data this starts Ray, after the cheap checks and the data layout checks), then the checks
 that need the data (objective/cap keys, model vocab vs tokenizer). Every error is one line that
 names the config field and says what to fix; on any error the run dir has not been touched.
 """

@@ -6,12 +6,14 @@ per-domain validation loss and reports the objective plus the mixture a stands f
 E(a)[d] = a_old * p_d + a_d. The space holds only mixtures within the repetition caps left
 (search.caps). The base weights, the stacked deltas and the validation windows go into the object
 store once (tune.with_parameters) and each reused trial actor builds its model once per round.
+search.candidates_per_trial and search.scorer_pool share a trial's fixed cost (engine/trial_batch.py).
 What the round then pushes is engine/decision.py's call (`decide`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,29 +21,32 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
+from opmix_ray.engine import trial_batch
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
 from opmix_ray.engine.merge import MergedModel, delta_norm, load_full_delta, load_lora_factors, stack_deltas, stack_factors
 from opmix_ray.engine.records import BoundaryInfo
+from opmix_ray.engine.scoring import _merged_model, candidate_mixture, merged_trial, score
+from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial
 from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.evaluate import domain_losses, objective, window_losses
-from opmix_ray.mixture import Mixture, expand_collapsed
-from opmix_ray.model import load_checkpoint, set_threads
+from opmix_ray.mixture import Mixture
+from opmix_ray.model import load_checkpoint
 from opmix_ray.searchers import METRIC, MODE, create_searcher, journal
 from opmix_ray.storage import sha256_file
 from search_spaces import SimplexSpace
 
+__all__ = ["TRIAL_RETRIES", "Candidates", "SearchOutcome", "build_candidates", "candidate_mixture", "cap_shares",
+           "decide", "make_searcher", "run_search", "score", "warm_starts"]  # score: engine/scoring.py's
+
 TRIAL_RETRIES = 2  # reruns of a trial whose process died, before it counts as failed
-_CACHE: dict = {}  # per trial-actor process: round key -> MergedModel (reuse_actors=True keeps it)
 
 
 @dataclass
@@ -78,6 +83,8 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
                      current: Mixture, info: BoundaryInfo | None = None, segment_tokens: int | None = None) -> Candidates:
     """info: the boundary's report (caps need drawn_tokens, total_steps, tokens_per_step, step);
     segment_tokens: the main-run tokens until the next decision (delta_scale: auto)."""
+    if cfg.search.scorer_pool and ray.is_initialized():
+        _pool(cfg)  # the scorers' imports overlap the loading below, not the search
     model = load_checkpoint(base_path)
     coords = tuple(c for c in adapter_dirs if c != REPLICATE)
     extra = (REPLICATE,) if REPLICATE in adapter_dirs else ()
@@ -181,38 +188,6 @@ def trial_weights(c: Candidates, metrics: dict) -> np.ndarray:
     return np.array([metrics[f"a_{k}"] for k in c.coords], dtype=np.float64)
 
 
-def candidate_mixture(c: Candidates, a: np.ndarray) -> Mixture:
-    """The mixture over domains that adapter weights `a` stand for."""
-    return expand_collapsed(c.coords, a, c.current)
-
-
-def _merged_model(c: Candidates) -> MergedModel:
-    if c.key not in _CACHE:
-        _CACHE.clear()
-        conf = AutoConfig.for_model(**c.model_config)
-        model = AutoModelForCausalLM.from_config(conf)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in c.base_state.items()}, strict=True)
-        _CACHE[c.key] = MergedModel(model.eval(), c.stacked, c.norm_to)
-    return _CACHE[c.key]
-
-
-def score(c: Candidates, a: np.ndarray) -> dict:
-    """Merge with weights a, evaluate, return the trial's metrics."""
-    mm = _merged_model(c)
-    mm.apply(c.full(a))
-    losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens)
-    mix = candidate_mixture(c, a)
-    return {METRIC: objective(losses, c.objective_weights), **{f"loss_{d}": v for d, v in losses.items()},
-            **{f"mix_{d}": w for d, w in mix.as_dict().items()}, **{f"a_{k}": float(x) for k, x in zip(c.coords, a)}}
-
-
-def merged_trial(config: dict, candidates: Candidates, cpus: float) -> None:
-    """The Tune trainable: one candidate, one merge, one evaluation."""
-    set_threads(cpus)
-    a = (candidates.space or SimplexSpace(candidates.coords)).weights(config)
-    tune.report({**score(candidates, a), "node_id": ray.get_runtime_context().get_node_id()})
-
-
 class _SearchProgress(tune.Callback):
     """Trials done out of the round's budget and the best objective so far, as one progress line."""
 
@@ -220,10 +195,11 @@ class _SearchProgress(tune.Callback):
         self.bar, self.n, self.best = Progress(f"round {round_idx} search", total, "trials"), done, float("inf")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        value = (trial.last_result or {}).get(METRIC)
+        last = trial.last_result or {}
+        value = last.get(METRIC)
         if value is not None and np.isfinite(value):
             self.best = min(self.best, float(value))
-        self.n += 1
+        self.n += len(last.get(ROWS) or trial.config.get(BATCH) or [None])  # candidates, not trials
         self.bar.update(self.n, f"best {self.best:.4f}" if np.isfinite(self.best) else "")
 
     def on_experiment_end(self, trials, **info):
@@ -289,14 +265,15 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         journal.stamp(journal_path, candidates.fingerprint)
     if reused:
         say(f"round {round_idx}: {len(reused)} trials of the interrupted search reused from {journal_path}")
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
-    trainable = tune.with_parameters(merged_trial, candidates=candidates, cpus=cfg.search.cpus_per_trial)
-    trainable = tune.with_resources(trainable, {"cpu": cfg.search.cpus_per_trial})
+    budget, k = max(cfg.search.num_samples - len(reused), 0), cfg.search.candidates_per_trial
+    batch = BatchSearcher(searcher, k, budget) if k > 1 else None
+    searcher = ConcurrencyLimiter(batch or searcher, max_concurrent=cfg.search.max_concurrent)
+    trainable, pool = _trainable(cfg, candidates)
     retries, progress = _RetryCounter(), _SearchProgress(round_idx, cfg.search.num_samples, done=len(reused))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
-                                    num_samples=max(cfg.search.num_samples - len(reused), 0)),
+                                    num_samples=budget),  # with k > 1 the searcher ends it sooner
         # A trial whose worker dies (OOM kill, node lost, kill -9) is rerun on a fresh actor: a
         # trial is one merge + one eval, so a retry is cheap and the candidate is not lost. A NaN
         # objective is no error and is not retried: the searcher records it failed (base.py).
@@ -308,9 +285,15 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
                                   callbacks=[retries, progress, JsonLoggerCallback(), CSVLoggerCallback(),
                                              *trial_callbacks(cfg, run_dir, round_idx)]),
     )
-    grid = tuner.fit() if cfg.search.num_samples > len(reused) else []
+    try:
+        grid = tuner.fit() if budget else []
+    finally:
+        if pool is not None:
+            ray.get(pool.end_round.remote())
+    # with batches, one record per candidate (the searcher split each trial's "batch" result)
+    ran = [m for _, m in batch.records] if batch else [r.metrics for r in grid]
     trials = [r["metrics"] for r in reused if r["state"] == "complete"]
-    trials += [r.metrics for r in grid if r.metrics and np.isfinite(r.metrics.get(METRIC, np.nan))]
+    trials += [m for m in ran if m and np.isfinite(m.get(METRIC, np.nan))]
     if not trials:
         raise RuntimeError(f"round {round_idx}: every search trial failed (fix: see the trial errors in "
                            f"{run_dir}/{rundir.search_job(round_idx)})")
@@ -319,9 +302,28 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     mixture = candidate_mixture(candidates, trial_weights(candidates, best))
     keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
-                         len(grid) + len(reused), len(grid) + len(reused) - len(trials), time.time() - t0,
+                         len(ran) + len(reused), len(ran) + len(reused) - len(trials), time.time() - t0,
                          [keep(m) for m in trials],
                          retries.n)
+
+
+def _trainable(cfg: Config, candidates: Candidates):
+    """The round's Tune trainable, and the scorer pool's handle when search.scorer_pool is on."""
+    cpus, pool = cfg.search.cpus_per_trial, None
+    if cfg.search.scorer_pool:
+        pool = _pool(cfg)
+        fn = tune.with_parameters(pooled_trial, box=[ray.put(candidates), candidates.key], cpus=cpus)
+    else:
+        fn = tune.with_parameters(merged_trial if cfg.search.candidates_per_trial == 1 else batch_trial,
+                                  candidates=candidates, cpus=cpus)
+    return tune.with_resources(fn, {"cpu": cpus}), pool
+
+
+def _pool(cfg: Config):
+    """The scorer pool, with as many scorers started on this node as trials can run here at once."""
+    node = ray.get_runtime_context().get_node_id()
+    here = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    return trial_batch.pool(node, min(cfg.search.max_concurrent, math.floor(here / cfg.search.cpus_per_trial)))
 
 
 def _law_leader(cfg: Config, candidates: Candidates, trials: list[dict], round_idx: int) -> dict | None:

@@ -1,0 +1,59 @@
+"""What a trial process runs: build the round's merged model once, then merge and evaluate candidates.
+
+engine/trials.py (the search) and engine/trial_batch.py (batches, the scorer pool) both score through
+here; this module knows nothing of either, so neither import goes in a circle.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from opmix_ray.engine.merge import MergedModel
+from opmix_ray.evaluate import domain_losses, objective
+from opmix_ray.mixture import Mixture, expand_collapsed
+from opmix_ray.model import set_threads
+from opmix_ray.searchers import METRIC
+from search_spaces import SimplexSpace
+
+_CACHE: dict = {}  # per trial-actor process: round key -> MergedModel (reuse_actors=True keeps it)
+
+
+def candidate_mixture(c, a: np.ndarray) -> Mixture:
+    """The mixture over domains that adapter weights `a` stand for (c: trials.Candidates)."""
+    return expand_collapsed(c.coords, a, c.current)
+
+
+def _merged_model(c) -> MergedModel:
+    if c.key not in _CACHE:
+        _CACHE.clear()
+        conf = AutoConfig.for_model(**c.model_config)
+        model = AutoModelForCausalLM.from_config(conf)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in c.base_state.items()}, strict=True)
+        _CACHE[c.key] = MergedModel(model.eval(), c.stacked, c.norm_to)
+    return _CACHE[c.key]
+
+
+def score(c, a: np.ndarray) -> dict:
+    """Merge with weights a, evaluate, return the trial's metrics."""
+    mm = _merged_model(c)
+    mm.apply(c.full(a))
+    losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens)
+    mix = candidate_mixture(c, a)
+    return {METRIC: objective(losses, c.objective_weights), **{f"loss_{d}": v for d, v in losses.items()},
+            **{f"mix_{d}": w for d, w in mix.as_dict().items()}, **{f"a_{k}": float(x) for k, x in zip(c.coords, a)}}
+
+
+def score_all(c, params: list[dict], cpus: float) -> list[dict]:
+    """Trial configs (the space's params) scored in order with one torch thread per CPU held."""
+    set_threads(cpus)
+    space = c.space or SimplexSpace(c.coords)
+    return [score(c, space.weights(p)) for p in params]
+
+
+def merged_trial(config: dict, candidates, cpus: float) -> None:
+    """The Tune trainable: one candidate, one merge, one evaluation."""
+    (row,) = score_all(candidates, [config], cpus)
+    tune.report({**row, "node_id": ray.get_runtime_context().get_node_id()})
