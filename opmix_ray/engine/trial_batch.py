@@ -137,7 +137,7 @@ class _Scorer:
 
     def release(self) -> None:
         """Drop the round's model and inputs (the object store can free them); the imports stay."""
-        from opmix_ray.engine import scoring
+        import opmix_ray.engine.scoring as scoring
         scoring._CACHE.clear()
         self.key = self.cands = None
 

@@ -28,7 +28,7 @@ from ray.tune.search import ConcurrencyLimiter
 from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
-from opmix_ray.engine import trial_batch
+import opmix_ray.engine.trial_batch as trial_batch
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
 from opmix_ray.engine.merge import MergedModel, delta_norm, load_full_delta, load_lora_factors, stack_deltas, stack_factors
