@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opmix_ray.config import load_config  # noqa: E402
-from opmix_ray.data.shards import build_shards  # noqa: E402
+from opmix_ray.data.read import build_shards  # noqa: E402
 from opmix_ray.engine.adapters import REPLICATE, adapter_lr, adapter_plan, adapter_seeds, save_component, train_one  # noqa: E402
 from opmix_ray.experiments.fidelity import run_fidelity  # noqa: E402
 from opmix_ray.mixture import Mixture  # noqa: E402
@@ -90,7 +90,7 @@ def stay_gap(run_dir: Path, stored: Path) -> float:
     same continuation from run_dir's round-0 checkpoint: 0.0 means the checkpoint, data and training
     are the ones the stored truths were made with."""
     from opmix_ray.engine.continuation import continue_many
-    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.ray_init import init_ray
     from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     cfg = load_run_config_only(run_dir)
     shards = build_shards(cfg)

@@ -42,7 +42,7 @@ def make_run(storage: str) -> str:
 
 
 def load_candidates(run_dir: str):
-    from opmix_ray.data.shards import build_shards
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.trials import build_candidates
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     hist = json.load(open(os.path.join(run_dir, "history.json")))

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from opmix_ray.config import load_config
-from opmix_ray.data.shards import build_shards
+from opmix_ray.data.read import build_shards
 from opmix_ray.engine import scoring
 from opmix_ray.engine import trials as search
 from opmix_ray.engine.adapters import adapter_plan
-from opmix_ray.engine.driver import init_ray, run
+from opmix_ray.engine.driver import run
+from opmix_ray.ray_init import init_ray
 from opmix_ray.searchers import METRIC, create_searcher
 from opmix_ray.searchers._random import RandomSimplexSearcher
 from opmix_ray.storage import write_json

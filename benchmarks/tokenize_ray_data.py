@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.data.shards import build_shards
+from opmix_ray.data.read import build_shards
 from opmix_ray.storage import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "tokenize_ray_data.json"

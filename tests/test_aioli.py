@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from opmix_ray.data.shards import build_shards
+from opmix_ray.data.read import build_shards
 from opmix_ray.experiments.baselines._aioli import (
     aioli_update,
     interaction_matrix,

@@ -12,12 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-from opmix_ray.experiments.config import load_experiment_config
-from opmix_ray.data.shards import build_shards
+from opmix_ray.data.read import build_shards
 from opmix_ray.experiments.baselines import BaselineContext, propose, usage_upper_bounds
 from opmix_ray.experiments.baselines._doremi import group_dro_update, run_doremi
 from opmix_ray.experiments.baselines._regmix import cross_val_spearman, fit_regressor, simulate_mixtures
 from opmix_ray.experiments.baselines.base import Swarm, sample_swarm_mixtures
+from opmix_ray.experiments.config import load_experiment_config
 from opmix_ray.experiments.report import markdown
 from opmix_ray.training import train_fixed
 
@@ -128,7 +128,7 @@ def test_bench_bad_input_is_one_line_exit_2(tmp_path):
 def test_fixed_jobs_run_as_tune_trials(tiny, tmp_path):
     import ray
 
-    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.ray_init import init_ray
     from opmix_ray.training import run_fixed_jobs
     cfg, sh = tiny
     ctx = BaselineContext(cfg, sh, str(tmp_path))

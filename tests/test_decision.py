@@ -128,7 +128,7 @@ def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
     """The fidelity truth for a = stay (the current mixture, unchanged, as the run kept it), run
     from the round's checkpoint, is the loss the main run itself reached at the end (optimizer,
     schedule, sampler and caps all carried)."""
-    from opmix_ray.data.shards import build_shards
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.continuation import continue_main_run
     from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     cfg, summary = stay_run
@@ -175,7 +175,7 @@ def test_confirm_rule_needs_a_gain_beyond_eval_and_adapter_noise():
 def test_the_confirmation_adapter_is_the_old_adapter_but_for_its_mixture(stay_run):
     """Trained on the current mixture, the confirmation adapter is the 'old' adapter again (same init,
     data seed, lr and steps), so it confirms nothing; on another mixture it is another model."""
-    from opmix_ray.data.shards import build_shards
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.adapters import adapter_lr
     from opmix_ray.engine.confirm import confirm_rule, confirm_windows
     from opmix_ray.engine.main_run import checkpoint_path

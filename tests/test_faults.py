@@ -17,10 +17,10 @@ import pytest
 import ray
 
 from opmix_ray.config import ModelSection, load_config
-from opmix_ray.engine.driver import init_ray
 from opmix_ray.engine.trials import TRIAL_RETRIES, Candidates, run_search
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model
+from opmix_ray.ray_init import init_ray
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs", "tiny.yaml")
 DOMAINS = ("a", "b")
@@ -84,12 +84,13 @@ def test_nan_objective_is_recorded_failed_and_search_goes_on(tmp_path, tune_grid
     assert len(nan) == 3 and all(m["a_b"] > 0 for m in nan)
 
 
-def _implicit_func_pids() -> list[int]:
-    """Our own Tune function-trainable actor processes (Ray titles them ray::ImplicitFunc...)."""
+def ray_actor_pids(title: str) -> list[int]:
+    """pids of this process's Ray actor processes whose title starts with `title` (Ray names an
+    actor's process ray::<ClassName>..., e.g. ray::ImplicitFunc for Tune's function trainables)."""
     pids = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.cmdline() and p.cmdline()[0].startswith("ray::ImplicitFunc"):
+            if p.cmdline() and p.cmdline()[0].startswith(title):
                 pids.append(p.pid)
         except psutil.Error:
             continue
@@ -106,10 +107,10 @@ def test_sigkill_of_a_trial_worker_is_retried_and_nothing_is_lost(tmp_path, tune
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            pids = _implicit_func_pids()
+            pids = ray_actor_pids("ray::ImplicitFunc")
             if pids:
                 time.sleep(1.0)  # let it start scoring
-                if pids[0] in _implicit_func_pids():
+                if pids[0] in ray_actor_pids("ray::ImplicitFunc"):
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])
                     return

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from opmix_ray.config import ConfigError, load_config
-from opmix_ray.data.shards import BUNDLED_DIR, build_shards
+from opmix_ray.data.read import build_shards
+from opmix_ray.data.shards import BUNDLED_DIR
 
 TINY = Path(__file__).resolve().parent.parent / "opmix_ray" / "configs" / "tiny.yaml"
 

@@ -27,7 +27,8 @@ from opmix_ray.data.instruct import (
     build_instruct,
     ensure_built,
 )
-from opmix_ray.data.shards import BUNDLED_DIR, DataError, build_shards, load_tokenizer
+from opmix_ray.data.read import build_shards
+from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
 from opmix_ray.experiments.continual import check_schedule
 from opmix_ray.experiments.instruct import _in_stream, load_sets, majority_em, score
 

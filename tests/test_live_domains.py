@@ -16,7 +16,8 @@ import pytest
 
 from opmix_ray.config import load_config
 from opmix_ray.data.sampler import MixtureSampler
-from opmix_ray.data.shards import BUNDLED_DIR, DataError, build_shards, revised_domain, with_domain, without_domain
+from opmix_ray.data.read import build_shards
+from opmix_ray.data.shards import BUNDLED_DIR, DataError, revised_domain, with_domain, without_domain
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.domains import arrive
 from opmix_ray.mixture import Mixture

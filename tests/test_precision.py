@@ -40,7 +40,7 @@ def test_bf16_autocasts_the_matmuls_and_keeps_weights_and_loss_fp32():
 
 
 def test_an_adapter_trains_under_bf16(tmp_path):
-    from opmix_ray.data.shards import build_shards
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.adapters import train_one
     cfg = load_config(TINY, {"model": {"precision": "bf16"}})
     shards = build_shards(cfg)

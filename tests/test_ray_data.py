@@ -14,10 +14,10 @@ import pytest
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.data.shards import (BUNDLED_DIR, TrainArrays, build_shards, revised_domain, shard_manifest,
-                                   with_domain, without_domain)
-from opmix_ray.engine.driver import init_ray
+from opmix_ray.data.read import build_shards
+from opmix_ray.data.shards import (BUNDLED_DIR, TrainArrays, revised_domain, shard_manifest, with_domain, without_domain)
 from opmix_ray.errors import DataError
+from opmix_ray.ray_init import init_ray
 
 SMALL = {"seq_len": 64, "val_tokens_per_domain": 512, "selection_tokens_per_domain": 256}
 

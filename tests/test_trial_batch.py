@@ -12,12 +12,12 @@ import psutil
 import pytest
 import ray
 
-from opmix_ray.engine.driver import init_ray
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher
 from opmix_ray.engine.trials import run_search
+from opmix_ray.ray_init import init_ray
 from opmix_ray.searchers import create_searcher, journal
 from search_spaces import SimplexSpace
-from tests.test_faults import COORDS, _candidates, _cfg
+from tests.test_faults import COORDS, _candidates, _cfg, ray_actor_pids
 
 
 def _by_weights(out) -> dict:
@@ -96,17 +96,6 @@ def test_a_round_redone_on_its_journal_runs_only_the_missing_candidates(cands, t
     assert _by_weights(first).keys() <= _by_weights(again).keys()
 
 
-def _scorer_pids() -> list[int]:
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.cmdline() and p.cmdline()[0].startswith("ray::_Scorer"):
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def test_a_killed_scorer_costs_a_rerun_and_no_candidate(tmp_path):
     cfg = _cfg(tmp_path, searcher="random", num_samples=4, candidates_per_trial=2, scorer_pool=True)
     cands = _candidates("kill-scorer", n_val=4000, hidden=64)  # a candidate scores for ~1.6 s
@@ -118,7 +107,7 @@ def test_a_killed_scorer_costs_a_rerun_and_no_candidate(tmp_path):
             if any(p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ImplicitFunc")
                    for p in psutil.Process().children(recursive=True) if p.is_running()):
                 time.sleep(1.5)  # both trials' scorers are busy by now
-                pids = _scorer_pids()
+                pids = ray_actor_pids("ray::_Scorer")
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])

@@ -5,11 +5,15 @@
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel
 
 import opmix_ray
-
-from opmix_ray.config import type_name, yaml_default
+from opmix_ray.config import Config
 from opmix_ray.experiments.config import ExperimentConfig
 
 HEAD = """# Config reference
@@ -20,6 +24,42 @@ stops the run with one line naming the field and the fix (exit 2). `opmix-ray co
 the same in the terminal. `bench` and `schedule` are read only by `opmix-ray bench` and
 `opmix-ray continual`.
 """
+
+
+def type_name(annotation) -> str:
+    """A field's type as a user reads it: int, 'cosine' | 'wsd', list[str], float | null."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def yaml_default(field) -> str:
+    """A field's default as YAML (null, true, [0, 1, 2], {hidden_size: 64, ...})."""
+    value = field.default_factory() if field.default_factory else field.default
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+
+
+def config_help(schema: type[Config] | None = None) -> str:
+    """Every section and field `schema` reads (default: a run's) at its default, with its type and
+    help text in a comment: valid YAML that loads as the default config (`opmix-ray init` writes it)."""
+    lines = []
+    for sec_name, sec_field in (schema or Config).model_fields.items():
+        model = sec_field.default_factory().__class__
+        doc = " ".join((model.__doc__ or "").split())
+        lines.append(f"{sec_name}:" + (f"  # {doc}" if doc else ""))
+        for name, f in model.model_fields.items():
+            entry = f"  {name}: {yaml_default(f)}"
+            lines.append(f"{entry:<40} # {type_name(f.annotation)}. {f.description or ''}".rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def reference() -> str:
@@ -37,7 +77,6 @@ def reference() -> str:
 
 
 def cmd_config_help(args) -> int:
-    from opmix_ray.config import config_help
     from opmix_ray.experiments.config import ExperimentConfig
     print(config_help(ExperimentConfig if args.experiments else None))
     return 0
@@ -45,7 +84,7 @@ def cmd_config_help(args) -> int:
 
 def cmd_init(args) -> int:
     """Write a config with every field at its default, each commented with its type and meaning."""
-    from opmix_ray.config import ConfigError, config_help
+    from opmix_ray.config import ConfigError
     from opmix_ray.storage import atomic_write_bytes
     p = Path(args.path)
     if p.exists():  # never replace what a user owns

@@ -83,7 +83,7 @@ def change_domains(run_dir: str | Path, changes: list[dict]) -> list[dict]:
                           f"{LIVE_FILE} is left from a driver that died (fix: `opmix-ray resume {run_dir}`, then retry)")
     if live.get("auth_mode"):  # before Ray is imported: it reads the mode once
         os.environ.setdefault("RAY_AUTH_MODE", live["auth_mode"])
-    from opmix_ray.data.shards import build_shards
+    from opmix_ray.data.read import build_shards
     from opmix_ray.run_config import load_run_config
     cfg, history = load_run_config(run_dir, need_history=False)
     queued = []

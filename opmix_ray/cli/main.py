@@ -28,7 +28,7 @@ from pathlib import Path
 
 import opmix_ray
 from opmix_ray import rundir
-from opmix_ray.config import parse_overrides
+from opmix_ray.cli.overrides import parse_overrides
 from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, RunFailed, RunInterrupted
 
 

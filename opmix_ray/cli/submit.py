@@ -121,7 +121,8 @@ def follow(client, job_id: str, poll_s: float = 2.0, out=sys.stdout) -> str:
 def submit(config: str, address: str, runtime_env: str | None = None, wait: bool = True,
            sets: list[str] | None = None, overwrite: bool = False, submission_id: str | None = None) -> int:
     """Validate, submit, and (unless wait=False) follow the job; return the exit code to use."""
-    from opmix_ray.config import load_config, parse_overrides
+    from opmix_ray.cli.overrides import parse_overrides
+    from opmix_ray.config import load_config
     load_config(config, parse_overrides(sets))  # fail here, not on the cluster
     env = load_runtime_env(runtime_env)
     check_upload(env)

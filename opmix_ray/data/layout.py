@@ -65,14 +65,6 @@ def domain_files(root: Path, name: str) -> tuple[list[Path], list[str] | None]:
     return [hive / r for r in rels], rels
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_hash(rels: list[str] | None, shas: list[str]) -> str:
     """A domain's source hash from its files' sha256s (same order as domain_files)."""
     if rels is None:

@@ -2,7 +2,7 @@
 the object store by the tasks that build them, so the driver never holds the training corpus.
 
     from opmix_ray.config import load_config
-    from opmix_ray.data.shards import build_shards
+    from opmix_ray.data.read import build_shards
     shards = build_shards(load_config({"data": {"reader": "ray_data"}}))  # starts Ray if it is not up
 
 Every step runs on the cluster. One task per file checks its column and hashes the file (`_inspect`).
@@ -32,6 +32,8 @@ from opmix_ray.data.shards import (TokenShards, TrainArrays, _open_tokenizer, co
                                    finish_domain, kinds_agree, no_docs, resolve_data_paths)
 from opmix_ray.data.tokenizer import checkpoint_files, eos_token
 from opmix_ray.errors import BadInput, DataError
+from opmix_ray.ray_init import init_ray
+from opmix_ray.storage import sha256_file
 
 _TOKENIZERS: dict[str, object] = {}  # per worker process: a tokenizer is parsed once, not per batch
 
@@ -47,7 +49,7 @@ def _tokenizer(tok_json: str):
 @ray.remote
 def _inspect(path: str, column: str) -> tuple[bool, str]:
     """(holds token ids, sha256 of the file), on the node that reads the file."""
-    return column_kind(Path(path), column), layout.file_sha256(Path(path))
+    return column_kind(Path(path), column), sha256_file(Path(path))
 
 
 def _tokenize(batch: pa.Table, tok_json: str, files: dict[str, list], column: str) -> pa.Table:
@@ -133,7 +135,6 @@ def _ordered_reads():
 
 def _ensure_ray(cfg: Config) -> None:
     if not ray.is_initialized():
-        from opmix_ray.engine.driver import init_ray  # the run's own Ray settings, whoever builds first
         init_ray(cfg)
 
 
@@ -155,7 +156,7 @@ def _blocks(cfg: Config, tok_json: str, files: dict[str, list]) -> list:
 
 
 def build_shards_ray(cfg: Config) -> TokenShards:
-    """shards.build_shards with the reading and tokenizing done by Ray Data tasks."""
+    """shards.tokenize_on_driver with the reading and tokenizing done by Ray Data tasks."""
     root, domains, tok_path = resolve_data_paths(cfg)
     tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
     _ensure_ray(cfg)

@@ -26,6 +26,7 @@ from opmix_ray.errors import DataError
 from opmix_ray.data import layout
 from opmix_ray.data.tokenizer import checkpoint_files, eos_token, tokenizer_path
 from opmix_ray.mixture import Mixture, content_hash
+from opmix_ray.storage import sha256_file
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "corpus"
 
@@ -281,7 +282,7 @@ def finish_domain(cfg: Config, name: str, docs: list[np.ndarray], index: int, vo
 def _tokenize_domain(cfg: Config, name: str, files: list[Path], rels: list[str] | None, index: int,
                      tok: Tokenizer, eos: int):
     """(train ids, val windows, selection windows or None, source hash) for one domain's files."""
-    src = layout.source_hash(rels, [layout.file_sha256(f) for f in files])
+    src = layout.source_hash(rels, [sha256_file(f) for f in files])
     where = f"{files[0].parent}/" if rels is not None else str(files[0])
     docs = _read_docs(files, where, cfg.data.text_column, tok)
     return (*finish_domain(cfg, name, docs, index, tok.get_vocab_size(), eos), src)
@@ -296,14 +297,9 @@ def data_hash_of(cfg: Config, domains: tuple[str, ...], tok_hash: str, src: dict
                         *(["selection", n_sel] if n_sel else []))  # off: the hashes runs had before it
 
 
-def build_shards(cfg: Config) -> TokenShards:
-    """Tokenize every domain; deterministic given (data, tokenizer, seq_len, val size, seed). With
-    data.reader: ray_data the same shards come from Ray Data tasks (data/ray_reader.py)."""
-    if cfg.data.reader == "ray_data":
-        # ray_reader builds on this module's helpers; the reader is picked here so every caller
-        # keeps one entry point (a known back-edge, to be removed by moving the dispatch up)
-        import importlib
-        return importlib.import_module("opmix_ray.data.ray_reader").build_shards_ray(cfg)
+def tokenize_on_driver(cfg: Config) -> TokenShards:
+    """data.reader: driver: every domain read and tokenized in this process (read.build_shards picks
+    the reader); deterministic given (data, tokenizer, seq_len, val size, seed)."""
     root, domains, tok_path = resolve_data_paths(cfg)
     tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
     train, val, sel, src = {}, {}, {}, {}

@@ -11,9 +11,6 @@ live run, engine/faults.py what a lost node does. This file only sequences them.
 from __future__ import annotations
 
 import math
-import os
-import signal
-import threading
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +20,7 @@ import ray
 from opmix_ray import rundir
 from opmix_ray.compute import round_search_flops
 from opmix_ray.config import Config, ConfigError
-from opmix_ray.console import Progress, colour, hide_ray_noise, verbosity
+from opmix_ray.console import Progress
 from opmix_ray.console import say as _say
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, train_adapters
@@ -38,49 +35,8 @@ from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_se
 from opmix_ray.errors import BadInput, failing_step
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.mixture import Mixture
+from opmix_ray.ray_init import init_ray
 from opmix_ray.storage import RunStore, checksums, is_uri
-
-
-def init_ray(cfg: Config) -> None:
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no tensorboard/csv per trial
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the run (cli/main.py), not a round
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints nothing per round
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not colour():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet)" prefixes without ANSI codes
-    if verbosity() != "verbose":
-        # this process imported transformers before the variables above were set (preflight loads models)
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    # Inside a Ray job (opmix-ray submit) the job supervisor sets RAY_ADDRESS: join that cluster.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    # ray.init installs a C++ failure-signal handler that also takes SIGTERM and aborts (SIGABRT, a
-    # stack dump); whoever set a Python SIGTERM handler (the CLI's stop) gets it back afterwards.
-    term = signal.getsignal(signal.SIGTERM)
-    hide_ray_noise()
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=verbosity() == "verbose")
-            return
-        _init_local(cfg)
-    finally:
-        if callable(term) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, term)
-
-
-def _init_local(cfg: Config) -> None:
-    # The main run's workers idle while a synchronous round runs, so their CPUs are counted on top of
-    # the cores: otherwise the round's adapter workers and trials would wait for sleeping workers.
-    cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(math.ceil(cfg.main.num_workers * cfg.main.cpus_per_worker))
-    # No dashboard. Ray cannot be kept on loopback: ray.init turns 127.0.0.1 into the machine's
-    # routable address and its servers bind every interface (cluster/README.md, tests/test_security.py).
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbosity() == "verbose",
-             logging_level="INFO" if verbosity() == "verbose" else "ERROR")
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> RunStore:
@@ -227,7 +183,7 @@ def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, sh
 def run(cfg: Config, overwrite: bool = False) -> dict:
     """Run OP-Mix (or a fixed-mixture baseline) end to end; return the summary dict."""
     t_start = time.time()
-    run_dir, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, Ray not started
+    run_dir, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, no Ray yet (data.reader: driver)
     store = _prepare_run_dir(cfg, run_dir, overwrite)
     store.write_yaml(rundir.CONFIG, cfg.model_dump(mode="json"))
     store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))

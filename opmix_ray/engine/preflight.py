@@ -22,7 +22,8 @@ from pyarrow.fs import FileSelector
 
 from opmix_ray import rundir
 from opmix_ray.config import Config, ConfigError
-from opmix_ray.data.shards import TokenShards, build_shards
+from opmix_ray.data.read import build_shards
+from opmix_ray.data.shards import TokenShards
 from opmix_ray.data.tokenizer import vocab_problem
 from opmix_ray.mixture import Mixture, MixtureError
 from opmix_ray.storage import is_uri, join, redact, remote_fs, staging_dir

@@ -81,9 +81,10 @@ def resume(run_dir: str | Path) -> dict:
     """Continue the run in run_dir (a local dir, or a URI run's s3://.../NAME) to its end; return
     its summary (see the module docstring)."""
     from opmix_ray.console import say as _say
-    from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine.driver import drive, finish, init_ray
+    from opmix_ray.data.read import build_shards
+    from opmix_ray.engine.driver import drive, finish
     from opmix_ray.engine.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
+    from opmix_ray.ray_init import init_ray
     t_start = time.time()
     if is_uri(run_dir):  # the run's bucket copy: resume in its staging dir, mirroring to the bucket
         try:

@@ -159,10 +159,10 @@ def _train_fixed_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: d
 
 def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Run the whole benchmark; returns {rows, oracle, fidelity, wall_s} (also in OUT/results.json)."""
-    from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.preflight import check_against_data, check_searcher
     from opmix_ray.experiments.report import write_report
+    from opmix_ray.ray_init import init_ray
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config error at --out: {out} is a file (fix: pass a directory for the benchmark's "

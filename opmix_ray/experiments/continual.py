@@ -154,9 +154,9 @@ def _instruct_scorer(cfg: ExperimentConfig, shards):
 
 
 def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
-    from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.preflight import check_against_data
+    from opmix_ray.ray_init import init_ray
     from opmix_ray.training import run_fixed_jobs
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
     steps = schedule_steps(cfg)

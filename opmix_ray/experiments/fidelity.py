@@ -76,13 +76,13 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     """Proxy vs exact-continuation truth on round `round_idx` of the run in `run_dir` (see module doc).
     overrides: config changes for the proxy only (search.* such as delta_scale, eval tokens);
     adapter_dirs: score these adapters instead of the run's own."""
-    from opmix_ray.data.shards import build_shards
-    from opmix_ray.engine.driver import init_ray
+    from opmix_ray.data.read import build_shards
     from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.engine.records import BoundaryInfo
     from opmix_ray.engine.trials import build_candidates, candidate_mixture, objective_weights, score
     from opmix_ray.history import read_history
     from opmix_ray.mixture import Mixture
+    from opmix_ray.ray_init import init_ray
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / rundir.HISTORY).is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no {rundir.HISTORY} (fix: pass the dir of a "

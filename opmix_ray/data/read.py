@@ -1,0 +1,22 @@
+"""The one entry point from a config to a run's tokenized domains: data.reader picks who reads them.
+
+    from opmix_ray.config import load_config
+    from opmix_ray.data.read import build_shards
+    shards = build_shards(load_config("opmix_ray/configs/tiny.yaml"))
+
+data.reader: driver tokenizes in this process (shards.tokenize_on_driver); data.reader: ray_data
+reads and tokenizes with Ray Data tasks and keeps the train tokens in the object store
+(ray_reader.build_shards_ray). Both give bit-identical tokens and the same data_hash, so a run's
+hashes do not depend on the reader. The choice lives here, above both readers, because the Ray Data
+reader is built on the driver reader's helpers.
+"""
+from __future__ import annotations
+
+from opmix_ray.config import Config
+from opmix_ray.data.ray_reader import build_shards_ray
+from opmix_ray.data.shards import TokenShards, tokenize_on_driver
+
+
+def build_shards(cfg: Config) -> TokenShards:
+    """Tokenize every domain of `cfg` with the reader data.reader names."""
+    return build_shards_ray(cfg) if cfg.data.reader == "ray_data" else tokenize_on_driver(cfg)
