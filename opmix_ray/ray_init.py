@@ -29,6 +29,10 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints nothing per round
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if verbosity() != "verbose":
+        # Ray Data prints three INFO lines per dataset (start, plan, finished) to the console; it
+        # reads this variable each time it sets up a dataset's logging (data.reader: ray_data)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not colour():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet)" prefixes without ANSI codes
     if verbosity() != "verbose":
