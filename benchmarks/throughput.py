@@ -14,9 +14,12 @@ actor's first-trial model build, i.e. rate after the first max_concurrent comple
 after the first call). "incl" = candidates / whole run_search wall (teardown too) or whole loop.
 --candidates-per-trial k packs k candidates into a trial (steady state then starts after the first
 max_concurrent trials, i.e. max_concurrent x k candidates). --scorer-pool scores in processes that
-outlive a round: before the first Tune pass the pool is removed, so that pass starts them ("cold",
-at worst what a run's first round pays); later passes find them warm (every later round); the ratios
-are given for both. A pass's breakdown: tuner_start_to_first_suggest_s (Tuner start), first_done_s
+outlive a round, and the passes find them three ways: pass 1 "cold" (the pool removed first, so its
+trials wait for the scorers' imports: a search run on its own); pass 2 "started with the run" (the
+pool removed, started as the driver starts it with the main run, and the pass begins once the
+scorers are ready: what a run's first round finds when its scorers were ready before its first
+trial, which the config run checks and reports as scorers_ready_before_first_trial_s); passes 3+
+"warm" (every later round). With --scorer-pool and no --run-dir, the config run uses the pool too. A pass's breakdown: tuner_start_to_first_suggest_s (Tuner start), first_done_s
 (to the first trial's result: actor start, imports, first model build and score),
 fresh_process_import_s (`import opmix_ray.engine.scoring`, what a trial process imports, in a new
 interpreter, measured once), in-trial seconds per trial (first per actor vs steady).
@@ -85,9 +88,23 @@ def inputs(args, tmp: str):
     path = HERE.parent / "opmix_ray" / "configs" / f"{args.model_config}.yaml"
     if not path.is_file():
         print(f"note: {path} does not exist; using tiny.yaml"); path = path.with_name("tiny.yaml")
-    cfg = load_config(path, {"run": {"storage_path": tmp, "name": "bench"}})
-    summary = run(cfg)
-    return cfg, Path(summary["run_dir"])
+    over = {"run": {"storage_path": tmp, "name": "bench"},
+            "search": {"scorer_pool": args.scorer_pool, "candidates_per_trial": args.candidates_per_trial}}
+    summary = run(load_config(path, over))
+    return load_config(path, {"run": over["run"]}), Path(summary["run_dir"])
+
+
+def run_lead(args) -> dict | None:
+    """The config run's scorer timeline: how long before its first trial asked for a scorer the
+    last of them was ready (> 0: the first round never waited for the imports)."""
+    if not args.scorer_pool or args.run_dir:
+        return None
+    import ray
+    from opmix_ray.engine.trial_batch import POOL
+    t = ray.get(ray.get_actor(POOL).timeline.remote())
+    ready = [r for r in t["ready_at"] if r is not None]
+    return {"scorers": len(t["ready_at"]), "scorers_ready_before_first_trial_s":
+            min(t["leased_at"]) - max(ready) if ready and t["leased_at"] else None}
 
 
 def main() -> None:
@@ -104,6 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="opmix_throughput_")
     cfg, run_dir = inputs(args, tmp)
+    lead = run_lead(args)
     n, m = args.num_candidates, args.max_concurrent
     ev = args.eval_tokens_per_domain or cfg.search.eval_tokens_per_domain
     kpt = args.candidates_per_trial
@@ -159,10 +177,16 @@ def main() -> None:
             except ValueError:
                 return
 
+    def pool_state(rep: int) -> str:
+        return ("cold", "started with the run", "warm")[min(rep, 2)] if args.scorer_pool else "off"
+
     def tune_pass(rep: int) -> dict:  # the real run_search, trials timestamped by the driver-side searcher
         TimedRandomSearcher.log.clear()
-        if args.scorer_pool and rep == 0:
+        if pool_state(rep) in ("cold", "started with the run"):
             cold_pool()
+        if pool_state(rep) == "started with the run":
+            import ray
+            ray.get(search.start_scorers(cfg).timeline.remote())  # returns once every scorer is ready
         load, t0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
         out = search.run_search(cfg, cands, 0, str(Path(tmp) / f"tune_{rep}"))
         t_ret, cpu = time.perf_counter(), time.process_time() - cpu0
@@ -171,7 +195,7 @@ def main() -> None:
         warm = min(m * kpt, n - 1)  # the candidates of the first max_concurrent trials
         row = {"mode": "tune", **rates(len(done), [t for t, _ in done], t0, warm, t_ret),
                "torch_threads": f"{cfg.search.cpus_per_trial:g} x {m} trials", "candidates_per_trial": kpt,
-               "scorer_pool": ("warm" if rep else "cold") if args.scorer_pool else "off",
+               "scorer_pool": pool_state(rep),
                "load_1min": load, "load_1min_after": os.getloadavg()[0], "driver_cpu_s": cpu,
                "last_trial_to_return_s": t_ret - max(t for t, _ in done),
                "tuner_start_to_first_suggest_s": min(t for kind, t, _, _ in log if kind == "suggest") - t0,
@@ -216,9 +240,13 @@ def main() -> None:
         "ratio_steady": float(np.median(ratio("rate_steady"))),
         "ratio_incl_setup": float(np.median(ratio("rate_incl_setup"))),
         "ratios_steady": ratio("rate_steady"), "ratios_incl_setup": ratio("rate_incl_setup"),
-        # with the pool, the first pass starts the scorers (a run's first round); later ones find them warm
+        # with the pool: per pass, the state the scorers were in (rows[].scorer_pool; see the docstring)
         "ratio_incl_setup_first_pass": ratio("rate_incl_setup")[0],
         "ratio_incl_setup_later_passes": float(np.median(ratio("rate_incl_setup")[1:])) if args.repeats > 1 else None,
+        "ratio_incl_setup_by_pool_state": {st: [r for i, r in enumerate(ratio("rate_incl_setup")) if pool_state(i) == st]
+                                           for st in dict.fromkeys(map(pool_state, range(args.repeats)))}
+        if args.scorer_pool else None,
+        "config_run_scorers": lead,
         "rows": rows, "probe": probe, "same_candidates": same, "max_abs_objective_diff": max_dobj,
         "setup": {"run_dir": str(run_dir), "model_params": int(sum({v.__array_interface__["data"][0]: v.size
                                                                       for v in cands.base_state.values()}.values())),
@@ -241,6 +269,12 @@ def main() -> None:
     later = result["ratio_incl_setup_later_passes"]
     print(f"incl. setup: first pass {result['ratio_incl_setup_first_pass']:.3f}, later passes "
           f"{'n/a' if later is None else f'{later:.3f}'} (k={kpt}, scorer pool {'on' if args.scorer_pool else 'off'})")
+    if args.scorer_pool:
+        print("incl. setup by scorer state: " + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in vs) for k, vs in
+                                                            result["ratio_incl_setup_by_pool_state"].items()))
+        if lead:
+            print(f"config run: {lead['scorers']} scorers, the last ready "
+                  f"{lead['scorers_ready_before_first_trial_s']:.1f} s before its first trial asked for one")
     fmt = lambda d: ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
     print("probe: " + fmt(probe))
     for r in rows[1::2]:

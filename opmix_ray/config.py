@@ -259,8 +259,9 @@ class SearchSection(Section):
                                       "Shares Tune's per-trial cost; the searcher has up to max_concurrent x this "
                                       "suggestions in flight, so Bayesian search sees results later.")
     scorer_pool: bool = Field(False, description="Score candidates in processes that outlive a round (one per "
-                              "trial slot and node, holding no Ray CPU while the trial holds them), so the trial "
-                              "processes' torch and transformers imports are paid once per run, not per round; "
+                              "trial slot and node, started with the main run, holding no Ray CPU while the trial "
+                              "holds them), so the trial processes' torch and transformers imports are paid once "
+                              "per run, before the first round, not per round; "
                               "each keeps its imports (a few hundred MB) while adapters train.")
 
     @field_validator("delta_scale")

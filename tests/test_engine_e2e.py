@@ -24,9 +24,12 @@ DRAW_TOL = 0.01
 def tiny_run(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     # warm_start off, the random searcher and the argmin rule: the pushed mixtures are then surely not uniform,
-    # so "the run trained on the pushed mixture" cannot pass by accident.
+    # so "the run trained on the pushed mixture" cannot pass by accident. Two candidates per trial and the
+    # scorer pool: a whole run on both (the scores they give are tests/test_trial_batch.py's).
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs", "tiny.yaml"),
-                      {"run": {"storage_path": str(storage)}, "search": {"warm_start": False, "searcher": "random"},
+                      {"run": {"storage_path": str(storage)},
+                       "search": {"warm_start": False, "searcher": "random", "candidates_per_trial": 2,
+                                  "scorer_pool": True},
                        "decision": {"rule": "argmin"}})
     summary = run(cfg)
     yield cfg, summary
@@ -61,6 +64,18 @@ def test_history_is_complete(tiny_run):
     import pyarrow.parquet as pq
     t = pq.read_table(os.path.join(run_dir, "history.parquet"))
     assert t.num_rows == 3 and "weights.python" in t.column_names and "objective" in t.column_names
+
+
+def test_the_run_starts_its_scorers_once_and_its_first_trial_finds_them_ready(tiny_run):
+    from opmix_ray.engine.trial_batch import POOL
+    cfg, _ = tiny_run
+    t = ray.get(ray.get_actor(POOL).timeline.remote())
+    # one scorer per trial slot for the whole run: round 1 started none
+    assert len(t["ready_at"]) == cfg.search.max_concurrent and None not in t["ready_at"]
+    # 2 rounds x 3 trials of 2 candidates leased one each
+    assert len(t["leased_at"]) == cfg.rounds.num_rounds * cfg.search.num_samples // 2
+    # started with the main run, they were ready before round 0's first trial asked for one
+    assert max(t["ready_at"]) < min(t["leased_at"])
 
 
 def test_main_run_trained_on_pushed_mixture(tiny_run):
@@ -116,7 +131,7 @@ def test_every_round_leaves_a_manifest_that_check_verifies(tiny_run, tmp_path):
 
 
 def test_tunes_own_readers_and_the_cli_read_the_run_back(tiny_run, capsys):
-    """ExperimentAnalysis on a round's search dir returns its trials (result.json per trial), and
+    """ExperimentAnalysis on a round's search dir returns its Tune trials (result.json per trial), and
     `opmix-ray results RUN --json` is one JSON document with the history and the summary."""
     from ray.tune import ExperimentAnalysis
 
@@ -125,7 +140,8 @@ def test_tunes_own_readers_and_the_cli_read_the_run_back(tiny_run, capsys):
     h = _history(summary)
     for r in h["rounds"]:
         df = ExperimentAnalysis(os.path.join(summary["run_dir"], f"search_round_{r['round']}")).dataframe()
-        assert len(df) == r["n_trials"] == cfg.search.num_samples
+        # one Tune trial per batch of candidates_per_trial, reporting its best candidate at the top
+        assert len(df) * cfg.search.candidates_per_trial == r["n_trials"] == cfg.search.num_samples
         assert df["objective"].min() == pytest.approx(r["objective"])
     assert main(["results", summary["run_dir"], "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -8,7 +8,7 @@ data.reader: driver tokenizes in this process (shards.tokenize_on_driver); data.
 reads and tokenizes with Ray Data tasks and keeps the train tokens in the object store
 (ray_reader.build_shards_ray). Both give bit-identical tokens and the same data_hash, so a run's
 hashes do not depend on the reader. The choice lives here, above both readers, because the Ray Data
-reader is built on the driver reader's helpers.
+reader is built on the driver reader's functions.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from opmix_ray.engine.faults import alive_nodes, interrupted, lost_since, on_dri
 from opmix_ray.engine.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.engine.preflight import preflight
 from opmix_ray.engine.records import BoundaryInfo, RoundRecord
-from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_search
+from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_search, start_scorers
 from opmix_ray.errors import BadInput, failing_step
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.mixture import Mixture
@@ -212,6 +212,8 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
                                     scheduling_strategy=on_driver_node()).remote(store, current, meta, rounds)
     write_live(run_dir, controller_name(cfg.run.name))
     main_ref = launch_main_run(cfg, shards_ref, str(run_dir), namespace, resume=resume)
+    if cfg.search.scorer_pool and boundaries:
+        start_scorers(cfg)  # their imports overlap the first segment: the first round's trials find them ready
     seen = _MainProgress(total)
     k = max((r["round"] for r in rounds or []), default=-1) + 1
     _say(f"main run: {total} steps, rounds at steps {boundaries}, " +

@@ -11,13 +11,15 @@ it scores anything, and Tune starts fresh ones every round. With the pool, the T
 forwards its candidates to a `_Scorer` actor on its own node, held by a named `_Pool` actor that the
 driver owns, so the imports are paid once per run and not once per round. A scorer holds no Ray CPU:
 the Tune trial holds them while it waits, which keeps Tune's placement and the CPU accounting as
-they are. The scorers start when the round's candidates are built (engine/trials.py), so their
-imports overlap the loading of the adapters. This module imports no torch: a pooled trial process
-never loads it.
+they are. The driver starts the scorers with the main run (engine/driver.py), so their imports
+overlap the first segment and the adapters' training and a run's first round finds them ready; a
+search run on its own starts them when its candidates are built (engine/trials.py). This module
+imports no torch: a pooled trial process never loads it.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import ray
 from ray import tune
@@ -124,10 +126,11 @@ class _Scorer:
     def __init__(self):
         self.key, self.cands = None, None
 
-    def ready(self) -> bool:
+    def ready(self) -> float:
+        """Import what a cold trial would import, ahead of it; the time it was done (time.time())."""
         import importlib
-        importlib.import_module("opmix_ray.engine.scoring")  # the imports a cold trial would pay, ahead of it
-        return True
+        importlib.import_module("opmix_ray.engine.scoring")
+        return time.time()
 
     def score(self, key: str, box: list, params: list[dict], cpus: float) -> list[dict]:
         from opmix_ray.engine.scoring import score_all
@@ -149,6 +152,8 @@ class _Pool:
     def __init__(self):
         self.free: dict[str, list] = {}
         self.leased: dict[str, tuple[str, object]] = {}
+        self.readied: list = []  # each started scorer's ready() ref
+        self.lease_times: list[float] = []
 
     def _new(self, node: str):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -160,11 +165,12 @@ class _Pool:
         have = len(free) + sum(1 for nd, _ in self.leased.values() if nd == node)
         for _ in range(max(0, n - have)):
             free.append(self._new(node))
-            free[-1].ready.remote()
+            self.readied.append(free[-1].ready.remote())
         return len(free)
 
     def acquire(self, node: str, trial: str):
         if trial not in self.leased:
+            self.lease_times.append(time.time())
             free = self.free.setdefault(node, [])
             self.leased[trial] = (node, free.pop() if free else self._new(node))
         return self.leased[trial][1]
@@ -182,8 +188,22 @@ class _Pool:
             done = [(s, s.release.remote()) for s in free]
             self.free[node] = [s for s, ref in done if _alive(ref)]  # a dead scorer is dropped, not fatal
 
+    def timeline(self, timeout: float = 60.0) -> dict:
+        """When each scorer started so far had its imports done, and when trials leased one
+        (time.time(), in start and lease order): whether the trials waited for the imports."""
+        done, _ = ray.wait(self.readied, num_returns=len(self.readied), timeout=timeout)
+        return {"ready_at": [_value(r) if r in done else None for r in self.readied],
+                "leased_at": list(self.lease_times)}
+
     def size(self) -> int:
         return sum(len(f) for f in self.free.values()) + len(self.leased)
+
+
+def _value(ref):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError:
+        return None
 
 
 def _alive(ref) -> bool:

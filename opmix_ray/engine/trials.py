@@ -84,7 +84,7 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     """info: the boundary's report (caps need drawn_tokens, total_steps, tokens_per_step, step);
     segment_tokens: the main-run tokens until the next decision (delta_scale: auto)."""
     if cfg.search.scorer_pool and ray.is_initialized():
-        _pool(cfg)  # the scorers' imports overlap the loading below, not the search
+        start_scorers(cfg)  # a no-op once the run started them; else their imports overlap the loading below
     model = load_checkpoint(base_path)
     coords = tuple(c for c in adapter_dirs if c != REPLICATE)
     extra = (REPLICATE,) if REPLICATE in adapter_dirs else ()
@@ -311,7 +311,7 @@ def _trainable(cfg: Config, candidates: Candidates):
     """The round's Tune trainable, and the scorer pool's handle when search.scorer_pool is on."""
     cpus, pool = cfg.search.cpus_per_trial, None
     if cfg.search.scorer_pool:
-        pool = _pool(cfg)
+        pool = start_scorers(cfg)
         fn = tune.with_parameters(pooled_trial, box=[ray.put(candidates), candidates.key], cpus=cpus)
     else:
         fn = tune.with_parameters(merged_trial if cfg.search.candidates_per_trial == 1 else batch_trial,
@@ -319,8 +319,10 @@ def _trainable(cfg: Config, candidates: Candidates):
     return tune.with_resources(fn, {"cpu": cpus}), pool
 
 
-def _pool(cfg: Config):
-    """The scorer pool, with as many scorers started on this node as trials can run here at once."""
+def start_scorers(cfg: Config):
+    """The scorer pool, with as many scorers started on this node as trials can run here at once
+    (none are added once there are that many). The driver calls it when the main run starts, so a
+    run's first round finds the scorers' imports done."""
     node = ray.get_runtime_context().get_node_id()
     here = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
     return trial_batch.pool(node, min(cfg.search.max_concurrent, math.floor(here / cfg.search.cpus_per_trial)))
