@@ -101,8 +101,9 @@ class DataSection(Section):
                                                   "driver = this process (fastest on a small corpus); ray_data = "
                                                   "Ray Data tasks on the cluster (read_parquet + map_batches), the "
                                                   "train tokens stored by those tasks so the driver never holds the "
-                                                  "corpus; every node must see data.path at the same path (a shared "
-                                                  "filesystem). Both give the same tokens and data hash.")
+                                                  "corpus (also a domain added or revised in a live run); every node "
+                                                  "must see data.path at the same path (a shared filesystem). Both "
+                                                  "give the same tokens and data hash.")
 
     @field_validator("domains", "eval_only_domains")
     @classmethod

@@ -15,7 +15,9 @@ import ray
 
 from opmix_ray.config import load_config
 from opmix_ray.data.read import build_shards
-from opmix_ray.data.shards import (BUNDLED_DIR, TrainArrays, revised_domain, shard_manifest, with_domain, without_domain)
+from opmix_ray.data.ray_reader import ray_domain_file
+from opmix_ray.data.shards import BUNDLED_DIR, TrainArrays, shard_manifest, with_domain, without_domain
+from opmix_ray.engine.domains import apply_changes
 from opmix_ray.errors import DataError
 from opmix_ray.ray_init import init_ray
 
@@ -67,14 +69,18 @@ def test_bundled_corpus_is_bit_identical_and_the_driver_holds_only_refs(tmp_path
     gone = without_domain(rd, "licenses")  # a live removal keeps the ref, unfetched
     assert gone.retired.ref("licenses") == rd.train.ref("licenses") and "licenses" not in gone.train
     assert np.array_equal(gone.retired["licenses"], drv.train["licenses"])
+    # a live add and revise (what the driver applies at a boundary) go through the run's reader: with
+    # ray_data the new train tokens are built in the object store, and the result equals the driver's
     pq.write_table(_slice("licenses", 0, 80), tmp_path / "extra.parquet")
-    cfg = _cfg("ray_data")
-    grown = revised_domain(cfg, with_domain(cfg, rd, "extra", tmp_path / "extra.parquet"), "bible",
-                           tmp_path / "extra.parquet")
+    changes = [{"op": "add", "name": "extra", "file": "extra.parquet"},
+               {"op": "revise", "name": "bible", "file": "extra.parquet"}]
+    grown = apply_changes(_cfg("ray_data"), tmp_path, rd, changes)
     assert isinstance(grown.train, TrainArrays) and grown.train.ref("python") == rd.train.ref("python")
-    want = revised_domain(_cfg("driver"), with_domain(_cfg("driver"), drv, "extra", tmp_path / "extra.parquet"),
-                          "bible", tmp_path / "extra.parquet")
-    _same(want, grown)
+    assert all(isinstance(grown.train.ref(d), ray.ObjectRef) for d in grown.domains)
+    assert grown.train.ref("bible") != rd.train.ref("bible") and grown.train._got == {}
+    _same(apply_changes(_cfg("driver"), tmp_path, drv, changes), grown)
+    _same(with_domain(_cfg("driver"), drv, "extra", tmp_path / "extra.parquet"),
+          with_domain(_cfg("driver"), rd, "extra", tmp_path / "extra.parquet", ray_domain_file))
 
 
 def _slice(name: str, start: int, stop: int) -> pa.Table:

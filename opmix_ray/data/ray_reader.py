@@ -193,6 +193,25 @@ def build_shards_ray(cfg: Config) -> TokenShards:
                        select=sel, tokenizer_files=checkpoint_files(tok_path, eos_token(tok_path), cfg.data.seq_len))
 
 
+def ray_domain_file(cfg: Config, name: str, path: Path, index: int, tok, eos: int):
+    """shards.driver_domain_file done by Ray Data tasks: a domain arriving in a live run is read like
+    the run's first domains, and its train ids stay in the object store (their ObjectRef comes back)."""
+    _ensure_ray(cfg)
+    col = cfg.data.text_column
+    with _one_line_errors():
+        is_ids, sha = ray.get(_inspect.remote(str(path), col))
+        blocks = _blocks(cfg, Path(resolve_data_paths(cfg)[2]).read_text(), {_path_key(path): [index, is_ids, str(path)]})
+        present = ray.get([_index.remote(b) for b in blocks])
+        if err := next((e for _, e in present if e), None):
+            raise DataError(err)
+        mine = [b for b, (p, _) in zip(blocks, present) if index in p]
+        if not mine:
+            raise no_docs(str(path), col)
+        train, small = _assemble.remote(cfg, name, index, tok.get_vocab_size(), eos, True, *mine)
+        va, se, n = ray.get(small)
+    return train, n, va, se, layout.source_hash(None, [sha])
+
+
 def _path_key(path: Path) -> str:
     """A file as read_parquet's path column names it (an absolute local path)."""
     return str(Path(path).resolve())

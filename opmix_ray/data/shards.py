@@ -322,15 +322,23 @@ def _run_tokenizer(cfg: Config, shards: TokenShards) -> tuple[Tokenizer, int]:
     return tok, eos
 
 
-def with_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> TokenShards:
-    """`shards` plus training domain `name` read from `path` (a domain arriving in a live run:
-    engine/domains.py); the same split rules, and a data hash that chains the old one."""
+def driver_domain_file(cfg: Config, name: str, path: Path, index: int, tok: Tokenizer, eos: int):
+    """(train ids, their length, val windows, selection windows or None, source hash) of one domain
+    file, read in this process: how a domain arriving in a live run is read with data.reader: driver
+    (read.domain_file_reader picks the reader)."""
+    tr, va, se, sha = _tokenize_domain(cfg, name, [Path(path)], None, index, tok, eos)
+    return tr, len(tr), va, se, sha
+
+
+def with_domain(cfg: Config, shards: TokenShards, name: str, path: Path, read=driver_domain_file) -> TokenShards:
+    """`shards` plus training domain `name` read from `path` by `read` (a domain arriving in a live
+    run: engine/domains.py); the same split rules, and a data hash that chains the old one."""
     if name in shards.domains or name in shards.eval_only:
         raise DataError(f"add-domain: the run already has a domain '{name}' (fix: pick another --name)")
     tok, eos = _run_tokenizer(cfg, shards)
     index = len(shards.domains) + len(shards.eval_only)
-    tr, va, se, sha = _tokenize_domain(cfg, name, [Path(path)], None, index, tok, eos)
-    return replace(shards, domains=(*shards.domains, name), train=_with(shards.train, name, tr, len(tr)),
+    tr, n, va, se, sha = read(cfg, name, Path(path), index, tok, eos)
+    return replace(shards, domains=(*shards.domains, name), train=_with(shards.train, name, tr, n),
                    val={**shards.val, name: va}, source_hashes={**shards.source_hashes, name: sha},
                    select={**shards.select, **({name: se} if se is not None else {})},
                    data_hash=content_hash(shards.data_hash, "added", name, sha))
@@ -341,13 +349,13 @@ def _known(shards: TokenShards, name: str, what: str) -> None:
         raise DataError(f"{what}: the run has no training domain '{name}' (fix: one of {list(shards.domains)})")
 
 
-def revised_domain(cfg: Config, shards: TokenShards, name: str, path: Path) -> TokenShards:
+def revised_domain(cfg: Config, shards: TokenShards, name: str, path: Path, read=driver_domain_file) -> TokenShards:
     """`shards` with domain `name`'s data replaced by `path` (train and held-out val both new)."""
     _known(shards, name, "revise-domain")
     tok, eos = _run_tokenizer(cfg, shards)
-    tr, va, se, sha = _tokenize_domain(cfg, name, [Path(path)], None, shards.domains.index(name), tok, eos)
+    tr, n, va, se, sha = read(cfg, name, Path(path), shards.domains.index(name), tok, eos)
     select = {d: v for d, v in shards.select.items() if d != name}
-    return replace(shards, train=_with(shards.train, name, tr, len(tr)), val={**shards.val, name: va},
+    return replace(shards, train=_with(shards.train, name, tr, n), val={**shards.val, name: va},
                    select={**select, **({name: se} if se is not None else {})},
                    source_hashes={**shards.source_hashes, name: sha},
                    data_hash=content_hash(shards.data_hash, "revised", name, sha))

@@ -44,12 +44,14 @@ def clear_live(run_dir: Path) -> None:
 
 
 def apply_changes(cfg: Config, run_dir: Path, shards, changes: list[dict]):
+    from opmix_ray.data.read import domain_file_reader
     from opmix_ray.data.shards import revised_domain, with_domain, without_domain
+    read = domain_file_reader(cfg)  # data.reader's: with ray_data the new tokens stay in the object store
     for c in changes:
         if c["op"] == "add":
-            shards = with_domain(cfg, shards, c["name"], run_dir / c["file"])
+            shards = with_domain(cfg, shards, c["name"], run_dir / c["file"], read)
         elif c["op"] == "revise":
-            shards = revised_domain(cfg, shards, c["name"], run_dir / c["file"])
+            shards = revised_domain(cfg, shards, c["name"], run_dir / c["file"], read)
         else:
             shards = without_domain(shards, c["name"])
     return shards
