@@ -275,7 +275,8 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
                                     num_samples=budget),  # with k > 1 the searcher ends it sooner
         # A trial whose worker dies (OOM kill, node lost, kill -9) is rerun on a fresh actor: a
-        # trial is one merge + one eval, so a retry is cheap and the candidate is not lost. A NaN
+        # trial is one merge + one eval, so a retry is cheap and the candidate is usually not lost
+        # (Tune 2.60 can count one death twice and drop the rerun: tests/test_faults.py). A NaN
         # objective is no error and is not retried: the searcher records it failed (base.py).
         run_config=tune.RunConfig(storage_path=run_dir, name=rundir.search_job(round_idx), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
