@@ -6,8 +6,9 @@
 
 data.reader: driver tokenizes in this process (shards.tokenize_on_driver); data.reader: ray_data
 reads and tokenizes with Ray Data tasks and keeps the train tokens in the object store
-(ray_reader.build_shards_ray), and so do a live run's added and revised domains (domain_file_reader). Both give bit-identical tokens and the same data_hash, so a run's
-hashes do not depend on the reader. The choice lives here, above both readers, because the Ray Data
+(ray_reader.build_shards_ray), and so does a live run's added or revised domain
+(domain_file_reader). Both give bit-identical tokens and the same data_hash, so a run's hashes do
+not depend on the reader. The choice lives here, above both readers, because the Ray Data
 reader is built on the driver reader's functions.
 """
 from __future__ import annotations
