@@ -155,6 +155,23 @@ def _blocks(cfg: Config, tok_json: str, files: dict[str, list]) -> list:
     return refs
 
 
+def _domain_refs(cfg: Config, tok_json: str, files: dict[str, list], vocab_size: int, eos: int,
+                 doms: list[tuple[str, int, str, bool]]) -> dict:
+    """Tokenize `files` and assemble each of doms = (name, index, where it is shown, keep its train
+    ids): {name: (train ref, ref of (val, selection, train length))}."""
+    blocks = _blocks(cfg, tok_json, files)
+    present = ray.get([_index.remote(b) for b in blocks])
+    if err := next((e for _, e in present if e), None):
+        raise DataError(err)
+    refs = {}
+    for name, index, shown, keep in doms:
+        mine = [b for b, (p, _) in zip(blocks, present) if index in p]
+        if not mine:
+            raise no_docs(shown, cfg.data.text_column)
+        refs[name] = _assemble.remote(cfg, name, index, vocab_size, eos, keep, *mine)
+    return refs
+
+
 def build_shards_ray(cfg: Config) -> TokenShards:
     """shards.tokenize_on_driver with the reading and tokenizing done by Ray Data tasks."""
     root, domains, tok_path = resolve_data_paths(cfg)
@@ -174,16 +191,8 @@ def build_shards_ray(cfg: Config) -> TokenShards:
         for f, (is_ids, _) in zip(files_of[d][0], looked[d]):
             files[_path_key(f)] = [i, is_ids, str(f)]
     with _one_line_errors():
-        blocks = _blocks(cfg, Path(tok_path).read_text(), files)
-        present = ray.get([_index.remote(b) for b in blocks])
-        if err := next((e for _, e in present if e), None):
-            raise DataError(err)
-        refs = {}
-        for i, d in enumerate(names):
-            mine = [b for b, (p, _) in zip(blocks, present) if i in p]
-            if not mine:
-                raise no_docs(where[d], col)
-            refs[d] = _assemble.remote(cfg, d, i, tok.get_vocab_size(), eos, d in domains, *mine)
+        refs = _domain_refs(cfg, Path(tok_path).read_text(), files, tok.get_vocab_size(), eos,
+                            [(d, i, where[d], d in domains) for i, d in enumerate(names)])
         small = dict(zip(names, ray.get([refs[d][1] for d in names])))
     val = {d: small[d][0] for d in names}
     sel = {d: small[d][1] for d in names if small[d][1] is not None}
@@ -200,14 +209,9 @@ def ray_domain_file(cfg: Config, name: str, path: Path, index: int, tok, eos: in
     col = cfg.data.text_column
     with _one_line_errors():
         is_ids, sha = ray.get(_inspect.remote(str(path), col))
-        blocks = _blocks(cfg, Path(resolve_data_paths(cfg)[2]).read_text(), {_path_key(path): [index, is_ids, str(path)]})
-        present = ray.get([_index.remote(b) for b in blocks])
-        if err := next((e for _, e in present if e), None):
-            raise DataError(err)
-        mine = [b for b, (p, _) in zip(blocks, present) if index in p]
-        if not mine:
-            raise no_docs(str(path), col)
-        train, small = _assemble.remote(cfg, name, index, tok.get_vocab_size(), eos, True, *mine)
+        train, small = _domain_refs(cfg, Path(resolve_data_paths(cfg)[2]).read_text(),
+                                    {_path_key(path): [index, is_ids, str(path)]}, tok.get_vocab_size(), eos,
+                                    [(name, index, str(path), True)])[name]
         va, se, n = ray.get(small)
     return train, n, va, se, layout.source_hash(None, [sha])
 
