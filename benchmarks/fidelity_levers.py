@@ -58,7 +58,17 @@ VARIANTS = {
     "raw, 60 adapter steps": _with(RAW, "adapters", steps=60),
     # DeMix (adapters.kind: full): full fine-tuned components, the same settings and merge otherwise
     "DeMix: full components, 2x current lr, wd .01, c 1, raw": _with(RAW, "adapters", kind="full"),
+    # what a LoRA probe can express: rank, the (tied) embedding trained in full, steps and lr with it
+    "LoRA r64, raw": _with(RAW, "adapters", r=64, alpha=128.0),
+    "LoRA r16 + embedding, raw": _with(RAW, "adapters", embedding="full"),
+    "LoRA r16 + embedding, 60 adapter steps": _with(RAW, "adapters", embedding="full", steps=60),
+    "LoRA r16 + embedding, 4x current lr": _with(RAW, "adapters", embedding="full", lr_multiplier=4.0),
+    "LoRA r64 + embedding, raw": _with(RAW, "adapters", embedding="full", r=64, alpha=128.0),
 }
+# the proxy levers measured on the bench's setting (--levers)
+LEVERS = ["shared init, 2x current lr, wd .01, c 1, raw", "LoRA r64, raw", "LoRA r16 + embedding, raw",
+          "LoRA r16 + embedding, 60 adapter steps", "LoRA r16 + embedding, 4x current lr",
+          "DeMix: full components, 2x current lr, wd .01, c 1, raw"]
 QUICK = ["v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)", "shared init, 2x current lr, wd .01, c 1, raw",
          "raw, 60 adapter steps"]
 
@@ -66,10 +76,12 @@ QUICK = ["v1 (per-adapter init, 2x peak lr, wd 0, c 1, raw)", "shared init, 2x c
 def adapter_key(ov: dict) -> str:
     a = {**RAW["adapters"], "steps": None, "kind": "lora", **ov.get("adapters", {})}
     kind = "" if a["kind"] == "lora" else f"{a['kind']}_"
-    return f"{kind}{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}"
+    more = "".join(f"_{k}{a[k]}" for k in ("r", "embedding", "lr_multiplier") if k in a)
+    return f"{kind}{a['init']}_{a['lr_schedule']}_wd{a['weight_decay']}_steps{a['steps'] or 'cfg'}{more}"
 
 
-def base_run(out: Path, seed: int, schedule: str = "cosine", selection_tokens: int | None = None) -> Path:
+def base_run(out: Path, seed: int, schedule: str = "cosine", selection_tokens: int | None = None,
+             config: Path = CONFIG) -> Path:
     """bench.yaml's OP-Mix run at `seed`; schedule wsd anneals the lr before every round boundary,
     so round 0 decides at an annealed checkpoint, as the OP-Mix paper does. selection_tokens:
     data.selection_tokens_per_domain (0 = no selection windows, the layout of the cosine truths in
@@ -77,7 +89,7 @@ def base_run(out: Path, seed: int, schedule: str = "cosine", selection_tokens: i
     from opmix_ray.engine.driver import run
     name = f"bench-s{seed}" if schedule == "cosine" else f"bench-{schedule}-s{seed}"
     data = {} if selection_tokens is None else {"selection_tokens_per_domain": selection_tokens}
-    cfg = load_config(CONFIG, {"run": {"seed": seed, "name": name, "storage_path": str(out / "runs")},
+    cfg = load_config(config, {"run": {"seed": seed, "name": name, "storage_path": str(out / "runs")},
                                "main": {"schedule": schedule}, "data": data})
     run_dir = out / "runs" / cfg.run.name
     if not (run_dir / "summary.json").is_file():
@@ -131,7 +143,7 @@ def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
 MIXTURE_ADAPTER = "no merge: one adapter trained on each candidate's mixture"
 
 
-def mixture_adapter_fidelity(run_dir: Path, truth_file: Path, dest: Path) -> dict:
+def mixture_adapter_fidelity(run_dir: Path, truth_file: Path, dest: Path, overrides: dict = RAW) -> dict:
     """The proxy a merge approximates: for each candidate, one LoRA adapter trained on its mixture E(a)
     (the shipped adapter settings, the 'old' adapter's init and data seed, so candidates differ only in
     their mixture), scored on the search's eval windows against the same truths."""
@@ -141,7 +153,7 @@ def mixture_adapter_fidelity(run_dir: Path, truth_file: Path, dest: Path) -> dic
     from opmix_ray.evaluate import domain_losses
     from opmix_ray.experiments.fidelity import corr, scores
     torch.set_num_threads(2)
-    cfg = load_run_config_only(run_dir, {"adapters": RAW["adapters"]})
+    cfg = load_run_config_only(run_dir, {"adapters": overrides["adapters"]})
     shards = build_shards(cfg)
     ckpt = str(run_dir / "main" / "round_0")
     info = read_json(Path(ckpt) / "train_state.json")["info"]
@@ -224,7 +236,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench_runs/levers")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--mixtures", type=int, default=16)
+    ap.add_argument("--config", type=Path, default=CONFIG, help="the base runs' config (default: bench.yaml)")
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} variants: {QUICK}")
+    ap.add_argument("--levers", action="store_true", help=f"only the proxy levers: {LEVERS}")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these variants")
     ap.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                     help="the main run's lr schedule (main.schedule) in the base runs")
@@ -235,6 +249,8 @@ def main() -> int:
     ap.add_argument("--mixture-adapters", action="store_true",
                     help=f"also score the no-merge reference ({MIXTURE_ADAPTER}); 16 adapter trainings per seed")
     ap.add_argument("--only-mixture-adapters", action="store_true", help="score only the no-merge reference")
+    ap.add_argument("--no-merge-variant", choices=list(VARIANTS), default="shared init, 2x current lr, wd .01, c 1, raw",
+                    help="the adapter settings of the no-merge reference's per-candidate adapters")
     ap.add_argument("--pairs", nargs=2, metavar=("FIDELITY_JSON", "MIXTURE_ADAPTERS_JSON"),
                     help="print every candidate's gain over stay by merge, no-merge proxy and truth, and exit")
     ap.add_argument("--table", nargs="+", metavar="LEVERS_JSON", help="print the markdown table of these files and exit")
@@ -249,7 +265,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
     for seed in args.seeds:
-        run_dir = base_run(out, seed, args.schedule, args.selection_tokens)
+        run_dir = base_run(out, seed, args.schedule, args.selection_tokens, args.config)
         truth_file = run_dir / "fidelity_round_0.json"
         if args.truths_from and not truth_file.is_file():
             stored = Path(args.truths_from[args.seeds.index(seed)])
@@ -260,12 +276,15 @@ def main() -> int:
         if not truth_file.is_file():
             run_fidelity(run_dir, 0, args.mixtures, truth_seeds=2)
         todo = [] if args.only_mixture_adapters else [n for n in VARIANTS if (not args.quick or n in QUICK)
+                                                      and (not args.levers or n in LEVERS)
                                                       and (not args.variants or n in args.variants)]
         if args.mixture_adapters or args.only_mixture_adapters:
             todo.append(MIXTURE_ADAPTER)
         for name in todo:
             if name == MIXTURE_ADAPTER:
-                res = mixture_adapter_fidelity(run_dir, truth_file, out / "adapters" / run_dir.name / "per_candidate")
+                ov = VARIANTS[args.no_merge_variant]
+                res = mixture_adapter_fidelity(run_dir, truth_file, out / "adapters" / run_dir.name /
+                                               f"per_candidate_{adapter_key(ov)}", ov)
             else:
                 ov = VARIANTS[name]
                 dirs = train_variant(run_dir, ov, out / "adapters" / run_dir.name / adapter_key(ov))

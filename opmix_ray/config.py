@@ -33,6 +33,12 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+def sampler_seed(run: "RunSection") -> int:
+    """The main run's sampler seed: 1000 x the data-order seed (run.data_seed, else run.seed), so a
+    fixed-mixture run with the same seeds draws exactly what the main run draws."""
+    return 1000 * (run.seed if run.data_seed is None else run.data_seed)
+
+
 def _takes_bool(annotation) -> bool:
     """True where a bool may appear in the value: a bool field, Any, or a section (it checks its own)."""
     if annotation is bool or annotation is Any or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -62,7 +68,12 @@ class Section(BaseModel):
 class RunSection(Section):
     name: str = Field("opmix", description="Run name; the run's files go to <storage_path>/<name>.")
     storage_path: str = Field("./opmix_runs", description="Local or mounted dir, or a pyarrow.fs URI (s3://b/p, gs://b/p) mirrored from a local staging dir.")
-    seed: int = Field(0, ge=0, lt=2**32, description="Seed for data splits, sampling, init and the searcher.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for the data split, the model's init, the searcher and "
+                      "(unless data_seed is set) the data order.")
+    data_seed: int | None = Field(None, ge=0, lt=2**32, description="Seed for the data order alone: which windows the "
+                                  "main run and the adapters draw, and when. Same init and split, another order: "
+                                  "how far two runs of one mixture differ is the noise of a comparison "
+                                  "(`opmix-ray headroom`); null = run.seed.")
     baseline: Literal["none", "uniform", "natural"] = Field(
         "none", description="'none' runs OP-Mix rounds; 'uniform'/'natural' trains the same budget "
         "on a fixed mixture (no rounds) for comparison.")
@@ -80,6 +91,11 @@ class DataSection(Section):
                              "domain=<domain>/ of parquet files (data/layout.py); null = bundled corpus.")
     domains: list[str] | None = Field(None, description="Domain names in a fixed order; null = every "
                                       "parquet file and domain=<name>/ dir in `path`, sorted.")
+    build_revisions: bool = Field(False, description="Build data.path first, when it has no revisions.json, with the "
+                                  "bundled domains plus three derived from them: bible_ot and bible_nt (bible by "
+                                  "testament, disjoint documents) and python_v2 (python without comment lines); "
+                                  "`python -m opmix_ray.data.revisions`. Seconds; an existing build is checked "
+                                  "against its sha256s instead.")
     text_column: str = Field("text", description="Parquet column holding the documents (or token ids).")
     tokenizer: str | None = Field(None, description="A tokenizer.json, or a Hugging Face fast-tokenizer dir; null = "
                                   "model.path's own tokenizer.json if it has one, else the bundled BPE. The end-of-text "
@@ -104,6 +120,13 @@ class DataSection(Section):
                                                   "corpus (also a domain added or revised in a live run); every node "
                                                   "must see data.path at the same path (a shared filesystem). Both "
                                                   "give the same tokens and data hash.")
+
+    @model_validator(mode="after")
+    def _revisions_need_a_dir(self):
+        if self.build_revisions and not self.path:
+            raise ValueError("build_revisions: true needs a dir to build into (fix: set data.path to a new dir, "
+                             "e.g. opmix_runs/data)")
+        return self
 
     @field_validator("domains", "eval_only_domains")
     @classmethod
@@ -216,6 +239,13 @@ class AdaptersSection(Section):
                                       "its own domain; the rest follow the current mixture (paper: 0.9).")
     include_old: bool = Field(True, description="Also train an adapter on the current mixture and search "
                               "over {old, d_1..d_k} (the paper's collapse).")
+    embedding: Literal["frozen", "full"] = Field(
+        "frozen", description="full: each adapter also trains the input embedding (and the output head it is tied "
+        "to; an untied head too), as PEFT's modules_to_save with ensure_weight_tying, and that dense delta is merged "
+        "exactly beside the factored LoRA terms. A domain's token statistics live mostly there: without it an "
+        "adapter sees about half of what full fine-tuning learns on its domain and little of what it costs the "
+        "others (docs/DECISIONS.md). frozen: LoRA on target_modules only (the OP-Mix reference's adapters). "
+        "Costs vocab x hidden floats per adapter in memory while candidates are scored.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Linear layers that get LoRA adapters.")

@@ -98,18 +98,20 @@ def accumulated_step(model, opt, sched, micro: list[np.ndarray], device="cpu") -
 def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mixture, tokens: int,
                 seed: int, caps: dict[str, float] | None = None, init_path: str | None = None,
                 schedule: tuple[int, int] | None = None, eval_tokens: int | None = None,
-                save_path: str | None = None) -> dict:
+                save_path: str | None = None, data_seed: int | None = None) -> dict:
     """Train on one fixed mixture for `tokens` tokens; return final per-domain val loss and FLOPs.
 
-    From scratch (seeded exactly as the main run: model seed, sampler seed*1000) unless init_path
-    names a checkpoint; schedule=(start_step, total_steps) continues a main run's lr schedule.
+    From scratch (seeded exactly as the main run: model seed, sampler 1000 x data_seed, which
+    defaults to seed) unless init_path names a checkpoint; schedule=(start_step, total_steps)
+    continues a main run's lr schedule.
     """
     t0 = time.time()
     model = load_checkpoint(init_path) if init_path else build_model(model_cfg, shards.vocab_size, shards.seq_len, seed)
     steps = max(1, tokens // (main.batch_size * shards.seq_len))
     start, total = schedule or (0, steps)
     opt, sched = make_optimizer(model, main, total, start)
-    sampler = MixtureSampler(shards.train, mixture, shards.seq_len, caps, seed=seed * 1000)
+    sampler = MixtureSampler(shards.train, mixture, shards.seq_len, caps,
+                             seed=1000 * (seed if data_seed is None else data_seed))
     model.train()
     for _ in range(steps):
         batch, _ = sampler.next_batch(main.batch_size)
@@ -123,6 +125,16 @@ def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mix
             "n_params": n, "tokens": t, "flops": train_flops(n, t) + eval_flops(n, eval_t), "wall_s": time.time() - t0}
 
 
+def fixed_job(cfg, seed: int, shards, weights, data_seed: int | None = None, tokens: int | None = None,
+              **labels) -> dict:
+    """A run_fixed_jobs job: cfg's model and main budget (or `tokens`) from scratch on fixed `weights`
+    (in shards.domains order), init and split seed `seed`, data order `data_seed` (None: seed's own),
+    cfg's repetition caps; labels are copied into the job's row."""
+    return {"weights": dict(zip(shards.domains, map(float, weights))), "model": cfg.model.model_dump(),
+            "main": cfg.main.model_dump(), "tokens": tokens or cfg.main.total_tokens, "seed": seed,
+            "data_seed": data_seed, "caps": shards.cap_tokens(cfg), **labels}
+
+
 def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
     from opmix_ray.model import set_threads
     set_threads(1)
@@ -132,7 +144,7 @@ def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
     mixture = Mixture.from_dict(job["weights"], shards.domains)
     out = train_fixed(ModelSection(**job["model"]), MainSection(**job["main"]), shards, mixture, job["tokens"],
                       job["seed"], job.get("caps"), job.get("init_path"), job.get("schedule"), job.get("eval_tokens"),
-                      job.get("save_path"))
+                      job.get("save_path"), job.get("data_seed"))
     return {"job": config["job"], "flops": out["flops"], "wall_s": out["wall_s"], "n_params": out["n_params"],
             **{f"loss_{d}": v for d, v in out["val_loss"].items()},
             **{f"drawn_{d}": v for d, v in out["drawn"].items()}}
@@ -143,7 +155,8 @@ def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_c
 
     `shards` is one TokenShards, or {seed: TokenShards} when the jobs span seeds.
     A job: {weights, model (ModelSection dict), main (MainSection dict), tokens, seed, caps?,
-    init_path?, schedule?, eval_tokens?, save_path? (write the final HF checkpoint), ...labels}.
+    init_path?, schedule?, eval_tokens?, save_path? (write the final HF checkpoint), data_seed? (the
+    data order; default seed), ...labels}.
     Extra keys are copied into the row.
     """
     from ray import tune

@@ -252,3 +252,62 @@ def test_factored_stack_refuses_other_modules_or_shapes(adapter_dirs):
     other = _base(ModelSection(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=64))
     with pytest.raises(AdapterError, match="fix:"):
         MergedModel(other, stack_factors([a]))
+
+
+@pytest.fixture(scope="module")
+def embedding_dirs(tmp_path_factory):
+    """Three adapters as adapters.embedding: full trains them: LoRA plus the tied embedding in full."""
+    from opmix_ray.config import load_config
+    from opmix_ray.engine.adapters import lora_config
+    cfg = load_config({"adapters": {"r": 4, "alpha": 8, "embedding": "full"}})
+    dirs = []
+    for i in range(3):
+        peft_model = get_peft_model(_base(), lora_config(cfg, _base()))
+        g = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        d = tmp_path_factory.mktemp(f"emb_adapter{i}")
+        peft_model.save_pretrained(d)
+        dirs.append((d, peft_model))
+    return dirs
+
+
+def test_embedding_adapter_keeps_the_head_tied_and_merges_exactly(embedding_dirs):
+    from opmix_ray.engine.merge import load_dense_deltas
+    base = _base()
+    (d0, trained0) = embedding_dirs[0]
+    inner = trained0.get_base_model()
+    assert inner.lm_head.weight.data_ptr() == inner.model.embed_tokens.weight.data_ptr() or torch.equal(
+        inner.lm_head.weight, inner.model.embed_tokens.weight)  # ensure_weight_tying: still one matrix
+    dense = [load_dense_deltas(d, base) for d, _ in embedding_dirs]
+    assert all(list(x) == ["model.embed_tokens.weight"] for x in dense)  # the tied pair once
+    stacked = stack_factors([load_lora_factors(d) for d, _ in embedding_dirs])
+    stacked.update(stack_deltas(dense))
+    x = torch.randint(0, 128, (2, 12))
+    mm = MergedModel(_base().eval(), stacked)
+    # one adapter at weight 1 is that adapter as PEFT loads it, embedding included
+    for i, (d, _) in enumerate(embedding_dirs):
+        mm.apply(np.eye(3)[i])
+        peft_loaded = PeftModel.from_pretrained(_base(), d).eval()
+        with torch.no_grad():
+            assert torch.allclose(mm.model(x).logits, peft_loaded(x).logits, atol=2e-5)
+    # a blend: the exact weighted sum of every delta, the embedding's too (dense reference)
+    mm.apply(W)
+    ref = _base().eval()
+    with torch.no_grad():
+        for m, delta in merged_delta({**stack_deltas([load_lora_delta(d) for d, _ in embedding_dirs]),
+                                      **stack_deltas(dense)}, W).items():
+            p = dict(ref.named_parameters()).get(m)
+            p = p if p is not None else ref.get_submodule(m).weight
+            p.add_(torch.from_numpy(delta))
+        assert torch.allclose(mm.model(x).logits, ref(x).logits, atol=2e-5)
+    mm.close()
+    with torch.no_grad():  # close() leaves the plain base, its tied embedding restored
+        assert torch.allclose(mm.model(x).logits, _base().eval()(x).logits, atol=1e-6)
+
+
+def test_frozen_embedding_adapters_have_no_dense_delta(adapter_dirs):
+    from opmix_ray.engine.merge import load_dense_deltas
+    assert load_dense_deltas(adapter_dirs[0], _base()) == {}

@@ -9,6 +9,7 @@
     opmix-ray check opmix_runs/demo        # every artifact whole? (after a crash or a lost node)
     opmix-ray results opmix_runs/demo
     opmix-ray bench opmix_ray/configs/bench.yaml --out bench_runs/default   # every method, 3 seeds (~1 h)
+    opmix-ray headroom opmix_ray/configs/bench.yaml --out bench_runs/headroom   # best fixed mixture vs noise
     opmix-ray fidelity opmix_runs/demo --round 0 --mixtures 16            # merged adapters vs real training
     opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default   # domains in stages
     opmix-ray data build --out DIR --max-mb-per-domain 2
@@ -188,6 +189,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_headroom(args) -> int:
+    from opmix_ray.experiments.config import ExperimentConfig
+    cfg = _load(args.config, _sets(args), ExperimentConfig)
+    from opmix_ray.experiments.headroom import markdown, run_headroom
+    res = run_headroom(cfg, args.out, overwrite=args.overwrite)
+    print(markdown(res))
+    print(f"wrote {args.out}/headroom.json ({res['wall_s']:.0f}s)")
+    return 0
+
+
 def cmd_fidelity(args) -> int:
     from opmix_ray.experiments.fidelity import run_fidelity
     res = run_fidelity(args.run_dir, args.round, args.mixtures, args.truth_seeds)
@@ -311,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_lazy('opmix_ray.cli.results', 'cmd_results'))
     _experiment(sub, "bench", "every method (OP-Mix and the baselines) on the same budget and seeds",
                 "bench_runs/default", cmd_bench)
+    _experiment(sub, "headroom", "how far the best fixed mixture beats uniform, against the data-order noise",
+                "bench_runs/headroom", cmd_headroom)
     f = sub.add_parser("fidelity", help="Spearman of merged-adapter scores vs really training on the mixtures")
     f.add_argument("run_dir", help="a finished OP-Mix run dir")
     f.add_argument("--round", type=int, default=0, help="which round's checkpoint and adapters")

@@ -19,7 +19,11 @@ from opmix_ray.data.shards import TokenShards, driver_domain_file, tokenize_on_d
 
 
 def build_shards(cfg: Config) -> TokenShards:
-    """Tokenize every domain of `cfg` with the reader data.reader names."""
+    """Tokenize every domain of `cfg` with the reader data.reader names (after building data.path,
+    with data.build_revisions)."""
+    if cfg.data.build_revisions:
+        from opmix_ray.data.revisions import ensure_built
+        ensure_built(cfg.data.path)  # seconds; checks the sha256s of an existing build
     return build_shards_ray(cfg) if cfg.data.reader == "ray_data" else tokenize_on_driver(cfg)
 
 

@@ -88,7 +88,7 @@ def build_revisions(out_dir: str | Path, src_dir: str | Path | None = None) -> d
 def ensure_built(data_dir: str | None) -> dict:
     """The manifest of data_dir, building it first when it has none; checks every sha256."""
     if not data_dir:
-        raise DataError("data.path: schedule.build_revisions needs a data dir (fix: set data.path; it is built "
+        raise DataError("data.path: data.build_revisions needs a data dir (fix: set data.path; it is built "
                         "there by `python -m opmix_ray.data.revisions` if missing)")
     root = Path(data_dir).expanduser()
     if not (root / MANIFEST).is_file():

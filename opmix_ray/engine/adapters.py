@@ -75,9 +75,31 @@ def adapter_tokens(cfg: Config, seq_len: int) -> int:
 def adapter_seeds(cfg: Config, round_idx: int | str, name: str) -> tuple[int, int]:
     """(LoRA init seed, data seed). A shared init is one seed per round: every adapter starts from
     the same A, so merged deltas differ by what each adapter's data taught, not by its init."""
-    data = zlib.crc32(f"{cfg.run.seed}/{round_idx}/{name}".encode())
+    order = "" if cfg.run.data_seed is None else f"order{cfg.run.data_seed}/"  # run.data_seed: another order
+    data = zlib.crc32(f"{cfg.run.seed}/{order}{round_idx}/{name}".encode())
     init = zlib.crc32(f"{cfg.run.seed}/{round_idx}/lora-init".encode()) if cfg.adapters.init == "shared" else data
     return init, data
+
+
+def embedding_modules(model) -> tuple[list[str], bool]:
+    """(module names for PEFT's modules_to_save, tied?): the input embedding, plus the output head when
+    it is not tied to it (a tied head follows the embedding through ensure_weight_tying)."""
+    names = {m: n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is emb.weight
+    out = [names[emb].rsplit(".", 1)[-1]] + ([] if tied else [names[head].rsplit(".", 1)[-1]])
+    return out, tied
+
+
+def lora_config(cfg: Config, model) -> LoraConfig:
+    """The round's LoRA: r, alpha and target_modules from adapters.*; with adapters.embedding: full the
+    embedding (and an untied head) train in full beside it, a tied head kept tied."""
+    extra = {}
+    if cfg.adapters.embedding == "full":
+        modules, tied = embedding_modules(model)
+        extra = {"modules_to_save": modules, "ensure_weight_tying": tied}
+    return LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(cfg.adapters.target_modules), init_lora_weights=True, **extra)
 
 
 def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seeds: tuple[int, int], lr: float,
@@ -89,9 +111,7 @@ def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, see
     full = cfg.adapters.kind == "full"
     if not full:
         torch.manual_seed(init_seed)  # LoRA's A is drawn from torch's global RNG
-        lora = LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
-                          target_modules=list(cfg.adapters.target_modules), init_lora_weights=True)
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg, model))
     sampler = MixtureSampler(shards.train, Mixture.from_dict(weights, shards.domains), shards.seq_len, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.adapters.weight_decay)

@@ -270,7 +270,7 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
                "final_val_ppl_mean": mean_perplexity({d: final["val_loss"][d] for d in shards.domains}),
                "final_target_ppl": {d: math.exp(final["val_loss"][d]) for d in shards.eval_only},
                "final_mixture": current.as_dict(), "drawn_last_segment": final["drawn"],
-               "main_flops": final["flops"], "rounds_mode": cfg.rounds.mode,
+               "main_flops": final["flops"], "n_params": final["n_params"], "rounds_mode": cfg.rounds.mode,
                "main_stall_s": sum(final.get("stall_s", {}).values()), "applied_step": final.get("applied_step", {}),
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
                "main_train_s": final.get("train_s", 0.0), "main_tokens": final["tokens"],

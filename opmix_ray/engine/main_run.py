@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
-from opmix_ray.config import Config
+from opmix_ray.config import Config, sampler_seed
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.data.tokenizer import write_checkpoint_files
 from opmix_ray.engine.controller import controller_name
@@ -237,7 +237,7 @@ def _make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -
             saved = json.load(f)["sampler"]["domains"]
         domains = saved + [d for d in domains if d not in saved]
     return MixtureSampler({**shards.retired, **shards.train}, live.over(domains), shards.seq_len, shards.cap_tokens(cfg),
-                          seed=cfg.run.seed * 1000)
+                          seed=sampler_seed(cfg.run))
 
 
 class _PushTracker:

@@ -10,8 +10,9 @@ alpha/r folded into B): a merged model is W0 x + B_cat diag(w_owner) A_cat x, ad
 hook on each adapted linear, so neither the k dense deltas nor a merged weight is ever made and
 memory is O(K (in + out)) per module (about 3 GB dense against 0.1 GB factored for 7 adapters at
 the SmolLM2-135M shape; benchmarks/factored_merge.py). A merge is setting K numbers. Dense
-[k, out, in] stacks (stack_deltas) remain for full components and as the reference the tests
-check the factored path against. Either sits in Ray's object store once; trials read it zero-copy.
+[k, out, in] stacks (stack_deltas) hold what is dense by nature: full components, and the embedding
+an adapter trains in full (adapters.embedding: full; load_dense_deltas), merged in place beside the
+factored terms; they are also the reference the tests check the factored path against. Either sits in Ray's object store once; trials read it zero-copy.
 
 Full component models (adapters.kind: full, DeMix) merge the same way over every parameter:
 theta(w) = theta_0 + sum_i w_i (theta_i - theta_0), which for weights summing to 1 is DeMix's
@@ -59,6 +60,24 @@ def load_lora_factors(adapter_dir: str | Path) -> dict[str, tuple[np.ndarray, np
                                "A [r, in] / B [out, r] pair (fix: retrain the adapters for this round)")
     scale = float(conf["lora_alpha"]) / float(conf["r"])
     return {mod: (ab["A"], (scale * ab["B"]).astype(np.float32)) for mod, ab in sorted(pairs.items())}
+
+
+def load_dense_deltas(adapter_dir: str | Path, base: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The parameters a LoRA adapter trained in full (PEFT's modules_to_save: adapters.embedding: full) ->
+    {parameter name of `base`: trained - base} as float32; {} when it trained none. A tied embedding and
+    head are one parameter of `base` and appear once, under its first name."""
+    d = Path(adapter_dir)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    out = {}
+    for name, p in base.named_parameters():  # named_parameters lists a tied weight once
+        t = tensors.get(f"base_model.model.{name}")
+        if t is None:
+            continue
+        if t.shape != tuple(p.shape):
+            raise AdapterError(f"adapter {d}: {name} has shape {t.shape}, the base {tuple(p.shape)} "
+                               "(fix: adapters must be trained on this round's checkpoint)")
+        out[name] = t.astype(np.float32) - p.detach().cpu().float().numpy()
+    return out
 
 
 def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:
@@ -188,13 +207,15 @@ def delta_norm(stacked: dict[str, np.ndarray], i: int) -> float:
 
 class MergedModel:
     """A base model whose adapted linears (or, for full components, parameters) compute with
-    W0 + sum_i w_i * delta_i: dense stacks are merged into the weights in place; LowRankStacks add
-    B_cat diag(w) A_cat x in a forward hook and leave the weights alone."""
+    W0 + sum_i w_i * delta_i: dense stacks (full components, a trained embedding) are merged into the
+    weights in place; LowRankStacks add B_cat diag(w) A_cat x in a forward hook and leave the weights
+    alone. One model may hold both."""
 
     def __init__(self, model: torch.nn.Module, stacked: dict, norm_to: float | None = None):
         """norm_to: every merge is rescaled to this delta norm (search.delta_norm: matched)."""
         self.model, self.stacked, self.norm_to = model, stacked, norm_to
-        self.factored = all(isinstance(D, LowRankStack) for D in stacked.values())
+        self.low = {m: D for m, D in stacked.items() if isinstance(D, LowRankStack)}
+        self.dense = {m: D for m, D in stacked.items() if not isinstance(D, LowRankStack)}
         params = dict(model.named_parameters())
         try:  # a LoRA delta names its module (the linear's weight); a full component's its parameter
             self.targets = {m: params[m] if m in params else model.get_submodule(m).weight for m in stacked}
@@ -205,15 +226,12 @@ class MergedModel:
             if tuple(w.shape) != stacked[m].shape[1:]:
                 raise AdapterError(f"adapter delta for {m} has shape {stacked[m].shape[1:]} but the model's "
                                    f"weight is {tuple(w.shape)} (fix: adapters must come from this model)")
-        if self.factored:
-            self.base = {}
-            self.scales = {m: torch.zeros(D.B.shape[1], dtype=torch.float32) for m, D in stacked.items()}
-            self._factors = {m: (torch.from_numpy(np.ascontiguousarray(D.A)), torch.from_numpy(np.ascontiguousarray(D.B)))
-                             for m, D in stacked.items()}
-            self._cast: dict = {}
-            self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in stacked]
-        else:
-            self.base = {m: w.detach().clone() for m, w in self.targets.items()}
+        self.base = {m: self.targets[m].detach().clone() for m in self.dense}
+        self.scales = {m: torch.zeros(D.B.shape[1], dtype=torch.float32) for m, D in self.low.items()}
+        self._factors = {m: (torch.from_numpy(np.ascontiguousarray(D.A)), torch.from_numpy(np.ascontiguousarray(D.B)))
+                         for m, D in self.low.items()}
+        self._cast: dict = {}
+        self._hooks = [model.get_submodule(m).register_forward_hook(self._hook(m)) for m in self.low]
 
     def _hook(self, m: str):
         def add_low_rank(module, inputs, out):
@@ -228,27 +246,24 @@ class MergedModel:
 
     @torch.no_grad()
     def apply(self, weights) -> None:
-        if self.factored:
-            w = np.asarray(weights, dtype=np.float64)
-            f = 1.0
-            if self.norm_to is not None:
-                norm = float(np.sqrt(sum(D.sqnorm(w) for D in self.stacked.values())))
-                f = self.norm_to / norm if norm > 0 else 1.0
-            for m, D in self.stacked.items():
-                self.scales[m].copy_(torch.from_numpy(f * w[D.owner]))
-            return
-        for m, delta in merged_delta(self.stacked, weights, self.norm_to).items():
-            w = self.targets[m]
-            w.copy_(self.base[m] + torch.from_numpy(delta).to(w.device, w.dtype))
+        w = np.asarray(weights, dtype=np.float64)
+        f = 1.0
+        if self.norm_to is not None:  # one factor for the whole merged delta, factored and dense parts alike
+            norm = float(np.sqrt(sum(_sqnorm(D, w) for D in self.stacked.values())))
+            f = self.norm_to / norm if norm > 0 else 1.0
+        for m, D in self.low.items():
+            self.scales[m].copy_(torch.from_numpy(f * w[D.owner]))
+        for m, delta in (merged_delta(self.dense, f * w) if self.dense else {}).items():
+            p = self.targets[m]
+            p.copy_(self.base[m] + torch.from_numpy(delta).to(p.device, p.dtype))
 
     @torch.no_grad()
     def reset(self) -> None:
-        if self.factored:
-            for d in self.scales.values():
-                d.zero_()
-            return
-        for m, w in self.targets.items():
-            w.copy_(self.base[m])
+        for d in self.scales.values():
+            d.zero_()
+        for m, p in self.targets.items():
+            if m in self.base:
+                p.copy_(self.base[m])
 
     def close(self) -> None:
         """Back to the plain base model: weights restored, hooks removed."""

@@ -31,7 +31,8 @@ from opmix_ray.console import Progress, say
 import opmix_ray.engine.trial_batch as trial_batch
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
 from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
-from opmix_ray.engine.merge import MergedModel, delta_norm, load_full_delta, load_lora_factors, stack_deltas, stack_factors
+from opmix_ray.engine.merge import (MergedModel, delta_norm, load_dense_deltas, load_full_delta, load_lora_factors,
+                                   stack_deltas, stack_factors)
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.scoring import _merged_model, candidate_mixture, merged_trial, score
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial
@@ -92,6 +93,9 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
         stacked = stack_deltas([load_full_delta(adapter_dirs[c], model) for c in coords + extra])
     else:  # LoRA stays factored: O(sum of ranks x (in + out)) per module, never k dense deltas
         stacked = stack_factors([load_lora_factors(adapter_dirs[c]) for c in coords + extra])
+        dense = [load_dense_deltas(adapter_dirs[c], model) for c in coords + extra]
+        if any(dense):  # adapters.embedding: full: the embedding's delta is dense by nature
+            stacked.update(stack_deltas(dense))
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     space = search_space(cfg, coords, current, shards, info)
     # the key names this build only: a process that drives two runs of the same name (or the same

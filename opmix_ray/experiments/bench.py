@@ -9,9 +9,13 @@ Per seed, in order:
   2. DoReMi (reference + Group DRO proxy, one Ray task) and Aioli (its one online run of the main
      model, a Ray task: its row is that run);
   3. OP-Mix: one real engine run per objective (Ray Train main run, adapters, Tune search);
-then one Tune run trains every baseline's mixture for the full main-run budget, plus the oracle
-(bench.oracle_runs full runs on sampled mixtures, first seed), and the fidelity check.
-Everything lands in OUT: rows.json (one row per method x objective x seed), results.md, PNGs.
+then the headroom measurement on the first seed (experiments/headroom.py: bench.oracle_runs fixed
+mixtures, and uniform and the best of them on bench.noise_orders more data orders) gives the oracle
+and the noise of a one-seed comparison per objective; one Tune run trains every baseline's mixture
+for the full main-run budget (the first seed's uniform and natural are the headroom's own runs);
+uniform-long trains uniform for OP-Mix's total FLOPs; then the fidelity check.
+Everything lands in OUT: results.json (rows per method x objective x seed, oracle, noise, headroom),
+headroom.json, results.md, PNGs.
 """
 from __future__ import annotations
 
@@ -23,35 +27,16 @@ import numpy as np
 
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
-from opmix_ray.config import ConfigError
-from opmix_ray.experiments.config import ExperimentConfig
+from opmix_ray.console import say
+from opmix_ray.experiments.config import ExperimentConfig, prepare_out, seed_config
+from opmix_ray.experiments.headroom import objectives
 from opmix_ray.experiments.baselines import (
     OBJECTIVE_FREE,
     ONLINE,
     BaselineContext,
     propose,
-    usage_upper_bounds,
 )
 from opmix_ray.storage import read_json, write_json
-
-
-def _say(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def objectives(shards) -> dict[str, dict[str, float]]:
-    out = {"mean": {d: 1.0 for d in shards.domains}}
-    if shards.eval_only:
-        out["target"] = {d: 1.0 for d in shards.eval_only}
-    return out
-
-
-def seed_config(cfg: ExperimentConfig, seed: int, out_dir: Path) -> ExperimentConfig:
-    """One seed's config: its run sections are what that seed's runs save and resume from
-    (`.run_config()`), its bench section what the baselines read."""
-    c = cfg.model_copy(deep=True)
-    c.run.seed, c.run.storage_path, c.run.baseline = seed, str(out_dir / "runs"), "none"
-    return c
 
 
 def metrics(val_loss: dict[str, float], shards) -> dict:
@@ -66,11 +51,11 @@ def metrics(val_loss: dict[str, float], shards) -> dict:
 def _proposals(cfg: ExperimentConfig, seed: int, shards, out_dir: Path) -> list[dict]:
     ctx = BaselineContext(cfg, shards, str(out_dir / f"seed_{seed}"))
     rows, objs = [], objectives(shards)
-    for m in [m for m in cfg.bench.methods if m not in OPMIX_METHODS]:
+    for m in [m for m in cfg.bench.methods if m not in OPMIX_METHODS + LATER]:
         for name, obj in objs.items():
             if m in OBJECTIVE_FREE and name != "mean":
                 continue  # one mixture serves every objective
-            _say(f"seed {seed}: {m}{'' if m in OBJECTIVE_FREE else f' ({name})'}")
+            say(f"seed {seed}: {m}{'' if m in OBJECTIVE_FREE else f' ({name})'}")
             res = propose(m, ctx, obj)
             row = {"method": m, "objective": "any" if m in OBJECTIVE_FREE else name, "seed": seed,
                    "mixture": res.mixture.as_dict(), "search_flops": res.search_flops,
@@ -94,6 +79,7 @@ OPMIX_V1 = {"adapters": {"init": "per_adapter", "lr_schedule": "peak", "weight_d
 # by the same rule, so it is also OP-Mix's full-rank ablation.
 VARIANTS = {"opmix": {}, "opmix-v1": OPMIX_V1, "demix": {"adapters": {"kind": "full"}}}
 OPMIX_METHODS = tuple(VARIANTS)
+LATER = ("uniform-long",)  # rows made once the OP-Mix runs they are sized by have finished
 
 
 def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method: str = "opmix") -> list[dict]:
@@ -105,56 +91,81 @@ def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method:
         if VARIANTS[method]:
             c = load_config(c.model_dump(mode="json"), VARIANTS[method])
         c.run.name, c.search.objective_weights = f"{method}-{name}-s{seed}", obj
-        _say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
+        say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
         s = run(c, overwrite=True)
         hist = read_json(rundir.at(s["run_dir"], rundir.HISTORY))
         wall = sum(sum(r["wall_s"].values()) for r in hist["rounds"])  # adapters, search, confirm
         rows.append({"method": method, "objective": name, "seed": seed, "mixture": s["final_mixture"],
                      "search_flops": s["search_flops"], "search_wall_s": wall, "main_flops": s["main_flops"],
-                     "run_dir": s["run_dir"], "rounds": [r["weights"] for r in hist["rounds"]],
+                     "run_dir": s["run_dir"], "n_params": s.get("n_params"), "rounds": [r["weights"] for r in hist["rounds"]],
                      "decisions": [r.get("decision") for r in hist["rounds"]],
                      **metrics(s["final_val_loss"], shards)})
     return rows
 
 
-def _oracle_mixtures(cfg: ExperimentConfig, shards, n: int) -> np.ndarray:
-    """Dirichlet(1) mixtures within the usage bounds, plus uniform and natural among them."""
-    rng, upper = np.random.default_rng([cfg.run.seed, 99]), usage_upper_bounds(cfg, shards)
-    out = [shards.uniform().as_array(), shards.natural().as_array()]
-    while len(out) < n:
-        w = rng.dirichlet(np.ones(len(shards.domains)))
-        if np.all(w <= upper + 1e-12):
-            out.append(w)
-    return np.array(out[:n])
+def _fixed_metrics(cfg: ExperimentConfig, res: dict, shards, tokens: int) -> dict:
+    return {**metrics(res["val_loss"], shards), "main_flops": train_flops(res["n_params"], tokens),
+            "main_wall_s": res["wall_s"], "drawn": res["drawn"]}
 
 
-def _full_job(cfg: ExperimentConfig, seed: int, shards, weights, **labels) -> dict:
-    return {"weights": dict(zip(shards.domains, map(float, weights))), "model": cfg.model.model_dump(),
-            "main": cfg.main.model_dump(), "tokens": cfg.main.total_tokens, "seed": seed,
-            "caps": shards.cap_tokens(cfg), **labels}
-
-
-def _train_fixed_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: dict, out_dir: Path) -> list[dict]:
-    from opmix_ray.training import run_fixed_jobs
-    jobs = [_full_job(cfg, r["seed"], shards_by_seed[r["seed"]], list(r["mixture"].values()), row=i)
-            for i, r in enumerate(rows)]
-    first = cfg.bench.seeds[0]
-    if cfg.bench.oracle_runs:
-        sh = shards_by_seed[first]
-        jobs += [_full_job(cfg, first, sh, w, oracle=j) for j, w in enumerate(_oracle_mixtures(cfg, sh, cfg.bench.oracle_runs))]
-    _say(f"training {len(jobs)} fixed-mixture full runs ({cfg.main.total_tokens} tokens each) as Tune trials")
-    done = run_fixed_jobs(jobs, shards_by_seed, str(out_dir / "tune"), "full_runs", cfg.bench.max_concurrent)
-    oracle = []
-    for job, res in zip(jobs, done):
-        sh = shards_by_seed[job["seed"]]
-        m = {**metrics(res["val_loss"], sh), "main_flops": train_flops(res["n_params"], cfg.main.total_tokens),
-             "main_wall_s": res["wall_s"], "drawn": res["drawn"]}
-        if "row" in job:
-            rows[job["row"]].update(m)
+def _train_fixed_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: dict, out_dir: Path,
+                      done: list[dict] = ()) -> None:
+    """Train every fixed row's mixture for the main budget (Tune trials) and fill in its metrics. `done`:
+    runs already made (the headroom's order-0 runs at the first seed): a row with the same seed and
+    weights takes that run's figures instead of training it again."""
+    from opmix_ray.training import fixed_job, run_fixed_jobs
+    first, jobs = cfg.bench.seeds[0], []
+    for i, r in enumerate(rows):
+        sh = shards_by_seed[r["seed"]]
+        w = np.array([r["mixture"][d] for d in sh.domains])
+        same = next((d for d in done if r["seed"] == first and np.array_equal(w, np.array(
+            [d["weights"][x] for x in sh.domains]))), None)
+        if same is not None:
+            r.update(_fixed_metrics(cfg, same, sh, cfg.main.total_tokens), reused_run=same["label"])
         else:
-            oracle.append({"method": "oracle-run", "objective": "any", "seed": job["seed"],
-                           "mixture": job["weights"], "search_flops": 0.0, "search_wall_s": 0.0, **m})
-    return oracle
+            jobs.append(fixed_job(cfg, r["seed"], sh, w, row=i))
+    say(f"training {len(jobs)} fixed-mixture full runs ({cfg.main.total_tokens} tokens each) as Tune trials")
+    for job, res in zip(jobs, run_fixed_jobs(jobs, shards_by_seed, str(out_dir / "tune"), "full_runs",
+                                             cfg.bench.max_concurrent) if jobs else []):
+        rows[job["row"]].update(_fixed_metrics(cfg, res, shards_by_seed[job["seed"]], cfg.main.total_tokens))
+
+
+def _uniform_long_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: dict, out_dir: Path) -> list[dict]:
+    """Per seed, uniform trained for as many FLOPs as the costlier OP-Mix run of that seed spent in all
+    (main run + search): what a user gets by training longer instead of searching."""
+    from opmix_ray.training import fixed_job, run_fixed_jobs
+    jobs = []
+    for s in cfg.bench.seeds:
+        op = [r for r in rows if r["seed"] == s and r["method"] == "opmix"]
+        if not op:
+            continue
+        total = max(r["main_flops"] + r["search_flops"] for r in op)
+        sh = shards_by_seed[s]
+        n = op[0]["n_params"]
+        step = cfg.main.batch_size * sh.seq_len
+        tokens = int(round(total / train_flops(n, 1) / step)) * step
+        jobs.append(fixed_job(cfg, s, sh, sh.uniform().as_array(), tokens=tokens, opmix_flops=total))
+    if not jobs:
+        return []
+    say(f"training uniform with OP-Mix's total FLOPs on {len(jobs)} seeds")
+    out = []
+    for job, res in zip(jobs, run_fixed_jobs(jobs, shards_by_seed, str(out_dir / "tune"), "uniform_long",
+                                             cfg.bench.max_concurrent)):
+        sh = shards_by_seed[job["seed"]]
+        out.append({"method": "uniform-long", "objective": "any", "seed": job["seed"], "mixture": job["weights"],
+                    "search_flops": 0.0, "search_wall_s": 0.0, "tokens": job["tokens"],
+                    "opmix_total_flops": job["opmix_flops"], **_fixed_metrics(cfg, res, sh, job["tokens"])})
+    return out
+
+
+def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
+    """The headroom measurement on the first seed (experiments/headroom.py): its order-0 runs are the
+    oracle's, its per-objective noise_sd the bench's noise."""
+    from opmix_ray.experiments.headroom import measure_headroom
+    res = measure_headroom(seed_config(cfg, cfg.bench.seeds[0], out), shards, out / "headroom",
+                           cfg.bench.noise_orders, cfg.bench.oracle_runs, cfg.bench.max_concurrent, say)
+    write_json(out / "headroom.json", res)
+    return res
 
 
 def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
@@ -163,13 +174,7 @@ def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = Fals
     from opmix_ray.engine.preflight import check_against_data, check_searcher
     from opmix_ray.experiments.report import write_report
     from opmix_ray.ray_init import init_ray
-    t0, out = time.time(), Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config error at --out: {out} is a file (fix: pass a directory for the benchmark's "
-                          "runs and results)")
-    if (out / "results.json").exists() and not overwrite:
-        raise ConfigError(f"config error at --out: {out} holds a finished benchmark (fix: pass --overwrite "
-                          "or another --out)")
+    t0, out = time.time(), prepare_out(out_dir, "results.json", overwrite)
     check_searcher(cfg)
     shards_by_seed = {}
     for s in cfg.bench.seeds:  # every seed's data first: bad input fails before any compute
@@ -186,22 +191,32 @@ def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = Fals
             if m in cfg.bench.methods:
                 rows += _opmix_rows(sc, s, sh, out, m)
         write_json(out / "rows_partial.json", rows)  # a crash later still leaves the proposals
+    first = cfg.bench.seeds[0]
+    headroom = _oracle(cfg, shards_by_seed[first], out) if cfg.bench.oracle_runs else None
+    done = [r for r in headroom["runs"] if r["order"] == 0] if headroom else []
+    oracle = [{"method": "oracle-run", "objective": "any", "seed": first, "label": r["label"], "mixture": r["weights"],
+               "search_flops": 0.0, "search_wall_s": 0.0, **_fixed_metrics(cfg, r, shards_by_seed[first],
+                                                                           cfg.main.total_tokens)} for r in done]
     fixed = [r for r in rows if r["method"] not in OPMIX_METHODS + ONLINE]
-    oracle = _train_fixed_rows(cfg, fixed, shards_by_seed, out)
+    _train_fixed_rows(cfg, fixed, shards_by_seed, out, done)
+    if "uniform-long" in cfg.bench.methods:
+        rows += _uniform_long_rows(cfg, rows, shards_by_seed, out)
     fidelity = None
     first_opmix = next((r for r in rows if r["method"] == "opmix"), None)
     if cfg.bench.fidelity_mixtures and first_opmix:
         from opmix_ray.experiments.fidelity import run_fidelity
-        _say(f"fidelity: {cfg.bench.fidelity_mixtures} mixtures on {first_opmix['run_dir']} round 0")
+        say(f"fidelity: {cfg.bench.fidelity_mixtures} mixtures on {first_opmix['run_dir']} round 0")
         fidelity = run_fidelity(first_opmix["run_dir"], 0, cfg.bench.fidelity_mixtures)
     # DeMix's fidelity on the same instrument: its first run's round 0, the same number of mixtures
     first_demix = next((r for r in rows if r["method"] == "demix"), None)
     fidelity_demix = None
     if cfg.bench.fidelity_mixtures and first_demix:
         from opmix_ray.experiments.fidelity import run_fidelity
-        _say(f"fidelity (demix): {cfg.bench.fidelity_mixtures} mixtures on {first_demix['run_dir']} round 0")
+        say(f"fidelity (demix): {cfg.bench.fidelity_mixtures} mixtures on {first_demix['run_dir']} round 0")
         fidelity_demix = run_fidelity(first_demix["run_dir"], 0, cfg.bench.fidelity_mixtures)
     result = {"rows": rows, "oracle": oracle, "fidelity": fidelity, "fidelity_demix": fidelity_demix,
+              "noise": {k: v["noise_sd"] for k, v in headroom["objectives"].items()} if headroom else None,
+              "headroom": headroom["objectives"] if headroom else None,
               "wall_s": time.time() - t0,
               "domains": list(shards_by_seed[cfg.bench.seeds[0]].domains),
               "eval_only": list(shards_by_seed[cfg.bench.seeds[0]].eval_only),

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from opmix_ray.config import Config, ModelSection, Section, load_config
+from opmix_ray.errors import ConfigError
 
 
 # RegMix's LightGBM on a swarm of a few dozen runs: LightGBM's defaults (20 rows per leaf) cannot
@@ -28,12 +29,13 @@ class BenchSection(Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
                              "method runs once per seed (data split, init, sampling and search all follow it).")
     methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "aioli", "opmix",
-                        "opmix-v1", "demix"]] = Field(
+                        "opmix-v1", "demix", "uniform-long"]] = Field(
         default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "aioli", "opmix"], min_length=1,
         description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
         "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison; "
         "aioli is online: its own run is its row; demix is the engine with full component models "
-        "(adapters.kind: full).")
+        "(adapters.kind: full); uniform-long is uniform trained for as many FLOPs as OP-Mix spent in all (main run + "
+        "search), per seed: what training longer instead of searching gives.")
     swarm_size: int = Field(24, ge=4, description="Proxy runs per seed (RegMix/Olmix swarm), Ray Tune trials.")
     proxy_model: ModelSection = Field(default_factory=lambda: ModelSection(hidden_size=64, num_layers=2, num_heads=2,
                                       intermediate_size=192), description="The small model of proxy runs.")
@@ -55,8 +57,13 @@ class BenchSection(Section):
                                         "smoothed one-hot probe mixture (the rest shared equally).")
     aioli_normalize: bool = Field(True, description="Shift A to be non-negative and scale it to sum 1 "
                                     "before the update (the reference's aioli_normalize).")
-    oracle_runs: int = Field(16, ge=0, description="Full runs on sampled mixtures (seed of the first run); "
-                             "the best of them says how near-optimal each method is. 0 = no oracle.")
+    oracle_runs: int = Field(16, ge=0, description="Fixed mixtures the headroom measurement (`opmix-ray headroom`, "
+                             "the bench's oracle) trains for the full budget on the first seed: uniform, natural, one "
+                             "leaning on each training domain, then Dirichlet draws within the caps (at least 2 + the "
+                             "number of domains). The best of them is the oracle. 0 = no oracle and no noise.")
+    noise_orders: int = Field(3, ge=2, description="Data orders (run.data_seed) on which uniform and the oracle's "
+                              "pick are each trained again, paired: the sd of their differences is the noise of "
+                              "a one-seed comparison (`opmix-ray headroom`, the bench's `noise`).")
     fidelity_mixtures: int = Field(16, ge=0, description="Mixtures for the merged-adapter fidelity check "
                                    "on the first seed's OP-Mix round 0; 0 = skip.")
     max_concurrent: int = Field(2, ge=1, description="Fixed-mixture runs (Tune trials) in flight.")
@@ -97,9 +104,6 @@ class ScheduleSection(Section):
         "naive: 100% new; replay: new + replay_share old; retrain: the stage-0 checkpoint retrained on every "
         "current domain.")
     replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
-    build_revisions: bool = Field(False, description="Build data.path first, when it has no revisions.json, "
-                                  "with the bundled domains plus bible_ot, bible_nt and python_v2 "
-                                  "(`python -m opmix_ray.data.revisions`).")
     instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
                                 "on the instruction tasks in data.path (exact match and answer loss, held-out and "
                                 "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "
@@ -118,3 +122,22 @@ class ExperimentConfig(Config):
 def load_experiment_config(source: str | Path | dict, overrides: dict | None = None) -> ExperimentConfig:
     """load_config for the experiments: the run sections plus `bench` and `schedule`."""
     return load_config(source, overrides, schema=ExperimentConfig)
+
+
+def prepare_out(out_dir: str | Path, result_file: str, overwrite: bool) -> Path:
+    """The resolved --out dir; refuses a file, and a dir holding a finished result unless overwrite."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config error at --out: {out} is a file (fix: pass a directory for the runs and results)")
+    if (out / result_file).exists() and not overwrite:
+        raise ConfigError(f"config error at --out: {out} holds a finished {result_file} (fix: pass --overwrite "
+                          "or another --out)")
+    return out
+
+
+def seed_config(cfg: ExperimentConfig, seed: int, out_dir: Path) -> ExperimentConfig:
+    """One seed's config: its run sections are what that seed's runs save and resume from
+    (`.run_config()`), its bench section what the baselines read."""
+    c = cfg.model_copy(deep=True)
+    c.run.seed, c.run.storage_path, c.run.baseline = seed, str(out_dir / "runs"), "none"
+    return c

@@ -22,7 +22,7 @@ its old domains are the rest of the current set:
 |                 | all tokens of stages 1..s                                                   |
 
 Metric: mean val loss over the current domains (forgetting included; a removed or replaced domain
-leaves the objective) and FLOPs, per stage. With `schedule.build_revisions: true` data.path is
+leaves the objective) and FLOPs, per stage. With `data.build_revisions: true` data.path is
 first built with the bundled domains and the split and revised ones (opmix_ray/data/revisions.py).
 With `schedule.instruct_eval: true` (continual instruction tuning, configs/continual_instruct.yaml)
 the later stages add instruction tasks (opmix_ray/data/instruct.py), and every checkpoint is also
@@ -165,9 +165,6 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
         raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
     cfg = cfg.model_copy(deep=True)
     cfg.data.domains = list(dict.fromkeys(d for st in steps for d in st['new'] + st['current']))
-    if cfg.schedule.build_revisions:
-        from opmix_ray.data.revisions import ensure_built as ensure_revisions
-        ensure_revisions(cfg.data.path)  # seconds; verifies the sha256s when already built
     if cfg.schedule.instruct_eval:
         from opmix_ray.data.instruct import ensure_built
         ensure_built(cfg.data.path)  # deterministic, seconds; verifies the sha256s when already built

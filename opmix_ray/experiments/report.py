@@ -53,12 +53,15 @@ def markdown(result: dict) -> str:
     lines = []
     summ = summarise(result)
     doms = result["domains"] + result["eval_only"]
-    head = ["method", "seeds", "mean ppl", "worst ppl", "target ppl"] + doms + ["search FLOPs", "total FLOPs", "search s"]
+    head = ["method", "seeds", "mean ppl", "worst ppl", "target ppl"] + doms + ["search FLOPs", "total FLOPs",
+                                                                             "search / main FLOPs", "search s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summ:
         cells = [s["label"], str(s["n_seeds"]), _ms(s["mean_ppl"]), _ms(s["worst_ppl"]), _ms(s["target_ppl"])]
         cells += [f"{s['ppl'].get(d, float('nan')):.2f}" for d in doms]
-        cells += [f"{s['search_flops']:.3g}", f"{s['total_flops']:.3g}", f"{s['search_wall_s']:.0f}"]
+        main = s["total_flops"] - s["search_flops"]
+        ratio = f"{s['search_flops'] / main:.2f}" if main > 0 and not s["label"].startswith("oracle") else "-"
+        cells += [f"{s['search_flops']:.3g}", f"{s['total_flops']:.3g}", ratio, f"{s['search_wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mixtures (mean over seeds):", "", "| method | " + " | ".join(result["domains"]) + " |",
               "|" + "---|" * (len(result["domains"]) + 1)]
@@ -66,6 +69,7 @@ def markdown(result: dict) -> str:
         if s["label"].startswith("oracle") or s["label"] == "oracle-run":
             continue
         lines.append(f"| {s['label']} | " + " | ".join(f"{s['mixture'][d]:.3f}" for d in result["domains"]) + " |")
+    lines += ["", *against_noise(result)]
     lines += ["", *per_seed_comparisons(result)]
     lines += ["", *vs_uniform(result)]
     for key, name in (("fidelity", "OP-Mix"), ("fidelity_demix", "DeMix")):
@@ -82,6 +86,55 @@ def markdown(result: dict) -> str:
         lines += ["RegMix regressor 5-fold CV Spearman on the swarm: "
                   + "; ".join(f"{n} seed {s}: {c:.3f}" for n, s, c in cv)]
     return "\n".join(lines) + "\n"
+
+
+def objective_loss(row: dict, result: dict, objective: str) -> float:
+    """The row's objective in nats: mean val loss over the training domains, or over the targets."""
+    doms = result["eval_only"] if objective == "target" else result["domains"]
+    return float(np.mean([row["val_loss"][d] for d in doms]))
+
+
+def noise_verdicts(result: dict) -> list[dict]:
+    """Every method against uniform, seed by seed, in nats on each objective, with the bench's noise
+    (the sd of a one-seed paired difference, from the headroom measurement): diff < 0 = better than
+    uniform; beyond = |diff| > 2 noise (a smaller difference is no difference)."""
+    noise = result.get("noise") or {}
+    head = result.get("headroom") or {}
+    uni = {r["seed"]: r for r in result["rows"] if r["method"] == "uniform"}
+    out = []
+    for obj, sd in noise.items():
+        groups = defaultdict(list)
+        for r in result["rows"]:
+            if r["method"] != "uniform" and r["seed"] in uni and r["objective"] in (obj, "any") and r.get("val_loss"):
+                groups[label(r)].append(r)
+        for lab, rs in sorted(groups.items()):
+            diffs = [objective_loss(r, result, obj) - objective_loss(uni[r["seed"]], result, obj) for r in rs]
+            gain = head.get(obj, {}).get("oracle_gain")
+            out.append({"label": lab, "objective": obj, "noise": sd, "seeds": [r["seed"] for r in rs], "diffs": diffs,
+                        "better_beyond_noise": sum(d < -sd for d in diffs),
+                        "better_beyond_2noise": sum(d < -2 * sd for d in diffs),
+                        "worse_beyond_noise": sum(d > sd for d in diffs),
+                        "worse_beyond_2noise": sum(d > 2 * sd for d in diffs),
+                        "headroom_captured": float(-np.mean(diffs) / gain) if gain and gain > 0 else None})
+    return out
+
+
+def against_noise(result: dict) -> list[str]:
+    """noise_verdicts as lines, the headroom first."""
+    if not result.get("noise"):
+        return []
+    lines = []
+    for obj, h in (result.get("headroom") or {}).items():
+        lines.append(f"- headroom on {obj}: the best fixed mixture ({h['pick']}) beats uniform by {h['oracle_gain']:+.4f} "
+                     f"nats; noise (sd of a one-seed paired difference, {h['n_orders']} data orders) "
+                     f"{h['noise_sd']:.4f}; ratio {h['ratio']:.2f}")
+    for v in noise_verdicts(result):
+        cap = f"; {100 * v['headroom_captured']:.0f}% of the headroom" if v["headroom_captured"] is not None else ""
+        lines.append(f"- {v['label']} vs uniform, {v['objective']} loss (nats): "
+                     + ", ".join(f"{d:+.4f} ({d / v['noise']:+.1f} sd)" for d in v["diffs"])
+                     + f" by seed; better beyond 1 / 2 sd on {v['better_beyond_noise']} / {v['better_beyond_2noise']}, "
+                       f"worse on {v['worse_beyond_noise']} / {v['worse_beyond_2noise']} of {len(v['diffs'])}{cap}")
+    return lines
 
 
 def vs_uniform(result: dict) -> list[str]:

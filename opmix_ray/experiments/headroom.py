@@ -1,0 +1,162 @@
+"""`opmix-ray headroom CONFIG`: can this setting tell a good mixture from a bad one, beyond its noise?
+
+    opmix-ray headroom opmix_ray/configs/bench.yaml --out bench_runs/headroom
+
+Before two mixing methods are compared on a setting, two figures decide whether the comparison can
+mean anything: how much better than uniform the best fixed mixture is (the headroom), and how much
+two runs of one mixture differ when only the data order changes (the noise). From one init and
+data split (run.seed), every run trains the main run's full budget on a fixed mixture:
+
+  1. `n_mixtures` mixtures on data order 0 (the run's own order): uniform, natural, one leaning on
+     each training domain, Dirichlet draws within the repetition caps; and uniform on data orders
+     1..`orders` (run.data_seed);
+  2. per objective, the best mixture other than uniform on order 0 (the oracle's pick), trained on
+     orders 1..`orders` too.
+
+Per objective, with d_j = objective(pick, order j) - objective(uniform, order j) for j = 1..orders:
+  noise_sd    = sd of d_j (ddof 1): the uncertainty of one seed's comparison of two runs, both runs'
+                noise included (a concentrated mixture's runs vary more than uniform's);
+  oracle_gain = -mean of d_j, in nats (> 0: the pick beats uniform);
+  ratio       = oracle_gain / noise_sd.
+The pick is made on order 0 and measured on the other orders, so a lucky order-0 run does not
+inflate the gain. A difference between two methods under 2 x noise_sd is no difference; a setting
+whose ratio is under 3 cannot rank methods on that objective.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from opmix_ray.evaluate import objective
+
+# Data-order seed of order j >= 1 (order 0 is the run's own: run.data_seed unset). Far from any
+# run.seed a benchmark uses, so no other seed's order 0 is one of these.
+ORDER_STRIDE = 10_000
+LEAN = 0.6  # the leaning mixtures: this share on one domain, the rest equal
+
+
+def order_seed(seed: int, order: int) -> int | None:
+    """run.data_seed of data order `order` for init/split seed `seed`; None = the run's own order."""
+    return None if order == 0 else seed + ORDER_STRIDE * order
+
+
+def objectives(shards) -> dict[str, dict[str, float]]:
+    """mean: the training domains' mean val loss; target: the held-out (eval-only) domains' mean."""
+    out = {"mean": {d: 1.0 for d in shards.domains}}
+    if shards.eval_only:
+        out["target"] = {d: 1.0 for d in shards.eval_only}
+    return out
+
+
+def headroom_mixtures(shards, upper: np.ndarray, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """[(label, weights)]: uniform, natural, one leaning on each domain, then Dirichlet(1) draws whose
+    shares stay within `upper` (the repetition caps at the main budget), n in all."""
+    k = len(shards.domains)
+    out = [("uniform", shards.uniform().as_array()), ("natural", shards.natural().as_array())]
+    for i, d in enumerate(shards.domains):
+        w = np.full(k, (1.0 - LEAN) / (k - 1)) if k > 1 else np.ones(1)
+        w[i] = LEAN if k > 1 else 1.0
+        out.append((f"lean_{d}", w))
+    tries = 0
+    while len(out) < n:
+        w = rng.dirichlet(np.ones(k))
+        tries += 1
+        if np.all(w <= upper + 1e-12) or tries > 10_000:  # caps this tight: take the draw, the sampler caps it
+            out.append((f"draw_{len(out)}", w))
+    return out[:max(n, 2 + k)]
+
+
+def summarise(rows: list[dict], objs: dict[str, dict[str, float]], orders: int) -> dict:
+    """Per objective: the pick on order 0, its paired differences with uniform on orders 1..orders,
+    noise_sd, oracle_gain and ratio (see the module doc). rows: {label, order, val_loss}."""
+    val = {(r["label"], r["order"]): r["val_loss"] for r in rows}
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["order"] == 0))
+    out = {}
+    for name, w in objs.items():
+        order0 = {lab: objective(val[(lab, 0)], w) for lab in labels}
+        pick = min((lab for lab in labels if lab != "uniform"), key=order0.get)
+        uni = [objective(val[("uniform", j)], w) for j in range(1, orders + 1)]
+        best = [objective(val[(pick, j)], w) for j in range(1, orders + 1)] if all(
+            (pick, j) in val for j in range(1, orders + 1)) else None
+        entry = {"n_orders": orders, "n_mixtures": len(labels), "pick": pick,
+                 "order0": order0, "order0_gain": order0["uniform"] - order0[pick],
+                 "uniform_sd": float(np.std(uni, ddof=1)) if len(uni) > 1 else None}
+        if best is not None:
+            d = np.array(best) - np.array(uni)
+            sd = float(np.std(d, ddof=1)) if len(d) > 1 else math.nan
+            gain = float(-d.mean())
+            entry.update(noise_sd=sd, oracle_gain=gain, ratio=gain / sd if sd > 0 else math.inf,
+                         paired_differences=d.tolist(), uniform=uni, oracle=best)
+        out[name] = entry
+    return out
+
+
+def _job(cfg, shards, label: str, weights: np.ndarray, order: int) -> dict:
+    from opmix_ray.training import fixed_job
+    return fixed_job(cfg, cfg.run.seed, shards, weights, label=label, order=order,
+                     data_seed=order_seed(cfg.run.seed, order))
+
+
+def measure_headroom(cfg, shards, out_dir: str | Path, orders: int = 3, n_mixtures: int = 16,
+                     max_concurrent: int = 2, say=print) -> dict:
+    """Run both stages (module doc) as Ray Tune trials; returns the summary, every run's row, wall_s."""
+    from opmix_ray.experiments.baselines import usage_upper_bounds
+    from opmix_ray.training import run_fixed_jobs
+    t0, out_dir = time.time(), Path(out_dir)
+    rng = np.random.default_rng([cfg.run.seed, 31])
+    mixes = headroom_mixtures(shards, usage_upper_bounds(cfg, shards), n_mixtures, rng)
+    weights = dict(mixes)
+    objs = objectives(shards)
+    jobs = [_job(cfg, shards, lab, w, 0) for lab, w in mixes]
+    jobs += [_job(cfg, shards, "uniform", weights["uniform"], j) for j in range(1, orders + 1)]
+    say(f"headroom: {len(mixes)} fixed mixtures on data order 0 and uniform on {orders} more orders "
+        f"({len(jobs)} runs of {cfg.main.total_tokens} tokens)")
+    rows = _rows(jobs, run_fixed_jobs(jobs, shards, str(out_dir / "tune"), "headroom_mixtures", max_concurrent))
+    picks = sorted({summarise(rows, {n: w}, orders)[n]["pick"] for n, w in objs.items()})
+    jobs = [_job(cfg, shards, lab, weights[lab], j) for lab in picks for j in range(1, orders + 1)]
+    say(f"headroom: the picks {picks} on {orders} more data orders ({len(jobs)} runs)")
+    rows += _rows(jobs, run_fixed_jobs(jobs, shards, str(out_dir / "tune"), "headroom_orders", max_concurrent))
+    return {"objectives": summarise(rows, objs, orders), "runs": rows, "orders": orders,
+            "order_seeds": [order_seed(cfg.run.seed, j) for j in range(orders + 1)],
+            "domains": list(shards.domains), "eval_only": list(shards.eval_only), "wall_s": time.time() - t0}
+
+
+def _rows(jobs: list[dict], done: list[dict]) -> list[dict]:
+    return [{"label": j["label"], "order": j["order"], "data_seed": j["data_seed"], "weights": j["weights"],
+             "val_loss": r["val_loss"], "drawn": r["drawn"], "wall_s": r["wall_s"], "n_params": r["n_params"],
+             "flops": r["flops"]} for j, r in zip(jobs, done)]
+
+
+def run_headroom(cfg, out_dir: str | Path, overwrite: bool = False) -> dict:
+    """`opmix-ray headroom`: the measurement on the config's first bench seed, bench.oracle_runs
+    mixtures and bench.noise_orders orders; writes OUT/headroom.json and returns it."""
+    from opmix_ray.data.read import build_shards
+    from opmix_ray.engine.preflight import check_against_data
+    from opmix_ray.console import say
+    from opmix_ray.experiments.config import prepare_out, seed_config
+    from opmix_ray.ray_init import init_ray
+    from opmix_ray.storage import write_json
+    out = prepare_out(out_dir, "headroom.json", overwrite)
+    sc = seed_config(cfg, cfg.bench.seeds[0], out)
+    shards = build_shards(sc)
+    check_against_data(sc, shards, None)
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    res = measure_headroom(sc, shards, out, cfg.bench.noise_orders, cfg.bench.oracle_runs,
+                           cfg.bench.max_concurrent, say)
+    res.update(seed=sc.run.seed, config=cfg.model_dump(mode="json"))
+    write_json(out / "headroom.json", res)
+    return res
+
+
+def markdown(res: dict) -> str:
+    """The per-objective table `opmix-ray headroom` prints."""
+    lines = ["| objective | oracle's pick | gain over uniform, nats | noise sd, nats | gain / noise | orders | mixtures |",
+             "|---|---|---|---|---|---|---|"]
+    for name, o in res["objectives"].items():
+        lines.append(f"| {name} | {o['pick']} | {o['oracle_gain']:+.4f} | {o['noise_sd']:.4f} | {o['ratio']:.2f} | "
+                     f"{o['n_orders']} | {o['n_mixtures']} |")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""The headroom measurement: data orders apart from init and split, the paired noise, the pick made on
+another order than the one that measures it; one real tiny measurement through Ray Tune.
+
+    pytest tests/test_headroom.py         # ~1 min
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from opmix_ray.config import load_config, sampler_seed
+from opmix_ray.data.read import build_shards
+from opmix_ray.experiments.baselines import usage_upper_bounds
+from opmix_ray.experiments.config import load_experiment_config
+from opmix_ray.experiments.headroom import headroom_mixtures, order_seed, summarise
+from opmix_ray.training import train_fixed
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
+    return cfg, build_shards(cfg)
+
+
+def test_data_seed_changes_the_order_only(tiny):
+    cfg, sh = tiny
+    assert sampler_seed(load_config({"run": {"seed": 3}}).run) == 3000
+    assert sampler_seed(load_config({"run": {"seed": 3, "data_seed": 3}}).run) == 3000  # unset = run.seed
+    assert sampler_seed(load_config({"run": {"seed": 3, "data_seed": 7}}).run) == 7000
+    kw = dict(model_cfg=cfg.model, main=cfg.main, shards=sh, mixture=sh.uniform(), tokens=16 * 64 * 3, seed=0,
+              caps=sh.cap_tokens(cfg))
+    own, same, other = train_fixed(**kw), train_fixed(**kw, data_seed=0), train_fixed(**kw, data_seed=10_000)
+    assert own["val_loss"] == same["val_loss"]  # data_seed = seed is the run's own order, bit for bit
+    assert own["val_loss"] != other["val_loss"]  # another order: other draws from the same init
+    zero = train_fixed(**{**kw, "tokens": 16 * 64}, data_seed=10_000)
+    assert train_fixed(**{**kw, "tokens": 16 * 64})["n_params"] == zero["n_params"]
+
+
+def test_order_seeds_are_apart_from_every_run_seed():
+    assert order_seed(0, 0) is None and order_seed(2, 0) is None
+    seeds = {order_seed(s, j) for s in range(3) for j in range(1, 4)}
+    assert len(seeds) == 9 and not seeds & set(range(1000))
+
+
+def test_headroom_mixtures(tiny):
+    cfg, sh = tiny
+    upper = usage_upper_bounds(cfg, sh)
+    mixes = headroom_mixtures(sh, upper, 12, np.random.default_rng(0))
+    labels = [lab for lab, _ in mixes]
+    assert labels[:2] == ["uniform", "natural"] and len(mixes) == 12
+    assert all(f"lean_{d}" in labels for d in sh.domains)
+    for lab, w in mixes:
+        assert np.isclose(w.sum(), 1) and np.all(w >= 0)
+        if lab.startswith("draw_"):
+            assert np.all(w <= upper + 1e-12)  # the draws keep within the caps
+    i = sh.domains.index("python")
+    assert dict(mixes)["lean_python"][i] == pytest.approx(0.6)
+
+
+def _row(label, order, mean, target):
+    return {"label": label, "order": order, "val_loss": {"a": mean, "b": mean, "t": target}}
+
+
+def test_summarise_picks_on_order_zero_and_measures_on_the_others():
+    objs = {"mean": {"a": 1.0, "b": 1.0}, "target": {"t": 1.0}}
+    rows = [_row("uniform", 0, 3.0, 5.0), _row("x", 0, 3.1, 4.0), _row("y", 0, 2.95, 4.9)]
+    rows += [_row("uniform", j, 3.0 + 0.01 * j, 5.0 + 0.02 * j) for j in (1, 2, 3)]
+    # order 0 flattered y on the mean (its pick); on the other orders it is worse than uniform
+    rows += [_row("y", j, 3.05, 5.0) for j in (1, 2, 3)] + [_row("x", j, 3.2, 4.2 + 0.05 * j) for j in (1, 2, 3)]
+    out = summarise(rows, objs, 3)
+    m, t = out["mean"], out["target"]
+    assert m["pick"] == "y" and m["order0_gain"] == pytest.approx(0.05)
+    d = np.array([3.05 - 3.01, 3.05 - 3.02, 3.05 - 3.03])
+    assert m["oracle_gain"] == pytest.approx(-d.mean()) and m["oracle_gain"] < 0
+    assert m["noise_sd"] == pytest.approx(np.std(d, ddof=1))
+    assert t["pick"] == "x" and t["n_orders"] == 3 and t["n_mixtures"] == 3
+    dt = np.array([4.25 - 5.02, 4.3 - 5.04, 4.35 - 5.06])
+    assert t["paired_differences"] == pytest.approx(dt.tolist())
+    assert t["ratio"] == pytest.approx(-dt.mean() / np.std(dt, ddof=1))
+
+
+def test_headroom_command_end_to_end(tmp_path):
+    """The real command on the tiny config: 7 mixtures (uniform, natural, 5 leaning) and 2 more orders."""
+    out = tmp_path / "hr"
+    cmd = [sys.executable, "-m", "opmix_ray.cli", "headroom", os.path.join(CONFIGS, "bench_tiny.yaml"),
+           "--out", str(out), "bench.oracle_runs=7", "bench.noise_orders=2", "main.total_tokens=10240",
+           "ray.num_cpus=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "headroom.json").read_text())
+    assert set(res["objectives"]) == {"mean", "target"}
+    for o in res["objectives"].values():
+        assert o["n_orders"] == 2 and o["n_mixtures"] == 7 and o["pick"] != "uniform"
+        assert np.isfinite(o["noise_sd"]) and len(o["paired_differences"]) == 2
+    runs = res["runs"]
+    assert sum(r["label"] == "uniform" for r in runs) == 3  # order 0 plus the 2 noise orders
+    uni = {r["order"]: r["val_loss"] for r in runs if r["label"] == "uniform"}
+    assert uni[1] != uni[2]  # other orders, other losses
+    assert "| target |" in p.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # a finished measurement is never replaced silently
