@@ -41,6 +41,12 @@ def mixture_table(history: dict, baseline: dict | None = None) -> str:
         if baseline:
             cells.append(f"{math.exp(baseline['final_val_loss'].get(d, math.nan)):>13.2f}")
         lines.append(f"{d:<12}" + "".join(cells))
+    for d in [d for d in (final or {}).get("val_loss", {}) if d not in doms]:  # held-out targets: scored only
+        cells = [f"{'held out':>13}"] + [f"{'':>13}"] * (len(cols) - 2 - bool(baseline))
+        cells.append(f"{math.exp(final['val_loss'][d]):>13.2f}")
+        if baseline:
+            cells.append(f"{math.exp(baseline['final_val_loss'].get(d, math.nan)):>13.2f}")
+        lines.append(f"{d:<12}" + "".join(cells))
     if final:
         train_doms = history["meta"]["domains"]  # the mean is over the domains trained at the end
         mean_ppl = sum(math.exp(final["val_loss"][d]) for d in train_doms) / len(train_doms)
@@ -56,6 +62,28 @@ def comparison_line(summary: dict, baseline: dict) -> str:
     rel = 100.0 * (ours - base) / base
     return (f"mean val perplexity: OP-Mix {ours:.3f} vs {baseline['baseline']} {base:.3f} "
             f"({rel:+.2f}%, same tokens and seed; negative = OP-Mix better)")
+
+
+def objective_line(summary: dict, baseline: dict, weights: dict[str, float], noise: float | None = None,
+                   source: str = "") -> str:
+    """The run's own objective (search.objective_weights) against the baseline, in nats of val loss,
+    with the data-order noise of such a comparison where it was measured for this setting."""
+    total = sum(weights.values())
+    obj = lambda losses: sum(losses[d] * v for d, v in weights.items()) / total
+    ours, base = obj(summary["final_val_loss"]), obj(baseline["final_val_loss"])
+    diff = ours - base
+    names = ", ".join(weights)
+    line = (f"objective ({names}) val loss: OP-Mix {ours:.4f} vs {baseline['baseline']} {base:.4f}: {diff:+.4f} nats "
+            f"(perplexity {100.0 * (math.exp(diff) - 1):+.1f}%; negative = OP-Mix better)")
+    if noise is None:
+        return line + ("
+the data-order noise of this comparison is not measured for this setting "
+                       "(`opmix-ray headroom CONFIG` measures it)")
+    verdict = ("beyond twice the noise" if abs(diff) > 2 * noise else
+               "within twice the noise: no difference")
+    return line + (f"
+noise of one such comparison (sd over data orders, {source}): {noise:.4f} nats; "
+                   f"this difference is {abs(diff) / noise:.1f} sd, {verdict}")
 
 
 def plot_history(history: dict, out_png: str | Path, baseline: dict | None = None) -> Path:

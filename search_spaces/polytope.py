@@ -2,11 +2,15 @@
 express: repetition caps on the mixture a collapsed candidate stands for (collapsed.py builds them).
 
 Sampling never rejects (rejection starves when the caps leave a sliver of the simplex). A point u of
-the box maps to v on the plain simplex (SimplexSpace), then to c + t * (v - c), where c is a fixed
-interior point (the one with the most slack on every constraint) and t in [0, 1] is the largest step
-that keeps every row; each row gives t in closed form, so the output is feasible by construction.
-A feasible v has t = 1 and maps to itself: the map is onto, and params(w) is SimplexSpace.params(w),
-which warm starts rely on. Infeasible v land on the boundary, towards where v pointed.
+the box maps to v on the plain simplex (SimplexSpace); a feasible v is kept as it is, an infeasible
+one goes to its nearest feasible point (the Euclidean projection, a small QP). So the map is onto,
+params(w) is SimplexSpace.params(w) for a feasible w (warm starts rely on it), and a draw keeps
+the direction it had: a v that leans on one domain still leans on it after the caps cut the
+others. (Pulling every infeasible v straight towards one interior point instead makes most draws
+land near that point once a cap is tight: with a 1.4% cap left on one domain, 2,000 draws averaged
+92% on whichever domain the interior point favoured.) The interior point c, used to start the
+projection and to absorb the solver's last 1e-10, is the point nearest the simplex's barycentre
+among those with at least half the largest possible slack on every row.
 
     A, b = cap_constraints(("old", "python", "fortunes"), {"python": .75, "fortunes": .25}, {"fortunes": .1})
     space = PolytopeSimplex(("old", "python", "fortunes"), A, b)
@@ -56,9 +60,11 @@ class PolytopeSimplex:
         self._slack = np.maximum(self._h - self._G @ self.centre, 0.0)
 
     def _centre(self) -> np.ndarray:
-        """The feasible point with the largest smallest (row-normalised) slack, by one LP. Rows stay
-        strict there when the polytope has an interior, so the step t is > 0 in every direction."""
-        from scipy.optimize import linprog
+        """An interior point: the largest smallest (row-normalised) slack s* by one LP, then, among the
+        points with slack >= s*/2 on every row, the one nearest the barycentre (an LP optimum alone is
+        a vertex of the slack polytope and may put nearly all weight on one coordinate). Rows stay
+        strict there when the polytope has an interior, so the step t of _pull_in is > 0."""
+        from scipy.optimize import linprog, minimize
 
         k = len(self.coords)
         norm = np.linalg.norm(self._G, axis=1)
@@ -70,8 +76,22 @@ class PolytopeSimplex:
             raise ValueError(f"no mixture fits: the caps A_ub @ a <= b_ub {np.round(self.b_ub, 4).tolist()} and "
                              f"bounds {self.bounds()} leave nothing of the simplex (fix: relax the tightest "
                              "repetition cap or lower bound, or train on more tokens per capped domain)")
-        c = np.clip(res.x[:k], self.lower, self.upper)
+        vertex = np.clip(res.x[:k], self.lower, self.upper)
+        h = self._h - 0.5 * res.x[k] * norm
+        bary = np.full(k, 1.0 / k)
+        qp = minimize(lambda x: (float(np.sum((x - bary) ** 2)), 2.0 * (x - bary)), vertex / vertex.sum(), jac=True,
+                      method="SLSQP", constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1.0,
+                                                    "jac": lambda x: np.ones_like(x)},
+                                                   {"type": "ineq", "fun": lambda x: h - self._G @ x,
+                                                    "jac": lambda x: -self._G}],
+                      options={"maxiter": 500, "ftol": 1e-14})
+        c = qp.x if qp.success and np.all(self._G @ qp.x <= self._h - 0.25 * res.x[k] * norm) else vertex
+        c = np.clip(c, self.lower, self.upper)
         return c / c.sum()
+
+    def _map(self, v: np.ndarray) -> np.ndarray:
+        """A point of the plain simplex -> itself when feasible, else its nearest feasible point."""
+        return v if self.contains(v, tol=1e-12) else self.project(v)
 
     def _pull_in(self, v: np.ndarray) -> np.ndarray:
         """v on the hyperplane sum = 1 -> centre + t (v - centre), largest t in [0, 1] keeping every row."""
@@ -93,7 +113,7 @@ class PolytopeSimplex:
     def from_free(self, v) -> np.ndarray:
         """A point of the plain simplex (e.g. a grid lattice point) -> the feasible point it maps to."""
         v = np.asarray(v, dtype=np.float64)
-        return self._pull_in(v / v.sum())
+        return self._map(v / v.sum())
 
     def weights(self, config: dict) -> np.ndarray:
         """A trial config (u_<c> keys, or w_<c> for every coordinate) -> a feasible mixture."""
@@ -103,7 +123,7 @@ class PolytopeSimplex:
                 raise ValueError(f"suggested weights {np.round(w, 6).tolist()} break the constraints "
                                  "(fix: suggest through space.params or space.sample)")
             return w
-        return self._pull_in(self._base.weights(config))
+        return self._map(self._base.weights(config))
 
     def params(self, weights) -> dict[str, float]:
         """Inverse of weights() for a feasible w: feasible points map to themselves."""

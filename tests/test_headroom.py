@@ -104,3 +104,20 @@ def test_headroom_command_end_to_end(tmp_path):
     assert "| target |" in p.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # a finished measurement is never replaced silently
+
+
+def test_bench_report_judges_each_seed_against_the_noise():
+    from opmix_ray.experiments.report import against_noise, noise_verdicts
+    rows = []
+    for s, (u, o) in enumerate([(5.0, 4.8), (5.1, 5.08), (5.0, 5.2)]):  # opmix: -0.2, -0.02, +0.2 nats
+        rows.append({"method": "uniform", "objective": "any", "seed": s, "val_loss": {"a": 3.0, "t": u}})
+        rows.append({"method": "opmix", "objective": "target", "seed": s, "val_loss": {"a": 3.0, "t": o}})
+    result = {"rows": rows, "domains": ["a"], "eval_only": ["t"], "noise": {"target": 0.05},
+              "headroom": {"target": {"pick": "lean_a", "oracle_gain": 0.25, "noise_sd": 0.05, "ratio": 5.0,
+                                      "n_orders": 3}}}
+    (v,) = noise_verdicts(result)
+    assert v["label"] == "opmix (target)" and v["diffs"] == pytest.approx([-0.2, -0.02, 0.2])
+    assert (v["better_beyond_noise"], v["better_beyond_2noise"], v["worse_beyond_2noise"]) == (1, 1, 1)
+    assert v["headroom_captured"] == pytest.approx((0.02 / 3) / 0.25)  # the mean gain over the oracle's
+    text = "\n".join(against_noise(result))
+    assert "ratio 5.00" in text and "-0.2000 (-4.0 sd)" in text

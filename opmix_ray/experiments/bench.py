@@ -161,9 +161,11 @@ def _uniform_long_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: 
 def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
     """The headroom measurement on the first seed (experiments/headroom.py): its order-0 runs are the
     oracle's, its per-objective noise_sd the bench's noise."""
-    from opmix_ray.experiments.headroom import measure_headroom
-    res = measure_headroom(seed_config(cfg, cfg.bench.seeds[0], out), shards, out / "headroom",
-                           cfg.bench.noise_orders, cfg.bench.oracle_runs, cfg.bench.max_concurrent, say)
+    from opmix_ray.experiments.headroom import measure_headroom, setting_key
+    sc = seed_config(cfg, cfg.bench.seeds[0], out)
+    res = measure_headroom(sc, shards, out / "headroom", cfg.bench.noise_orders, cfg.bench.oracle_runs,
+                           cfg.bench.max_concurrent, say)
+    res.update(seed=sc.run.seed, setting=setting_key(sc))
     write_json(out / "headroom.json", res)
     return res
 

@@ -18,6 +18,7 @@ file's truths so proxy variants can be scored on the same candidates (benchmarks
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,30 +71,39 @@ def _candidate_weights(cands, rec: dict, n: int, rng: np.random.Generator) -> li
     return out[:max(n, len(out))]
 
 
-def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_seeds: int = 2,
-                 truths_from: str | Path | None = None, overrides: dict | None = None, adapter_dirs: dict | None = None,
-                 write: bool = True) -> dict:
-    """Proxy vs exact-continuation truth on round `round_idx` of the run in `run_dir` (see module doc).
-    overrides: config changes for the proxy only (search.* such as delta_scale, eval tokens);
-    adapter_dirs: score these adapters instead of the run's own."""
+@dataclass
+class RoundProxy:
+    """A finished run's round, ready to score candidates on: its config (with the proxy's overrides),
+    data, checkpoint, the merged-adapter candidates, and how many steps a truth continues for."""
+    cfg: object
+    shards: object
+    history_round: dict
+    checkpoint: str
+    candidates: object  # engine.trials.Candidates
+    steps: int
+
+
+def round_proxy(run_dir: str | Path, round_idx: int = 0, overrides: dict | None = None,
+                adapter_dirs: dict | None = None) -> RoundProxy:
+    """Round `round_idx` of the run in `run_dir` as the search saw it; overrides: config changes for
+    the proxy only (search.*, adapters.*); adapter_dirs: these adapters instead of the run's own."""
     from opmix_ray.data.read import build_shards
     from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.engine.records import BoundaryInfo
-    from opmix_ray.engine.trials import build_candidates, candidate_mixture, objective_weights, score
+    from opmix_ray.engine.trials import build_candidates
     from opmix_ray.history import read_history
     from opmix_ray.mixture import Mixture
-    from opmix_ray.ray_init import init_ray
+    from opmix_ray.run_config import load_run_config_only
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / rundir.HISTORY).is_file():
         raise ConfigError(f"config error at RUN_DIR: {run_dir} has no {rundir.HISTORY} (fix: pass the dir of a "
                           "finished OP-Mix run, e.g. opmix_runs/demo)")
-    from opmix_ray.run_config import load_run_config_only
     cfg = load_run_config_only(run_dir, overrides)
     hist = read_history(run_dir)
     if round_idx >= len(hist.get("rounds", [])):
         raise ConfigError(f"config error at --round: {run_dir} has {len(hist.get('rounds', []))} rounds "
                           "(fix: pick an earlier round)")
-    t0, rec = time.time(), hist["rounds"][round_idx]
+    rec = hist["rounds"][round_idx]
     shards = build_shards(cfg)
     current = Mixture.from_dict(rec["mixture_before"], shards.domains)
     adir = rundir.at(run_dir, rundir.adapter_root(round_idx))
@@ -107,6 +117,32 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     info = BoundaryInfo.from_dict(read_json(Path(ckpt) / rundir.STATE_JSON)["info"])
     cands = build_candidates(cfg, f"fidelity/{round_idx}/{time.time()}", ckpt, dirs, shards, current, info,
                              (end - start) * cfg.main.batch_size * shards.seq_len)
+    return RoundProxy(cfg, shards, rec, ckpt, cands, end - start)
+
+
+def truths(rp: RoundProxy, mixtures: list, truth_seeds: int) -> list[list[dict]]:
+    """Per mixture, the exact continuation's val losses on each truth seed (Ray tasks, one CPU each)."""
+    from opmix_ray.engine.continuation import continue_many
+    from opmix_ray.ray_init import init_ray
+    init_ray(rp.cfg)
+    jobs = [{"weights": m.as_dict(), "truth_seed": s} for m in mixtures for s in range(truth_seeds)]
+    rows = continue_many(rp.cfg, rp.shards, rp.checkpoint, jobs, rp.steps)
+    return [[rows[i * truth_seeds + s]["val_loss"] for s in range(truth_seeds)] for i in range(len(mixtures))]
+
+
+def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_seeds: int = 2,
+                 truths_from: str | Path | None = None, overrides: dict | None = None, adapter_dirs: dict | None = None,
+                 write: bool = True) -> dict:
+    """Proxy vs exact-continuation truth on round `round_idx` of the run in `run_dir` (see module doc).
+    overrides: config changes for the proxy only (search.* such as delta_scale, eval tokens);
+    adapter_dirs: score these adapters instead of the run's own."""
+    from opmix_ray.engine.trials import candidate_mixture, objective_weights, score
+    from opmix_ray.mixture import Mixture
+    t0 = time.time()
+    rp = round_proxy(run_dir, round_idx, overrides, adapter_dirs)
+    run_dir = Path(run_dir).expanduser().resolve()
+    cfg, shards, rec, cands = rp.cfg, rp.shards, rp.history_round, rp.candidates
+    current = cands.current
     if truths_from:
         prior = read_json(truths_from)
         picked = [(c["label"], np.array(c["a"])) for c in prior["candidates"]]
@@ -121,24 +157,17 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     mixtures = [pushed if (label == "stay" and not moved) or (label == "leader" and moved and rec.get("decision"))
                 else current if label == "stay"
                 else candidate_mixture(cands, a) for label, a in picked]
-    if truths_from:
-        truths = [c["truth"] for c in prior["candidates"]]
-    else:
-        from opmix_ray.engine.continuation import continue_many
-        init_ray(cfg)
-        jobs = [{"weights": m.as_dict(), "truth_seed": s} for m in mixtures for s in range(truth_seeds)]
-        rows = continue_many(cfg, shards, ckpt, jobs, end - start)
-        truths = [[rows[i * truth_seeds + s]["val_loss"] for s in range(truth_seeds)] for i in range(len(mixtures))]
+    measured = [c["truth"] for c in prior["candidates"]] if truths_from else truths(rp, mixtures, truth_seeds)
     candidates = []
-    for (label, a), m, p, t in zip(picked, mixtures, proxies, truths):
+    for (label, a), m, p, t in zip(picked, mixtures, proxies, measured):
         candidates.append({"label": label, "a": a.tolist(), "mixture": m.as_dict(), "truth": t,
                            "truth_mean": {d: float(np.mean([x[d] for x in t])) for d in t[0]},
                            "proxy": {k[5:]: v for k, v in p.items() if k.startswith("loss_")}})
     objs = {"configured": objective_weights(cfg, shards), "mean": {d: 1.0 for d in shards.domains}}
     if shards.eval_only:
         objs["target"] = {d: 1.0 for d in shards.eval_only}
-    result = {"run_dir": str(run_dir), "round": round_idx, "n": len(candidates), "truth_seeds": len(truths[0]),
-              "truth_steps": end - start, "delta_scale": cands.scale, "search_space": type(cands.space).__name__,
+    result = {"run_dir": str(run_dir), "round": round_idx, "n": len(candidates), "truth_seeds": len(measured[0]),
+              "truth_steps": rp.steps, "delta_scale": cands.scale, "search_space": type(cands.space).__name__,
               "objectives": {name: scores(candidates, "proxy", w) for name, w in objs.items()},
               "per_domain": {d: corr([c["proxy"][d] for c in candidates], [c["truth_mean"][d] for c in candidates])
                              for d in shards.val},

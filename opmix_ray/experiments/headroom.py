@@ -147,7 +147,7 @@ def run_headroom(cfg, out_dir: str | Path, overwrite: bool = False) -> dict:
     init_ray(cfg)
     res = measure_headroom(sc, shards, out, cfg.bench.noise_orders, cfg.bench.oracle_runs,
                            cfg.bench.max_concurrent, say)
-    res.update(seed=sc.run.seed, config=cfg.model_dump(mode="json"))
+    res.update(seed=sc.run.seed, setting=setting_key(sc), config=cfg.model_dump(mode="json"))
     write_json(out / "headroom.json", res)
     return res
 
@@ -160,3 +160,30 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {o['pick']} | {o['oracle_gain']:+.4f} | {o['noise_sd']:.4f} | {o['ratio']:.2f} | "
                      f"{o['n_orders']} | {o['n_mixtures']} |")
     return "\n".join(lines)
+
+
+# The headroom measurements shipped with the package (opmix_ray/configs/headroom_*.json): what
+# `opmix-ray demo` quotes beside its result when its setting is the measured one.
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"
+
+
+def setting_key(cfg) -> dict:
+    """What the noise and the headroom of fixed-mixture runs depend on: the data (domains, targets,
+    split, caps), the model and the main run's budget and schedule; not where files go."""
+    d, m = cfg.data, cfg.main
+    return {"domains": d.domains, "eval_only": d.eval_only_domains, "seq_len": d.seq_len,
+            "val_tokens": d.val_tokens_per_domain, "max_epochs": d.max_epochs, "default_max_epochs": d.default_max_epochs,
+            "bundled_revisions": d.build_revisions or d.path is None, "model": cfg.model.model_dump(mode="json"),
+            "main": {k: getattr(m, k) for k in ("total_tokens", "batch_size", "lr", "warmup_steps", "schedule",
+                                                "weight_decay")}, "seed": cfg.run.seed}
+
+
+def shipped_headroom(cfg) -> dict | None:
+    """The shipped measurement of cfg's setting (setting_key equal), or None."""
+    import json
+    key = setting_key(cfg)
+    for f in sorted(SHIPPED.glob("headroom_*.json")):
+        res = json.loads(f.read_text())
+        if res.get("setting") == key:
+            return {**res, "file": f.name}
+    return None
