@@ -377,3 +377,20 @@ def test_every_space_has_linear_rows_and_polytope_maps_to_optuna():
         study.tell(t, float(w[1]))
     with pytest.raises(ValueError, match="break the constraints"):
         space.weights({f"w_{c}": 0.25 for c in coords})
+
+
+def test_tight_caps_do_not_pull_every_draw_to_one_domain():
+    """With one cap nearly spent (a 1.4% share left for licenses, 12.8% for fortunes), draws still
+    spread over the uncapped domains: none gets more than half the weight on average, and each of
+    them leads in some draws (pulling infeasible draws towards one interior point put 92% on one)."""
+    from search_spaces import CollapsedSpace
+    current = {"python": .2, "bible_ot": .2, "dictionary": .2, "fortunes": .2, "licenses": .2}
+    caps = {"fortunes": 0.128, "licenses": 0.014}
+    space = CollapsedSpace(current, ("old", *current), caps)
+    rng = np.random.default_rng(0)
+    E = np.array([list(space.expand(space.weights(space.sample(rng))).values()) for _ in range(400)])
+    assert np.all(E[:, 3] <= 0.128 + 1e-9) and np.all(E[:, 4] <= 0.014 + 1e-9)
+    free = E[:, :3]
+    assert free.mean(axis=0).max() < 0.5
+    assert set(np.argmax(free, axis=1)) == {0, 1, 2}
+    assert all(free[:, j].max() > 0.6 for j in range(3))

@@ -161,8 +161,9 @@ def cmd_demo(args) -> int:
     from opmix_ray.engine.driver import run
     path = resources.files("opmix_ray") / "configs" / "demo.yaml"
     over = _sets(args)
-    if args.storage_path:
+    if args.storage_path:  # everything the demo writes goes there, its data dir too
         over.setdefault("run", {})["storage_path"] = args.storage_path
+        over.setdefault("data", {}).setdefault("path", str(Path(args.storage_path) / "data"))
     cfg = load_config(Path(str(path)), over)
     base_cfg = None
     if not args.no_baseline:
