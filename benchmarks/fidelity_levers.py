@@ -64,6 +64,7 @@ VARIANTS = {
     "LoRA r16 + embedding, 60 adapter steps": _with(RAW, "adapters", embedding="full", steps=60),
     "LoRA r16 + embedding, 4x current lr": _with(RAW, "adapters", embedding="full", lr_multiplier=4.0),
     "LoRA r64 + embedding, raw": _with(RAW, "adapters", embedding="full", r=64, alpha=128.0),
+    "LoRA r16 + LoRA on the embedding, raw": _with(RAW, "adapters", embedding="lora"),
 }
 # the proxy levers measured on the bench's setting (--levers)
 LEVERS = ["shared init, 2x current lr, wd .01, c 1, raw", "LoRA r64, raw", "LoRA r16 + embedding, raw",
@@ -135,7 +136,7 @@ def train_variant(run_dir: Path, overrides: dict, dest: Path) -> dict[str, str]:
             if full:
                 save_component(out["model"], str(d))
             else:
-                out["model"].save_pretrained(str(d), safe_serialization=True)
+                out["model"].save_pretrained(str(d), safe_serialization=True, save_embedding_layers=False)
         dirs[name] = str(d)
     return dirs
 

@@ -10,7 +10,8 @@ variant's adapters and per objective (mean, target):
   mixing-law  the reference's selection: Dirichlet merges within the caps (`--samples` of them, warm
               starts included), a log-linear law per domain fitted to them, and its KL-regularised
               proposal (lambda 0.05, the reference's prior) is picked; also the best of its own draws.
-Each pick is then trained for real (the exact continuation of the main run to the next boundary, on
+Beside them, "stay within caps" (decision.stay_within_caps: the current mixture within the caps left,
+what a round that does not move pushes). Each pick is then trained for real (the exact continuation of the main run to the next boundary, on
 2 truth seeds), beside stay. Writes OUT/selection.json and prints, per (seed, objective, method), the
 pick's true loss, its gain over stay, and the regret against the best true loss of the 16 fidelity
 candidates and the picks together.
@@ -85,6 +86,10 @@ def main() -> int:
         objs = {"mean": {d: 1.0 for d in doms}, **({"target": {d: 1.0 for d in targets}} if targets else {})}
         picks = [(obj, pick(rp, m, w, args.samples, 1000 * seed + j)) for obj, w in objs.items()
                  for j, m in enumerate(("tpe", "mixing-law"))]
+        # what a round that does not move pushes: the current mixture within the caps left
+        from opmix_ray.engine.decision import reference_mixture
+        ref = reference_mixture(rp.candidates.current.as_dict(), rp.candidates.caps_share)
+        picks += [(obj, {"method": "stay within caps", "mixture": ref, "a": None}) for obj in objs]
         from opmix_ray.mixture import Mixture
         measured = truths(rp, [Mixture.from_dict(p["mixture"], rp.shards.domains) for _, p in picks], 2)
         stay = next(c for c in fid["candidates"] if c["label"] == "stay")

@@ -239,13 +239,15 @@ class AdaptersSection(Section):
                                       "its own domain; the rest follow the current mixture (paper: 0.9).")
     include_old: bool = Field(True, description="Also train an adapter on the current mixture and search "
                               "over {old, d_1..d_k} (the paper's collapse).")
-    embedding: Literal["frozen", "full"] = Field(
+    embedding: Literal["frozen", "full", "lora"] = Field(
         "frozen", description="full: each adapter also trains the input embedding (and the output head it is tied "
         "to; an untied head too), as PEFT's modules_to_save with ensure_weight_tying, and that dense delta is merged "
         "exactly beside the factored LoRA terms. A domain's token statistics live mostly there: without it an "
         "adapter sees about half of what full fine-tuning learns on its domain and little of what it costs the "
-        "others (docs/DECISIONS.md). frozen: LoRA on target_modules only (the OP-Mix reference's adapters). "
-        "Costs vocab x hidden floats per adapter in memory while candidates are scored.")
+        "others (docs/DECISIONS.md). lora: LoRA of rank r on the embedding too (PEFT keeps a tied head's LoRA "
+        "tied), fewer trainable parameters at a large vocabulary. frozen: LoRA on target_modules only (the "
+        "OP-Mix reference's adapters). full and lora hold vocab x hidden floats per adapter while candidates "
+        "are scored.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Linear layers that get LoRA adapters.")
@@ -330,6 +332,13 @@ class DecisionSection(Section):
     k: float = Field(2.0, ge=0, description="Standard errors the leader must beat stay by (safe rule).")
     max_l1_step: float | None = Field(None, gt=0, le=2, description="Trust region: only candidates whose "
                                       "mixture is within this L1 distance of the current one can lead; null = none.")
+    stay_within_caps: bool = Field(True, description="safe rule: when the current mixture would spend a "
+                                   "repetition cap before the end of the run, staying means the current mixture "
+                                   "within the caps left (a capped domain at the share its cap allows for the rest of "
+                                   "the run, the excess spread over the others), compared with the leader and pushed "
+                                   "when the round does not move; false: stay keeps the current mixture, and the "
+                                   "capped domains are drawn until their caps are spent, then never again "
+                                   "(docs/DECISIONS.md).")
     confirm: bool = Field(True, description="safe rule: before a move is pushed, train one more adapter on the "
                           "leader's mixture and push only if it beats the 'old' adapter (trained on the current "
                           "mixture) by k standard errors; costs one adapter training per move (engine/confirm.py).")

@@ -231,3 +231,32 @@ def test_a_run_that_always_stays_is_the_fixed_mixture_run(stay_run):
     with open(os.path.join(fixed["run_dir"], "history.json")) as f:
         base = json.load(f)["final"]["val_loss"]
     assert h["final"]["val_loss"] == base
+
+
+def test_reference_mixture_keeps_the_current_one_within_the_caps_left():
+    from opmix_ray.engine.decision import reference_mixture
+    p = {"python": .2, "bible": .2, "dictionary": .2, "fortunes": .2, "licenses": .2}
+    assert reference_mixture(p, None) == p and reference_mixture(p, {"python": 0.5}) == pytest.approx(p)
+    r = reference_mixture(p, {"fortunes": 0.128, "licenses": 0.014})
+    assert r["licenses"] == pytest.approx(0.014) and r["fortunes"] == pytest.approx(0.128)
+    assert r["python"] == pytest.approx(r["bible"]) == pytest.approx((1 - 0.142) / 3)  # the excess, shared by weight
+    # water-filling: a domain pushed over its own cap by the spread excess is capped in turn
+    r = reference_mixture({"a": .5, "b": .3, "c": .2}, {"a": 0.1, "b": 0.5})
+    assert r == pytest.approx({"a": 0.1, "b": 0.5, "c": 0.4})
+    # caps that cannot all hold: the sampler will redistribute anyway, the current mixture stays
+    assert reference_mixture({"a": .5, "b": .5}, {"a": 0.2, "b": 0.3}) == {"a": .5, "b": .5}
+
+
+def test_matched_stay_stands_for_the_reference_mixture():
+    from opmix_ray.engine.decision import reference_mixture
+    from opmix_ray.mixture import Mixture, expand_collapsed
+    p = {"a": .4, "b": .4, "c": .2}
+    ref = reference_mixture(p, {"c": 0.05})
+    leader = {"old": 0.6, "a": 0.1, "b": 0.2, "c": 0.1}
+    s = matched_stay(leader, p, ref)
+    assert sum(s.values()) == pytest.approx(1.0) and s["old"] == pytest.approx(0.25)  # lowered so c fits
+    e = expand_collapsed(tuple(s), np.array(list(s.values())), Mixture.from_dict(p))
+    assert e.as_dict() == pytest.approx(ref)
+    # a domain without its own adapter moves only with old: the reference cannot be met, and the
+    # stay is the one matched to p
+    assert matched_stay({"old": 0.6, "a": 0.4}, p, ref) == matched_stay({"old": 0.6, "a": 0.4}, p)

@@ -254,12 +254,13 @@ def test_factored_stack_refuses_other_modules_or_shapes(adapter_dirs):
         MergedModel(other, stack_factors([a]))
 
 
-@pytest.fixture(scope="module")
-def embedding_dirs(tmp_path_factory):
-    """Three adapters as adapters.embedding: full trains them: LoRA plus the tied embedding in full."""
+@pytest.fixture(scope="module", params=["full", "lora"])
+def embedding_dirs(request, tmp_path_factory):
+    """Three adapters as adapters.embedding trains them: LoRA plus the tied embedding in full, or LoRA
+    on the embedding too (its tied head's LoRA tied with it)."""
     from opmix_ray.config import load_config
     from opmix_ray.engine.adapters import lora_config
-    cfg = load_config({"adapters": {"r": 4, "alpha": 8, "embedding": "full"}})
+    cfg = load_config({"adapters": {"r": 4, "alpha": 8, "embedding": request.param}})
     dirs = []
     for i in range(3):
         peft_model = get_peft_model(_base(), lora_config(cfg, _base()))
@@ -269,21 +270,26 @@ def embedding_dirs(tmp_path_factory):
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=g) * 0.05)
         d = tmp_path_factory.mktemp(f"emb_adapter{i}")
-        peft_model.save_pretrained(d)
+        peft_model.save_pretrained(d, save_embedding_layers=False)
         dirs.append((d, peft_model))
     return dirs
 
 
 def test_embedding_adapter_keeps_the_head_tied_and_merges_exactly(embedding_dirs):
-    from opmix_ray.engine.merge import load_dense_deltas
+    from opmix_ray.engine.merge import load_dense_deltas, moved_by
     base = _base()
     (d0, trained0) = embedding_dirs[0]
-    inner = trained0.get_base_model()
-    assert inner.lm_head.weight.data_ptr() == inner.model.embed_tokens.weight.data_ptr() or torch.equal(
-        inner.lm_head.weight, inner.model.embed_tokens.weight)  # ensure_weight_tying: still one matrix
+    with torch.no_grad():  # ensure_weight_tying: the head's logits are still the embedding's, LoRA included
+        x0 = torch.randint(0, 128, (1, 8))
+        h = trained0.get_base_model().model(x0).last_hidden_state
+        inner = trained0.get_base_model()
+        emb_rows = inner.model.embed_tokens(torch.arange(128)[None])[0]
+        assert torch.allclose(inner.lm_head(h), h @ emb_rows.T, atol=1e-5)
     dense = [load_dense_deltas(d, base) for d, _ in embedding_dirs]
     assert all(list(x) == ["model.embed_tokens.weight"] for x in dense)  # the tied pair once
     stacked = stack_factors([load_lora_factors(d) for d, _ in embedding_dirs])
+    stacked = {m: D for m, D in stacked.items() if not moved_by(base, m, dense[0])}
+    assert not any(m.endswith("lm_head") for m in stacked)  # the tied head moves with the embedding's delta
     stacked.update(stack_deltas(dense))
     x = torch.randint(0, 128, (2, 12))
     mm = MergedModel(_base().eval(), stacked)
@@ -296,9 +302,10 @@ def test_embedding_adapter_keeps_the_head_tied_and_merges_exactly(embedding_dirs
     # a blend: the exact weighted sum of every delta, the embedding's too (dense reference)
     mm.apply(W)
     ref = _base().eval()
+    lora = stack_deltas([{m: x for m, x in load_lora_delta(d).items() if not m.endswith("lm_head")}
+                         for d, _ in embedding_dirs])
     with torch.no_grad():
-        for m, delta in merged_delta({**stack_deltas([load_lora_delta(d) for d, _ in embedding_dirs]),
-                                      **stack_deltas(dense)}, W).items():
+        for m, delta in merged_delta({**lora, **stack_deltas(dense)}, W).items():
             p = dict(ref.named_parameters()).get(m)
             p = p if p is not None else ref.get_submodule(m).weight
             p.add_(torch.from_numpy(delta))

@@ -94,12 +94,15 @@ def embedding_modules(model) -> tuple[list[str], bool]:
 def lora_config(cfg: Config, model) -> LoraConfig:
     """The round's LoRA: r, alpha and target_modules from adapters.*; with adapters.embedding: full the
     embedding (and an untied head) train in full beside it, a tied head kept tied."""
-    extra = {}
-    if cfg.adapters.embedding == "full":
+    extra, targets = {}, list(cfg.adapters.target_modules)
+    if cfg.adapters.embedding != "frozen":
         modules, tied = embedding_modules(model)
-        extra = {"modules_to_save": modules, "ensure_weight_tying": tied}
+        if cfg.adapters.embedding == "full":
+            extra = {"modules_to_save": modules, "ensure_weight_tying": tied}
+        else:
+            targets, extra = targets + modules, {"ensure_weight_tying": tied}
     return LoraConfig(r=cfg.adapters.r, lora_alpha=cfg.adapters.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(cfg.adapters.target_modules), init_lora_weights=True, **extra)
+                      target_modules=targets, init_lora_weights=True, **extra)
 
 
 def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seeds: tuple[int, int], lr: float,
@@ -165,7 +168,8 @@ def adapter_loop(loop_cfg: dict) -> None:
             if cfg.adapters.kind == "full":
                 save_component(model, out_dir)
             else:
-                model.save_pretrained(out_dir, safe_serialization=True)
+                # the base embedding is the round's checkpoint's: not saved again beside its LoRA
+                model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
                 _base_relative_to_run(out_dir, loop_cfg["base_path"], loop_cfg["run_dir"])
             write_json(os.path.join(out_dir, rundir.ADAPTER_META), {
                 "name": name, "probe_mixture": weights, "round": loop_cfg["round"],

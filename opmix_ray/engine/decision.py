@@ -23,6 +23,14 @@ rule could never move; against the matched stay only the direction differs.
   domains), and the leader minus stay, sum_i (a_i - s_i) e_i, has s1^2 sum_i (a_i - s_i)^2.
 
 Without an 'old' adapter nothing stands for stay, and the rule falls back to the argmin.
+
+What "stay" means (decision.stay_within_caps): a mixture whose repetition caps run out before the
+end of the run cannot be kept; the sampler would draw the capped domains at full weight until
+their caps are spent and never again, so the end of the run, where the lr anneals, trains without
+them. Staying is therefore the reference mixture: the current one where the caps left allow it,
+the excess of a capped domain spread over the others in proportion to their weights
+(`reference_mixture`). The rule compares the leader with the stay that stands for it, and a round
+that does not move pushes it (when it is the current mixture, a stay pushes nothing).
 """
 from __future__ import annotations
 
@@ -48,6 +56,7 @@ class Decision:
     leader_source: str  # "trial" (best Tune trial) or "law" (the mixing law's proposal)
     stay_old_objective: float | None = None  # a_old = 1: the old adapter alone
     confirm: dict | None = None  # decision.confirm: the confirmation adapter's figures (engine/confirm.py)
+    stay_mixture: dict[str, float] | None = None  # what staying pushes (reference_mixture); None: the current one
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,10 +87,48 @@ def adapter_noise_var(old: dict[str, float], replicate: dict[str, float], weight
     return float(sum(v * (old[d] - replicate[d]) ** 2 for d, v in _norm(weights).items()) / 2.0)
 
 
-def matched_stay(a: dict[str, float], current: dict[str, float]) -> dict[str, float]:
+def reference_mixture(current: dict[str, float], caps_share: dict[str, float] | None) -> dict[str, float]:
+    """The current mixture within the repetition caps left (caps_share: the share of the rest of the run
+    each domain's cap still allows): a domain over its share gets the share, and the excess goes to the
+    domains with room, in proportion to their weights, until none is over. The current mixture itself
+    when no cap binds, or when the caps cannot all hold (their shares sum below 1)."""
+    if not caps_share:
+        return dict(current)
+    w = {d: max(0.0, float(v)) for d, v in current.items()}
+    cap = {d: float(caps_share.get(d, np.inf)) for d in w}
+    if sum(min(cap[d], 1.0) for d in w if w[d] > 0) < 1.0:
+        return dict(current)
+    fixed: set[str] = set()
+    for _ in range(len(w)):
+        over = [d for d in w if d not in fixed and w[d] > cap[d]]
+        if not over:
+            break
+        for d in over:
+            fixed.add(d)
+        excess = 1.0 - sum(cap[d] for d in fixed) - sum(w[d] for d in w if d not in fixed)
+        room = sum(w[d] for d in w if d not in fixed)
+        for d in w:
+            w[d] = cap[d] if d in fixed else (w[d] + excess * w[d] / room if room > 0 else w[d])
+    total = sum(w.values())
+    return {d: v / total for d, v in w.items()}
+
+
+def matched_stay(a: dict[str, float], current: dict[str, float],
+                 target: dict[str, float] | None = None) -> dict[str, float]:
     """The leader's a_old, the rest of the weight on the domain adapters in the current mixture's
     proportions: E(s) = p, with the leader's blend of adapters. Domains without their own adapter
-    (collapsed into old) only move with old, so their share stays with old."""
+    (collapsed into old) only move with old, so their share stays with old. target: stand for this
+    mixture instead of p (the reference mixture): a_old is lowered until every domain's target share
+    covers a_old * p_d, and the domain adapters make up the rest; p when that cannot be done (a
+    domain without its own adapter would have to move apart from old)."""
+    if target is not None and "old" in a and any(abs(target[d] - current[d]) > 1e-12 for d in current):
+        own = {d for d in current if d in a}
+        ratios = [target[d] / current[d] for d in current if current[d] > 0]
+        s_old = min([a["old"], *ratios])
+        if all(abs(target[d] - s_old * current[d]) <= 1e-9 for d in current if d not in own):
+            s = {"old": s_old, **{d: max(0.0, target[d] - s_old * current[d]) for d in own}}
+            total = sum(s.values())
+            return {c: s.get(c, 0.0) / total for c in a}
     own = [d for d in current if d in a]
     p_own = sum(current[d] for d in own)
     if "old" not in a or p_own <= 0:

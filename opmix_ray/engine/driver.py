@@ -149,10 +149,14 @@ def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, sh
                 cands.objective_weights)
         decision.confirm["merged_reason"] = merged_reason
     doms = current.domains
-    # A stay changes nothing: the sampler keeps its weights, counters and cap handling, so a run
-    # that always stays is the fixed-mixture run bit for bit (docs/DECISIONS.md).
-    pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash) \
-        if decision.moved else current
+    # A stay on the current mixture changes nothing: the sampler keeps its weights, counters and cap
+    # handling, so a run that always stays is the fixed-mixture run bit for bit (docs/DECISIONS.md). A
+    # stay whose caps would run out pushes the current mixture within them (engine/decision.py).
+    kept = decision.stay_mixture
+    if decision.moved:
+        pushed = Mixture.normalised(doms, [decision.leader_mixture[d] for d in doms], current.data_hash)
+    else:
+        pushed = Mixture.normalised(doms, [kept[d] for d in doms], current.data_hash) if kept else current
     with failing_step(f"round {k}: writing the round's files"):
         store.write_parquet(rundir.trials(k), out.trials)
         # With a URI, mirror the round's checkpoint, adapters and trial results now: a run that dies

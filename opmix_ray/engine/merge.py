@@ -63,14 +63,22 @@ def load_lora_factors(adapter_dir: str | Path) -> dict[str, tuple[np.ndarray, np
 
 
 def load_dense_deltas(adapter_dir: str | Path, base: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The parameters a LoRA adapter trained in full (PEFT's modules_to_save: adapters.embedding: full) ->
-    {parameter name of `base`: trained - base} as float32; {} when it trained none. A tied embedding and
-    head are one parameter of `base` and appear once, under its first name."""
+    """What a LoRA adapter changed in `base`'s embedding-like parameters, dense: a parameter trained in
+    full (PEFT's modules_to_save, adapters.embedding: full) as trained - base, and an embedding's LoRA
+    (adapters.embedding: lora) as (alpha / r) (B A)^T; {parameter name of `base`: [rows, cols] float32},
+    {} when there is none. A tied embedding and head are one parameter of `base` and appear once,
+    under its first name."""
     d = Path(adapter_dir)
     tensors = load_file(str(d / "adapter_model.safetensors"))
     out = {}
     for name, p in base.named_parameters():  # named_parameters lists a tied weight once
+        module = name.rsplit(".", 1)[0]
         t = tensors.get(f"base_model.model.{name}")
+        A, B = (tensors.get(f"base_model.model.{module}.lora_embedding_{x}") for x in "AB")
+        if t is None and A is not None and B is not None:
+            conf = json.loads((d / "adapter_config.json").read_text())
+            t = (float(conf["lora_alpha"]) / float(conf["r"])) * (B.astype(np.float32) @ A.astype(np.float32)).T \
+                + p.detach().cpu().float().numpy()
         if t is None:
             continue
         if t.shape != tuple(p.shape):
@@ -78,6 +86,14 @@ def load_dense_deltas(adapter_dir: str | Path, base: torch.nn.Module) -> dict[st
                                "(fix: adapters must be trained on this round's checkpoint)")
         out[name] = t.astype(np.float32) - p.detach().cpu().float().numpy()
     return out
+
+
+def moved_by(base: torch.nn.Module, module: str, dense: dict) -> bool:
+    """Whether `module`'s weight is a parameter that a dense delta already moves (a head tied to an
+    embedding whose delta is dense: its own LoRA factors would count the same change twice)."""
+    params = dict(base.named_parameters())
+    w = getattr(base.get_submodule(module), "weight", None)
+    return any(params.get(name) is w for name in dense)
 
 
 def load_lora_delta(adapter_dir: str | Path) -> dict[str, np.ndarray]:

@@ -30,9 +30,10 @@ from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
 import opmix_ray.engine.trial_batch as trial_batch
 from opmix_ray.engine.adapters import REPLICATE, adapter_tokens
-from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay, safe_rule, weighted
+from opmix_ray.engine.decision import (Decision, adapter_noise_var, matched_stay, reference_mixture, safe_rule,
+                                      weighted)
 from opmix_ray.engine.merge import (MergedModel, delta_norm, load_dense_deltas, load_full_delta, load_lora_factors,
-                                   stack_deltas, stack_factors)
+                                   moved_by, stack_deltas, stack_factors)
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.scoring import _merged_model, candidate_mixture, merged_trial, score
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial
@@ -68,6 +69,7 @@ class Candidates:
     driver_evals: int = 0  # evaluations outside the trials (choosing c, the decision): counted as search
     norm_to: float | None = None  # search.delta_norm: matched -> every merge has the 'old' delta's norm
     fingerprint: str = ""  # what trials are scored on (adapters, base, scale, space): a journal is reused only on it
+    caps_share: dict[str, float] | None = None  # per domain, the share of the rest of the run its cap allows
 
     def full(self, a) -> np.ndarray:
         """Weights over coords + extra (the extra adapters at 0)."""
@@ -94,15 +96,17 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     else:  # LoRA stays factored: O(sum of ranks x (in + out)) per module, never k dense deltas
         stacked = stack_factors([load_lora_factors(adapter_dirs[c]) for c in coords + extra])
         dense = [load_dense_deltas(adapter_dirs[c], model) for c in coords + extra]
-        if any(dense):  # adapters.embedding: full: the embedding's delta is dense by nature
+        if any(dense):  # adapters.embedding: the embedding's delta, merged in place (a tied head with it)
+            stacked = {m: D for m, D in stacked.items() if not moved_by(model, m, dense[0])}
             stacked.update(stack_deltas(dense))
     base_state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     space = search_space(cfg, coords, current, shards, info)
+    caps = cap_shares(cfg, shards, info) if cfg.search.caps and info is not None and info.has_caps_state else None
     # the key names this build only: a process that drives two runs of the same name (or the same
     # round twice) must never score one build's candidates on another's cached merged model
     key = f"{key}/{uuid.uuid4().hex}"
     cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.selection(), current,
-                       objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra)
+                       objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra, caps_share=caps)
     ratio = segment_tokens / adapter_tokens(cfg, shards.seq_len) if segment_tokens else None
     scale = delta_scale(cfg, cands, model, ratio)
     if scale != 1.0:
@@ -376,7 +380,8 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
     if best is None and source == "trial":
         return Decision(moved=False, reason=f"no candidate within decision.max_l1_step={cfg.decision.max_l1_step}",
                         stay_objective=None, leader_objective=None, se=None, se_eval=None, se_adapter=None, **common)
-    stay_a = matched_stay(named, cur.as_dict())
+    ref = reference_mixture(cur.as_dict(), candidates.caps_share if cfg.decision.stay_within_caps else None)
+    stay_a = matched_stay(named, cur.as_dict(), ref)
     mm = _merged_model(candidates)
     scored = {}
     for name, w in (("stay", candidates.full([stay_a[c] for c in candidates.coords])),
@@ -394,6 +399,11 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
     moved, reason, figures = safe_rule(scored["stay"], scored["leader"], candidates.objective_weights, named,
                                        cfg.decision.k, noise, stay_a)
     figures["stay_old_objective"] = weighted(scored["stay_old"], candidates.objective_weights)
+    stay_mix = None
+    if any(abs(ref[d] - x) > 1e-12 for d, x in cur.as_dict().items()):
+        stay_mix = candidate_mixture(candidates, np.array([stay_a[c] for c in candidates.coords])).as_dict()
+        if not moved:
+            reason = reason.replace("keeping the current mixture", "keeping the current mixture within its caps")
     if law:
         reason += f"; law loo_spearman {law.get('loo_spearman')}"
-    return Decision(moved=moved, reason=reason, **figures, **common)
+    return Decision(moved=moved, reason=reason, stay_mixture=stay_mix, **figures, **common)

@@ -59,8 +59,14 @@ def scores(candidates: list[dict], proxy_key: str, weights: dict[str, float]) ->
 
 
 def _candidate_weights(cands, rec: dict, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    from opmix_ray.engine.decision import matched_stay, reference_mixture
     k = len(cands.coords)
     out = [("stay", np.eye(k)[cands.coords.index("old")])] if "old" in cands.coords else []
+    cur = cands.current.as_dict()
+    ref = reference_mixture(cur, cands.caps_share)
+    if out and any(abs(ref[d] - x) > 1e-12 for d, x in cur.items()):  # staying within the caps left
+        s = matched_stay({c: float(c == "old") for c in cands.coords}, cur, ref)
+        out.append(("reference", np.array([s[c] for c in cands.coords])))
     leader = (rec.get("decision") or {}).get("leader_weights") or rec.get("adapter_weights") or {}
     if all(c in leader for c in cands.coords):
         out.append(("leader", np.array([leader[c] for c in cands.coords], dtype=np.float64)))
@@ -149,12 +155,15 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     else:
         picked = _candidate_weights(cands, rec, n, np.random.default_rng([cfg.run.seed, 7, round_idx]))
     proxies = [score(cands, a) for _, a in picked]
-    # stay is what the run keeps when it does not move: the current mixture, unchanged. The
-    # candidate the round pushed trains on the pushed weights as recorded (the sampler breaks ties
-    # between equal shares by order, so a last-bit difference would change its draws).
-    moved = (rec.get("decision") or {}).get("moved", True)
+    # stay is the current mixture, unchanged; reference is it within the caps left (what a round that
+    # does not move pushes when a cap would run out). The candidate the round pushed trains on the
+    # pushed weights as recorded (the sampler breaks ties between equal shares by order, so a
+    # last-bit difference would change its draws).
+    dec = rec.get("decision") or {}
+    moved = dec.get("moved", True)
     pushed = Mixture.from_dict(rec["weights"], shards.domains)
-    mixtures = [pushed if (label == "stay" and not moved) or (label == "leader" and moved and rec.get("decision"))
+    kept = "reference" if dec.get("stay_mixture") else "stay"
+    mixtures = [pushed if (label == kept and not moved) or (label == "leader" and moved and dec)
                 else current if label == "stay"
                 else candidate_mixture(cands, a) for label, a in picked]
     measured = [c["truth"] for c in prior["candidates"]] if truths_from else truths(rp, mixtures, truth_seeds)
