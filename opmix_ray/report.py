@@ -76,13 +76,11 @@ def objective_line(summary: dict, baseline: dict, weights: dict[str, float], noi
     line = (f"objective ({names}) val loss: OP-Mix {ours:.4f} vs {baseline['baseline']} {base:.4f}: {diff:+.4f} nats "
             f"(perplexity {100.0 * (math.exp(diff) - 1):+.1f}%; negative = OP-Mix better)")
     if noise is None:
-        return line + ("
-the data-order noise of this comparison is not measured for this setting "
+        return line + ("\nthe data-order noise of this comparison is not measured for this setting "
                        "(`opmix-ray headroom CONFIG` measures it)")
     verdict = ("beyond twice the noise" if abs(diff) > 2 * noise else
                "within twice the noise: no difference")
-    return line + (f"
-noise of one such comparison (sd over data orders, {source}): {noise:.4f} nats; "
+    return line + (f"\nnoise of one such comparison (sd over data orders, {source}): {noise:.4f} nats; "
                    f"this difference is {abs(diff) / noise:.1f} sd, {verdict}")
 
 
