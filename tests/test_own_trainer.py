@@ -282,6 +282,8 @@ def test_the_trainers_batches_follow_the_pushed_mixture_from_the_step_after_the_
     hist = json.loads((opmix_run_dir(opmix) / "history.json").read_text())
     assert hist["meta"]["client"] == "own_trainer" and hist["rounds"][0]["applied_step"] == BOUNDARY + 1
     assert hist["rounds"][0]["weights"] == pytest.approx(pushed)
+    from opmix_ray.cli.check import check_run_dir
+    assert check_run_dir(opmix.run_dir) == []  # `opmix-ray check` finds the round's files whole
 
 
 def opmix_run_dir(opmix):

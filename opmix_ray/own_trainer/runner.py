@@ -24,10 +24,11 @@ import ray
 from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.errors import ConfigError
+from opmix_ray.history import OWN_TRAINER
 from opmix_ray.mixture import Mixture
 from opmix_ray.storage import RunStore, checksums, is_uri, read_json, sha256_file
 
-CLIENT = "own_trainer"  # history.json meta["client"]: the rounds of a trainer of your own
+CLIENT = OWN_TRAINER  # history.json meta["client"]: the rounds of a trainer of your own
 
 
 def prepare_run_dir(cfg: Config, shards, opmix, overwrite: bool) -> Path:
