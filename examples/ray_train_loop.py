@@ -47,6 +47,7 @@ def train_loop(config: dict) -> None:
                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                                          max_position_embeddings=SEQ_LEN, tie_word_embeddings=True))
     model = ray.train.torch.prepare_model(model)
+    plain = getattr(model, "module", model)  # DDP's wrapped module: what is saved and loaded
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     cosine = lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
@@ -57,7 +58,7 @@ def train_loop(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "train.pt"), weights_only=True)
-            model.module.load_state_dict(state["model"])
+            plain.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             with open(os.path.join(d, "opmix.json")) as f:
@@ -80,7 +81,7 @@ def train_loop(config: dict) -> None:
         if (step + 1) % config["save_every"] == 0 or step + 1 == total:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
-                    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(),
+                    torch.save({"model": plain.state_dict(), "opt": opt.state_dict(),
                                 "sched": sched.state_dict(), "step": step + 1}, os.path.join(d, "train.pt"))
                     with open(os.path.join(d, "opmix.json"), "w") as f:
                         json.dump(loop.state_dict(), f)  # the sampler and the rounds: the same on every rank
