@@ -6,7 +6,9 @@ starts neither torch nor Ray):
 
 run / resume: a whole run, or the continuation of one whose driver died (opmix_ray/engine/);
 load_config: the typed YAML config (opmix_ray/config.py); Mixture (opmix_ray/mixture.py);
-MixtureSearcher, create_searcher: write or build a searcher (opmix_ray/searchers/).
+MixtureSearcher, create_searcher: write or build a searcher (opmix_ray/searchers/);
+OpMix, OpMixSampler, OpMixLoop, OpMixCallback: OP-Mix decisions for a training loop you already
+have, a Hugging Face Trainer or a Ray Train loop (opmix_ray/own_trainer/, docs/own_trainer.md).
 """
 from importlib import import_module
 
@@ -17,6 +19,10 @@ _PUBLIC = {
     "Mixture": "opmix_ray.mixture",
     "MixtureSearcher": "opmix_ray.searchers",
     "create_searcher": "opmix_ray.searchers",
+    "OpMix": "opmix_ray.own_trainer.session",
+    "OpMixSampler": "opmix_ray.data.feed",
+    "OpMixLoop": "opmix_ray.own_trainer.loop",
+    "OpMixCallback": "opmix_ray.own_trainer.hf",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

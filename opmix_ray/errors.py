@@ -61,3 +61,8 @@ def failing_step(name: str):
         if not hasattr(exc, "opmix_step"):
             exc.opmix_step = name
         raise
+
+
+class TrainerSetupError(BadInput):
+    """A trainer of your own wired to OP-Mix wrongly (its model, sampler, boundary steps, callback);
+    the message names what and the fix."""

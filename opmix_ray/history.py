@@ -15,6 +15,10 @@ from opmix_ray import rundir
 from opmix_ray.errors import RunDirError
 from opmix_ray.storage import is_file, join, read_json, redact
 
+# meta["client"] of a run dir whose rounds a trainer of your own asked for (opmix_ray/own_trainer/):
+# its main-run resume state lives in that trainer's own checkpoints, not in the run dir
+OWN_TRAINER = "own_trainer"
+
 # what `results` and the run's own report read from summary.json
 SUMMARY_KEYS = ("run_dir", "final_val_loss", "final_val_ppl_mean", "main_flops", "search_flops", "wall_s")
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from opmix_ray import rundir
-from opmix_ray.history import history_problems, summary_problems
+from opmix_ray.history import OWN_TRAINER, history_problems, summary_problems
 from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 from opmix_ray.storage import sha256_file, unreadable
 
@@ -38,10 +38,13 @@ def _unreadable(run_dir: Path) -> list[str]:
 
 def _missing(run_dir: Path, history: dict) -> list[str]:
     out = []
+    # a trainer of your own resumes from its own checkpoints, and may decide on one outside the run dir
+    names = () if history.get("meta", {}).get("client") == OWN_TRAINER else \
+        (STATE_JSON, STATE_TENSORS, "config.json", "model.safetensors")
     for rec in history.get("rounds", []):
         k = rec["round"]
         ckpt = rundir.at(run_dir, rundir.checkpoint(k))
-        for name in (STATE_JSON, STATE_TENSORS, "config.json", "model.safetensors"):
+        for name in names:
             if not (ckpt / name).is_file():
                 out.append(f"{rundir.checkpoint(k)}/{name}: missing for pushed round {k}")
         root = rundir.at(run_dir, rundir.adapter_root(k))  # LoRA adapters, or full components (adapters.kind)

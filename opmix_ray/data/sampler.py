@@ -90,22 +90,23 @@ class MixtureSampler:
                                "(fix: raise data.max_epochs or lower main.total_tokens)")
         return w / w.sum()
 
+    def draw_row(self) -> tuple[np.ndarray, int]:
+        """One window [seq_len + 1] and its domain index: the domain owed the most tokens."""
+        w = self._effective_weights()
+        seg = np.array([self.drawn_segment[d] for d in self.domains], dtype=np.float64)
+        # owed over the domains still drawable: a capped domain's past draws must not leave the
+        # others a shared deficit (argmax would then split it equally, not by weight)
+        owed = w * (seg[w > 0].sum() + self.seq_len) - seg
+        owed[w == 0] = -np.inf
+        i = int(np.argmax(owed))
+        d = self.domains[i]
+        self.drawn_segment[d] += self.seq_len
+        self.drawn_total[d] += self.seq_len
+        return self.streams[d].next_window(), i
+
     def next_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [B, seq_len + 1] int64, domain index per row [B])."""
-        rows, which = [], []
-        for _ in range(batch_size):
-            w = self._effective_weights()
-            seg = np.array([self.drawn_segment[d] for d in self.domains], dtype=np.float64)
-            # owed over the domains still drawable: a capped domain's past draws must not leave the
-            # others a shared deficit (argmax would then split it equally, not by weight)
-            owed = w * (seg[w > 0].sum() + self.seq_len) - seg
-            owed[w == 0] = -np.inf
-            i = int(np.argmax(owed))
-            d = self.domains[i]
-            rows.append(self.streams[d].next_window())
-            which.append(i)
-            self.drawn_segment[d] += self.seq_len
-            self.drawn_total[d] += self.seq_len
+        rows, which = zip(*(self.draw_row() for _ in range(batch_size)))
         return np.stack(rows).astype(np.int64), np.asarray(which)
 
     def segment_fractions(self) -> dict[str, float]:

@@ -95,7 +95,8 @@ def _latest_boundary(ctl, k: int, n: int) -> int | None:
     return max(later) if later else k
 
 
-def _initial_mixture(cfg: Config, shards):
+def initial_mixture(cfg: Config, shards) -> Mixture:
+    """The mixture a run starts on: the baseline's, else rounds.initial."""
     kind = cfg.run.baseline if cfg.run.baseline != "none" else cfg.rounds.initial
     if isinstance(kind, dict):
         return Mixture.from_dict(kind, shards.domains, shards.data_hash)
@@ -119,8 +120,13 @@ def _domain_changes(cfg: Config, ctl, k: int, shards, current: Mixture, store: R
     return shards, ref, current, affected, changes
 
 
-def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, shards_ref, store: RunStore,
-           affected: list[str] | None = None) -> tuple[Mixture, RoundRecord]:
+def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, shards_ref, store: RunStore,
+              affected: list[str] | None = None, next_step: int | None = None) -> tuple[Mixture, RoundRecord]:
+    """One round on the boundary checkpoint info.path: adapters -> candidates -> search -> decision ->
+    confirmation; returns (the mixture to train on next, the round's record). next_step: the step of
+    the next decision (the run's next boundary or its end; None: from the config's schedule), which
+    sizes the segment a candidate stands for. The main run's driver and a trainer of your own
+    (opmix_ray/own_trainer/) both run rounds through here."""
     run_dir = store.local_dir
     t0 = time.time()
     _say(f"round {k}: training {len(adapter_plan(current, cfg, affected))} LoRA adapters on the "
@@ -128,11 +134,13 @@ def _round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, sh
     with failing_step(f"round {k}: training the adapters"):
         dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
     t_adapters = time.time() - t0
-    total, boundaries = steps_and_boundaries(cfg)
-    nxt = next((b for b in boundaries if b > info.step), total)
+    if next_step is None:
+        total, boundaries = steps_and_boundaries(cfg)
+        next_step = next((b for b in boundaries if b > info.step), total)
+    per_step = info.tokens_per_step or cfg.main.batch_size * shards.seq_len
     with failing_step(f"round {k}: loading the adapters and the checkpoint"):
         cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
-                                 (nxt - info.step) * cfg.main.batch_size * shards.seq_len)
+                                 (next_step - info.step) * per_step)
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
     with failing_step(f"round {k}: the search"):
@@ -195,7 +203,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     staged = f" (staged in {run_dir})" if store.remote else ""
     _say(f"run '{cfg.run.name}' -> {store.location}{staged}; domains {list(shards.domains)}; "
          f"train tokens {shards.train_tokens()}")
-    current = _initial_mixture(cfg, shards)
+    current = initial_mixture(cfg, shards)
     total, boundaries = steps_and_boundaries(cfg)
     meta = {"run": cfg.run.name, "domains": list(shards.domains), "data_hash": shards.data_hash,
             "tokenizer_hash": shards.tokenizer_hash, "initial_mixture": current.as_dict(),
@@ -235,7 +243,7 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
             if changes and not affected:
                 record = RoundRecord.reuse(info, current)
             else:
-                current, record = _round(cfg, k, info, current, shards, shards_ref, store, affected)
+                current, record = run_round(cfg, k, info, current, shards, shards_ref, store, affected)
             if changes:
                 record.domain_changes = [f"{c['op']} {c['name']}" for c in changes]
             ray.get(ctl.push.remote(k, current, record.as_dict()))

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
 from opmix_ray.config import Config, sampler_seed
-from opmix_ray.data.sampler import MixtureSampler
+from opmix_ray.data.feed import OpMixSampler
 from opmix_ray.data.tokenizer import write_checkpoint_files
 from opmix_ray.engine.controller import controller_name
 from opmix_ray.engine.faults import on_driver_node
@@ -43,11 +43,19 @@ def steps_and_boundaries(cfg: Config) -> tuple[int, list[int]]:
     """Total optimizer steps and the steps at which rounds start (uniform prefix, then even).
     main.batch_size is the global batch, so neither depends on the number of workers."""
     total = cfg.main.total_tokens // (cfg.main.batch_size * cfg.data.seq_len)
-    if cfg.run.baseline != "none" or cfg.rounds.num_rounds == 0:
+    if cfg.run.baseline != "none":
         return total, []
-    prefix = int(round(cfg.rounds.uniform_prefix * total))
-    span = (total - prefix) / cfg.rounds.num_rounds
-    return total, [prefix + int(round(k * span)) for k in range(cfg.rounds.num_rounds)]
+    return total, round_steps(total, cfg.rounds.uniform_prefix, cfg.rounds.num_rounds)
+
+
+def round_steps(total: int, uniform_prefix: float, num_rounds: int) -> list[int]:
+    """The steps of `total` at which rounds start: after the prefix, then evenly spaced (rounds.*);
+    a trainer of your own places its boundaries with the same rule (opmix_ray/own_trainer/)."""
+    if num_rounds == 0:
+        return []
+    prefix = int(round(uniform_prefix * total))
+    span = (total - prefix) / num_rounds
+    return [prefix + int(round(k * span)) for k in range(num_rounds)]
 
 
 def checkpoint_path(run_dir: str, round_idx: int | str) -> str:
@@ -169,6 +177,7 @@ def main_loop(loop_cfg: dict) -> None:
     if resume:
         saved = load_train_state(ckpt, opt, sched, sampler, rank, world)
         start, losses = saved["step"], list(saved["losses"])
+        sampler.rows_drawn = start * cfg.main.batch_size  # one global batch per step: where the push rule counts from
         push.stall_s, push.applied_step = dict(saved["stall_s"]), dict(saved["applied_step"])
         train_s = float(saved["info"].get("train_s", 0.0))
         if resume["weights"] is not None:  # the round was pushed: train on its winner, as the run did
@@ -227,7 +236,7 @@ def main_loop(loop_cfg: dict) -> None:
     log.close()
 
 
-def _make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -> MixtureSampler:
+def _make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -> OpMixSampler:
     """The main run's sampler, the same on every rank (engine/ranks.py). A resumed run lists its
     domains in the order its saved state has them (domains removed live stay in it at weight 0),
     then those added since."""
@@ -236,8 +245,8 @@ def _make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -
         with open(os.path.join(resume_ckpt, STATE_JSON)) as f:
             saved = json.load(f)["sampler"]["domains"]
         domains = saved + [d for d in domains if d not in saved]
-    return MixtureSampler({**shards.retired, **shards.train}, live.over(domains), shards.seq_len, shards.cap_tokens(cfg),
-                          seed=sampler_seed(cfg.run))
+    return OpMixSampler({**shards.retired, **shards.train}, live.over(domains), shards.seq_len, shards.cap_tokens(cfg),
+                        seed=sampler_seed(cfg.run), rows_per_step=cfg.main.batch_size)
 
 
 class _PushTracker:
@@ -279,9 +288,10 @@ class _PushTracker:
             k, ref = self.pending[i]
             winner = ray.get(ref)  # on rank > 0 this rank's own future of the same push
             self._refresh_shards()
-            # a removed domain is absent from the push: it stays in the sampler at weight 0
-            self.sampler.set_mixture(winner.over(self.sampler.domains))
-            self.applied_step[str(k)] = step
+            # a removed domain is absent from the push: it stays in the sampler at weight 0. The
+            # push-at-step rule is the sampler's (data/feed.py): here no row of `step` is drawn yet,
+            # so it applies at `step`, as it does for a trainer of your own without a loader ahead.
+            self.applied_step[str(k)] = self.sampler.push(winner.over(self.sampler.domains), key=k)
             self.log.push(step, k, winner.as_dict())
             self.pending = self.pending[i + 1:]
 

@@ -153,12 +153,20 @@ def module_names(cfg: Config, vocab: int) -> list[str]:
 def check_target_modules(cfg: Config, vocab: int) -> None:
     """Every adapters.target_modules entry names modules of the model, as PEFT matches them (the
     full name, or its last dotted parts); otherwise PEFT fails inside the first adapter job."""
-    names = module_names(cfg, vocab)
-    missing = [t for t in cfg.adapters.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "layers." in n and not n.rsplit(".", 1)[-1].isdigit()})
-        raise ConfigError(f"config error at adapters.target_modules: {missing} match no module of the model "
-                          f"(fix: use names such as {leaves[:10]})")
+    problem = target_modules_problem(cfg.adapters.target_modules, module_names(cfg, vocab))
+    if problem:
+        raise ConfigError(f"config error at adapters.target_modules: {problem}")
+
+
+def target_modules_problem(targets: list[str], names: list[str]) -> str | None:
+    """What is wrong when some of `targets` match none of the module `names`, with the fix; else None."""
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return None
+    # leaves inside the repeated blocks (model.layers.0.self_attn.q_proj, transformer.h.0.attn.c_attn)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names
+                     if any(p.isdigit() for p in n.split(".")[:-1]) and not n.rsplit(".", 1)[-1].isdigit()})
+    return f"{missing} match no module of the model (fix: use names such as {leaves[:10]})"
 
 
 def check_searcher(cfg: Config) -> None:
