@@ -275,6 +275,18 @@ CASES = [
     ("target-modules-match-nothing", "adapters.target_modules", _with("adapters", target_modules=["q_proj", "qproj"])),
     ("add-domain-unsafe-name", "NAME", lambda tmp, cfg, data: ["add-domain", str(tmp / "runs" / "x"),
                                                               str(data / "python.parquet"), "--name", "../../x"]),
+    # model shapes the architecture cannot build
+    ("head-width-odd", "model", _with("model", hidden_size=6, num_heads=2)),
+    ("checkpoint-kv-heads-not-dividing", "model.path", lambda tmp, cfg, data: (
+        _model_dir(8192)(tmp, cfg, data),
+        (tmp / "ckpt" / "config.json").write_text(json.dumps({
+            "model_type": "llama", "vocab_size": 8192, "hidden_size": 32, "num_attention_heads": 4,
+            "num_key_value_heads": 3})), ["run", _write(tmp, cfg)])[-1]),
+    ("checkpoint-head-width-odd", "model.path", lambda tmp, cfg, data: (
+        _model_dir(8192)(tmp, cfg, data),
+        (tmp / "ckpt" / "config.json").write_text(json.dumps({
+            "model_type": "llama", "vocab_size": 8192, "hidden_size": 30, "num_attention_heads": 2,
+            "rope_theta": 10000.0})), ["run", _write(tmp, cfg)])[-1]),
 ]
 
 

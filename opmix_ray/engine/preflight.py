@@ -192,13 +192,37 @@ def model_vocab(cfg: Config) -> int | None:
         raise ConfigError(f"config error at model.path: {p} has no model.safetensors (fix: save the "
                           "checkpoint with save_pretrained(safe_serialization=True))")
     try:
-        vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
+        conf = json.loads((p / "config.json").read_text())
+        vocab = conf.get("vocab_size")
     except (ValueError, OSError, AttributeError):
-        vocab = None
+        conf, vocab = {}, None
     if not isinstance(vocab, int) or vocab <= 0:
         raise ConfigError(f"config error at model.path: {p}/config.json is not a valid model config with "
                           "a vocab_size (fix: point it at a Hugging Face checkpoint dir)")
+    problem = attention_shape_problem(conf)
+    if problem:
+        raise ConfigError(f"config error at model.path: {p}/config.json: {problem} (fix: a checkpoint whose "
+                          "attention shapes its architecture can build)")
     return vocab
+
+
+ROTARY = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3", "smollm3")
+
+
+def attention_shape_problem(conf: dict) -> str | None:
+    """Why a model config's attention cannot be built (heads that do not divide the width, query
+    heads that are not a multiple of the key/value heads, an odd rotary head width), or None."""
+    ints = {k: conf.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
+    h, n, kv, hd = (v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None for v in ints.values())
+    if n and kv and n % kv:
+        return f"num_attention_heads={n} is not a multiple of num_key_value_heads={kv}"
+    if h and n and hd is None and h % n:
+        return f"num_attention_heads={n} does not divide hidden_size={h}"
+    width = hd or (h // n if h and n else None)
+    rotary = "rope_theta" in conf or conf.get("model_type") in ROTARY
+    if width and rotary and width % 2 and not conf.get("partial_rotary_factor"):
+        return f"attention heads {width} wide, an odd width that rotary position embeddings cannot take"
+    return None
 
 
 def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> None:
