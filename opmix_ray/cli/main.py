@@ -98,6 +98,8 @@ def cmd_run(args) -> int:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
     _remember(cfg)
+    from opmix_ray.engine.preflight import check_storage
+    check_storage(cfg, args.overwrite)  # before the engine's imports (seconds): a bad storage path fails in ~1 s
     from opmix_ray.engine.driver import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
