@@ -15,6 +15,8 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import Searcher
 
 from opmix_ray import rundir
+from opmix_ray.console import say
+from opmix_ray.engine.trial_batch import BATCH, ROWS
 from opmix_ray.searchers import METRIC, MODE
 
 
@@ -75,10 +77,28 @@ class _Replay(Searcher):
         pass
 
 
+def candidate_records(grid, batch, deaths: ActorDeaths, score_again) -> list[dict | None]:
+    """One record per candidate of a finished search (its metrics, or None: failed). With batches
+    (a BatchSearcher, whose candidate ids are "<trial id>_c<j>") the searcher split each trial's
+    result already; else each trial of the ResultGrid is one. The candidates of trials whose
+    process died are scored by score_again(configs) (rescore) instead."""
+    dead = deaths.trials
+    if batch is not None:
+        out = [m for cid, m in batch.records if cid.rsplit("_c", 1)[0] not in dead]
+    else:
+        paths = {d["path"] for d in dead.values()}
+        out = [r.metrics for r in grid if r.path not in paths]
+    if dead:
+        for config, m in score_again([d["config"] for d in dead.values()]):
+            out += m[ROWS] if m and BATCH in config else [m] * len(config.get(BATCH, [None]))
+    return out
+
+
 def rescore(trainable, configs: list[dict], run_dir: str, round_idx: int, max_concurrent: int,
             retries: int) -> list[tuple[dict, dict | None]]:
     """Score `configs` again with `trainable` (the round's own); (config, metrics or None when the
     trial failed again) for each, in the order Tune finished them."""
+    say(f"round {round_idx}: {len(configs)} trials ended when their process died; scoring their candidates again")
     parent, name = rundir.search_rerun(round_idx).rsplit("/", 1)
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
         search_alg=_Replay(configs), metric=METRIC, mode=MODE, num_samples=len(configs), reuse_actors=True,

@@ -34,7 +34,7 @@ from opmix_ray.engine.decision import Decision, adapter_noise_var, matched_stay,
 from opmix_ray.engine.merge import (MergedModel, delta_norm, load_dense_deltas, load_full_delta, load_lora_factors,
                                    stack_deltas, stack_factors)
 from opmix_ray.engine.records import BoundaryInfo
-from opmix_ray.engine.rerun import ActorDeaths, RetryCounter, rescore
+from opmix_ray.engine.rerun import ActorDeaths, RetryCounter, candidate_records, rescore
 from opmix_ray.engine.scoring import _merged_model, candidate_mixture, merged_trial, score
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial
 from opmix_ray.engine.tracking import trial_callbacks
@@ -285,19 +285,9 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     )
     try:
         grid = tuner.fit() if budget else []
-        # with batches, one record per candidate (the searcher split each trial's "batch" result);
-        # a trial whose process died is left out here and scored again below
-        dead = deaths.trials
-        if batch:
-            ran = [m for cid, m in batch.records if cid.rsplit("_c", 1)[0] not in dead]
-        else:
-            paths = {d["path"] for d in dead.values()}
-            ran = [r.metrics for r in grid if r.path not in paths]
-        if dead:
-            say(f"round {round_idx}: {len(dead)} trials ended when their process died; scoring their candidates again")
-            for config, m in rescore(trainable, [d["config"] for d in dead.values()], run_dir, round_idx,
-                                     cfg.search.max_concurrent, TRIAL_RETRIES):
-                ran += m[ROWS] if m and BATCH in config else [m] * len(config.get(BATCH, [None]))
+        # one record per candidate; those of trials whose process died are scored again first
+        ran = candidate_records(grid, batch, deaths, lambda configs: rescore(
+            trainable, configs, run_dir, round_idx, cfg.search.max_concurrent, TRIAL_RETRIES))
     finally:
         if pool is not None:
             ray.get(pool.end_round.remote())
@@ -313,7 +303,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
                          len(ran) + len(reused), len(ran) + len(reused) - len(trials), time.time() - t0,
                          [keep(m) for m in trials],
-                         retries.n, len(dead))
+                         retries.n, len(deaths.trials))
 
 
 def _trainable(cfg: Config, candidates: Candidates):
