@@ -152,7 +152,8 @@ class ModelSection(Section):
                              "small Llama below from config (random init).")
     hidden_size: int = Field(128, gt=0, description="Width of the from-config Llama.")
     num_layers: int = Field(4, gt=0, description="Decoder layers.")
-    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size into heads of an even "
+                           "width: rotary position embeddings turn pairs of dimensions).")
     intermediate_size: int = Field(384, gt=0, description="MLP width.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present, else cpu.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16: matmuls of the main run, the "
@@ -162,9 +163,15 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _heads_divide(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size} "
+        h, n = self.hidden_size, self.num_heads
+        if h % n:
+            raise ValueError(f"num_heads={n} does not divide hidden_size={h} "
                              "(fix: pick num_heads that divides hidden_size)")
+        if (h // n) % 2:  # else the model builds, and the first forward pass fails inside Ray
+            fits = [k for k in range(1, h + 1) if h % k == 0 and (h // k) % 2 == 0]
+            fix = f"num_heads in {fits[-4:]}" if fits else f"an even hidden_size such as {2 * n * math.ceil(h / (2 * n))}"
+            raise ValueError(f"hidden_size={h} / num_heads={n} gives heads {h // n} wide, an odd width that rotary "
+                             f"position embeddings cannot take (fix: {fix})")
         return self
 
 

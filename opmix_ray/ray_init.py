@@ -56,10 +56,21 @@ def init_ray(cfg: Config) -> None:
             signal.signal(signal.SIGTERM, term)
 
 
+def joins_cluster(cfg: Config) -> bool:
+    """Whether init_ray joins a running cluster (ray.address, or RAY_ADDRESS inside a Ray job)
+    rather than starting Ray on this machine."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def local_cpus(cfg: Config) -> int:
+    """The logical CPUs a local Ray is started with: ray.num_cpus, or the cores plus the main run's.
+    The main run's workers idle while a synchronous round runs, so their CPUs are counted on top of
+    the cores: otherwise the round's adapter workers and trials would wait for sleeping workers."""
+    return cfg.ray.num_cpus or (os.cpu_count() or 1) + int(math.ceil(cfg.main.num_workers * cfg.main.cpus_per_worker))
+
+
 def _init_local(cfg: Config) -> None:
-    # The main run's workers idle while a synchronous round runs, so their CPUs are counted on top of
-    # the cores: otherwise the round's adapter workers and trials would wait for sleeping workers.
-    cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + int(math.ceil(cfg.main.num_workers * cfg.main.cpus_per_worker))
+    cpus = local_cpus(cfg)
     # No dashboard. Ray cannot be kept on loopback: ray.init turns 127.0.0.1 into the machine's
     # routable address and its servers bind every interface (cluster/README.md, tests/test_security.py).
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbosity() == "verbose",

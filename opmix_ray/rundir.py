@@ -9,6 +9,7 @@
       main/round_<k>/, main/round_final/ HF checkpoints (+ train_state.*)         checkpoint(k)
       adapters_round_<k>/adapters/<a>/   PEFT adapters + opmix_meta.json          adapter_root(k)
       search_round_<k>/                  the round's Tune experiment              search_job(k)
+      search_round_<k>/rerun/            candidates whose trial process died      search_rerun(k)
       rounds/round_<k>_trials.parquet    every candidate scored                   trials(k)
       rounds/round_<k>_manifest.json     sha256 of the round's files, written last manifest(k)
       fidelity_round_<k>.json            `opmix-ray fidelity`                      fidelity(k)
@@ -68,6 +69,11 @@ def adapter_root(k: int) -> str:
 def search_job(k: int) -> str:
     """Round k's Tune experiment."""
     return f"search_round_{k}"
+
+
+def search_rerun(k: int) -> str:
+    """Round k's second Tune experiment: the candidates whose trial ended in a process death, scored again."""
+    return f"{search_job(k)}/rerun"
 
 
 def optuna_journal(k: int) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,6 +50,77 @@ def remote_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+STORAGE_TIMEOUT_ENV = "OPMIX_RAY_STORAGE_TIMEOUT"  # seconds a bucket gets to answer the first probe
+STORAGE_TIMEOUT_S = 5.0
+
+
+def storage_timeout() -> float:
+    try:
+        return max(0.1, float(os.environ.get(STORAGE_TIMEOUT_ENV) or STORAGE_TIMEOUT_S))
+    except ValueError:
+        return STORAGE_TIMEOUT_S
+
+
+# Where each object store's client looks for credentials (besides a cloud VM's metadata server)
+_CREDENTIALS = {
+    "s3": (("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"), ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or ~/.aws/credentials"),
+    "gs": (("GOOGLE_APPLICATION_CREDENTIALS",), ("CLOUDSDK_CONFIG", "~/.config/gcloud"),
+           "GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`"),
+}
+_CREDENTIALS["gcs"] = _CREDENTIALS["gs"]
+
+
+def missing_credentials(uri: str) -> str | None:
+    """What an s3:// or gs:// URI lacks when no credentials can be found in the environment or the
+    usual files ("no AWS credentials found (set ...)"), else None (found, anonymous, or another scheme).
+    A cloud VM's metadata server may still provide some: this names where to look, it does not refuse."""
+    scheme, _, rest = str(uri).partition("://")
+    kind = _CREDENTIALS.get(scheme.lower())
+    if kind is None or "anonymous=true" in rest.lower() or "@" in rest.partition("/")[0]:
+        return None
+    env, (file_env, default), hint = kind
+    path = Path(os.environ.get(file_env) or default).expanduser()
+    if scheme != "s3":  # gcloud keeps the application-default credentials in its config dir
+        path = path / "application_default_credentials.json"
+    if any(os.environ.get(v) for v in env) or path.is_file():
+        return None
+    who = "AWS" if scheme == "s3" else "Google Cloud"
+    return f"no {who} credentials found (set {hint})"
+
+
+def within(seconds: float, fn, waiting: str | None = None):
+    """fn() in a daemon thread, waited for at most `seconds`; its value, or its exception, or
+    TimeoutError. A storage client can block inside C++ for many minutes (a gs:// URI without
+    credentials retries the metadata server) and a signal handler runs only between Python steps
+    of the main thread: waiting here in short slices keeps SIGINT and SIGTERM working meanwhile.
+    `waiting`: a line printed once when the wait passes 1 s, so a slow answer is not a silent hang."""
+    import threading
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            box["error"] = exc
+    t = threading.Thread(target=run, name="opmix-storage-probe", daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    told = waiting is None
+    while t.is_alive() and time.monotonic() - t0 < seconds:
+        t.join(0.1)
+        if not told and time.monotonic() - t0 > 1.0:
+            from opmix_ray.console import say
+            say(waiting)
+            told = True
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def staging_dir(storage_uri: str, name: str) -> Path:
     """The local dir a URI run works in: one per (URI, run name), so two runs never share one."""
     root = Path(os.environ.get(STAGING_ENV) or "~/.cache/opmix-ray/staging").expanduser()
@@ -69,10 +141,16 @@ def fetch_run(run_uri: str) -> Path:
     storage, name = split_run_uri(run_uri)
     local = staging_dir(storage, name)
     if not (local / rundir.HISTORY).is_file():
-        fs, root = remote_fs(storage)
+        def reach():
+            fs, root = remote_fs(storage)
+            fs.get_file_info(f"{root}/{name}/{rundir.HISTORY}")
+            return fs, root
+        # the first answer within the storage timeout (TimeoutError: an OSError), the copy as long as it takes;
+        # both waited for in slices, so a stop signal is honoured meanwhile
+        fs, root = within(storage_timeout(), reach)
         local.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        within(float("inf"), lambda: pafs.copy_files(f"{root}/{name}", str(local), source_filesystem=fs,
+                                                      destination_filesystem=pafs.LocalFileSystem()))
     return local
 
 

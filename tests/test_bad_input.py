@@ -7,6 +7,8 @@ because of some other error.
 """
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -275,6 +277,37 @@ CASES = [
     ("target-modules-match-nothing", "adapters.target_modules", _with("adapters", target_modules=["q_proj", "qproj"])),
     ("add-domain-unsafe-name", "NAME", lambda tmp, cfg, data: ["add-domain", str(tmp / "runs" / "x"),
                                                               str(data / "python.parquet"), "--name", "../../x"]),
+    # a bucket that never answers (gs:// without credentials retries for many minutes): refused
+    # after the storage timeout, which the case's 10 s limit checks
+    ("storage-gs-without-credentials", "run.storage_path", _with("run", storage_path="gs://opmix-no-such-bucket/runs")),
+    # a dangling symlink as the storage path: writing through it would create its target unseen
+    ("storage-path-dangling-symlink", "run.storage_path", lambda tmp, cfg, data: (
+        os.symlink(tmp / "runs", tmp / "link"), cfg["run"].update(storage_path=str(tmp / "link")),
+        ["run", _write(tmp, cfg)])[-1]),
+    ("run-dir-dangling-symlink", "run.name", lambda tmp, cfg, data: (
+        (tmp / "store").mkdir(), os.symlink(tmp / "runs", tmp / "store" / "bad"),
+        cfg["run"].update(storage_path=str(tmp / "store")), ["run", _write(tmp, cfg)])[-1]),
+    # requests no cluster this config starts can hold: Ray would wait for them for ever
+    ("cpus-per-trial-beyond-the-cluster", "search.cpus_per_trial", _with("search", cpus_per_trial=10_000)),
+    ("cpus-per-trial-beyond-ray-num-cpus", "search.cpus_per_trial", lambda tmp, cfg, data: (
+        cfg["search"].update(cpus_per_trial=2), cfg.update(ray={"num_cpus": 2}), ["run", _write(tmp, cfg)])[-1]),
+    ("main-run-holds-every-cpu", "main.cpus_per_worker", lambda tmp, cfg, data: (
+        cfg["main"].update(cpus_per_worker=4), cfg.update(ray={"num_cpus": 4}), ["run", _write(tmp, cfg)])[-1]),
+    ("main-workers-beyond-the-cluster", "main.num_workers", lambda tmp, cfg, data: (
+        cfg["main"].update(num_workers=8), cfg.update(ray={"num_cpus": 4}), ["run", _write(tmp, cfg)])[-1]),
+    ("adapter-workers-beyond-the-cluster", "adapters.num_workers", _with("adapters", num_workers=10_000)),
+    # model shapes the architecture cannot build
+    ("head-width-odd", "model", _with("model", hidden_size=6, num_heads=2)),
+    ("checkpoint-kv-heads-not-dividing", "model.path", lambda tmp, cfg, data: (
+        _model_dir(8192)(tmp, cfg, data),
+        (tmp / "ckpt" / "config.json").write_text(json.dumps({
+            "model_type": "llama", "vocab_size": 8192, "hidden_size": 32, "num_attention_heads": 4,
+            "num_key_value_heads": 3})), ["run", _write(tmp, cfg)])[-1]),
+    ("checkpoint-head-width-odd", "model.path", lambda tmp, cfg, data: (
+        _model_dir(8192)(tmp, cfg, data),
+        (tmp / "ckpt" / "config.json").write_text(json.dumps({
+            "model_type": "llama", "vocab_size": 8192, "hidden_size": 30, "num_attention_heads": 2,
+            "rope_theta": 10000.0})), ["run", _write(tmp, cfg)])[-1]),
 ]
 
 
@@ -422,3 +455,63 @@ def test_a_full_disk_inside_a_run_names_the_storage(tmp_path):
     msg = str(run_failed(exc, "round 1: writing the round's files", tmp_path, str(tmp_path)))
     assert msg.startswith("round 1: writing the round's files failed: OSError:") and "No space left" in msg
     assert f"the storage at {tmp_path} is full" in msg and "model.safetensors" in msg and "opmix-ray resume" in msg
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_the_wait_for_a_bucket_within_seconds(tmp_path, good_data, sig):
+    """The installed CLI waiting on a gs:// bucket that never answers (the storage timeout set far
+    longer than the test): the signal ends it at once, with the stop's one line and 128 + signal."""
+    cfg = _base(tmp_path, good_data)
+    cfg["run"]["storage_path"] = "gs://opmix-no-such-bucket/runs"
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env.update(PYTHONWARNINGS="ignore", OPMIX_RAY_STORAGE_TIMEOUT="300", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([str(OPMIX), "run", _write(tmp_path, cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        line = p.stdout.readline()  # printed once the wait passes 1 s: the probe is blocked by then
+        assert "waiting for gs://opmix-no-such-bucket/runs to answer (up to 300 s; Ctrl-C stops)" in line, line
+        t0 = time.time()
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=10)
+        took = time.time() - t0
+    finally:
+        p.kill()
+    assert p.returncode == 128 + sig and took < 3, (p.returncode, took, err)
+    assert f"opmix-ray: stopped by {signal.Signals(sig).name}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_object_store_that_never_answers_names_the_missing_credentials(tmp_path, monkeypatch):
+    """An s3:// endpoint that accepts and never replies, and no AWS credentials anywhere: refused
+    after the storage timeout, in one line that says where credentials would come from."""
+    from opmix_ray.config import ConfigError, load_config
+    from opmix_ray.engine.preflight import check_storage
+    from opmix_ray.storage import STORAGE_TIMEOUT_ENV, missing_credentials
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv(STORAGE_TIMEOUT_ENV, "2")
+    assert missing_credentials("s3://b/p").startswith("no AWS credentials found (set AWS_ACCESS_KEY_ID")
+    assert missing_credentials("gs://b/p").startswith("no Google Cloud credentials found")
+    assert missing_credentials("gs://b/p?anonymous=true") is None and missing_credentials("hdfs://h/p") is None
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(8)
+    port = stalled.getsockname()[1]
+    try:
+        cfg = load_config({"run": {"name": "r", "storage_path": f"s3://b/runs?endpoint_override=127.0.0.1:{port}"
+                                                               "&scheme=http&region=us-east-1"}})
+        t0 = time.time()
+        with pytest.raises(ConfigError) as info:
+            check_storage(cfg, overwrite=False)
+        took = time.time() - t0
+    finally:
+        stalled.close()
+    msg = str(info.value)
+    assert took < 6 and msg.startswith("config error at run.storage_path: ") and "\n" not in msg, (took, msg)
+    assert "no AWS credentials found" in msg and "fix:" in msg, msg
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    assert missing_credentials("s3://b/p") is None

@@ -1,7 +1,8 @@
 """Fault tolerance of a round's search, through the real Ray Tune search in opmix_ray/engine/trials.py.
 
 - a candidate whose merged model scores NaN is recorded failed and the search goes on;
-- a trial worker killed with SIGKILL mid-search is rerun (FailureConfig), no candidate is lost.
+- a trial worker killed with SIGKILL mid-search is rerun (FailureConfig), and a trial Tune gives up
+  on is scored again after the search (engine/rerun.py): no candidate is lost.
 
 The candidates are synthetic (a small Llama, hand-made LoRA deltas, random val windows) so each
 test costs one Tune run, not a whole OP-Mix run; everything else is the production code path.
@@ -76,6 +77,7 @@ def test_nan_objective_is_recorded_failed_and_search_goes_on(tmp_path, tune_grid
     out = run_search(cfg, _candidates("nan", n_val=8, poison="b"), 0, str(tmp_path))
     assert out.n_trials == 6 and out.n_failed == 3 and len(out.trials) == 3
     assert np.isfinite(out.objective) and out.weights["b"] == 0.0 and out.n_retried == 0  # NaN is no crash
+    assert out.n_rescored == 0  # a NaN objective is a result: it is not scored again
     assert all(np.isfinite(t["objective"]) and t["a_b"] == 0.0 for t in out.trials)
     # the 3 poisoned candidates really ran and reported a NaN objective (a result, not a crash)
     (grid,) = tune_grids
@@ -97,11 +99,8 @@ def ray_actor_pids(title: str) -> list[int]:
     return pids
 
 
-def test_sigkill_of_a_trial_worker_is_retried_and_costs_at_most_one_candidate(tmp_path, tune_grids):
-    cfg = _cfg(tmp_path, searcher="random", num_samples=6)
-    # enough validation windows that a trial scores for ~1.6 s (one thread): with 400 the whole
-    # search could end within the killer's 1 s wait on an idle machine, and there was nothing to kill
-    cands = _candidates("kill", n_val=4000, hidden=64)
+def _kill_one_trial_worker() -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs the first trial worker (ray::ImplicitFunc) a second after it appears."""
     killed: list[int] = []
 
     def killer():
@@ -118,21 +117,52 @@ def test_sigkill_of_a_trial_worker_is_retried_and_costs_at_most_one_candidate(tm
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
+    return t, killed
+
+
+def _no_candidate_lost(out, grids, n=6):
+    """Every candidate has its result, each once; a trial Tune gave up on was scored by the rerun."""
+    assert out.n_trials == n and out.n_failed == 0 and len(out.trials) == n, (out.n_trials, out.n_failed)
+    assert len({tuple(round(t[f"a_{c}"], 12) for c in COORDS) for t in out.trials}) == n
+    first = grids[0]
+    assert len(first) == n and len(first.errors) == out.n_rescored
+    if out.n_rescored:  # the second, small Tuner: the dead trials' candidates, scored
+        assert len(grids) == 2 and len(grids[1]) == out.n_rescored and not grids[1].errors
+    else:
+        assert len(grids) == 1
+
+
+def test_sigkill_of_a_trial_worker_is_retried_and_costs_no_candidate(tmp_path, tune_grids):
+    cfg = _cfg(tmp_path, searcher="random", num_samples=6)
+    # enough validation windows that a trial scores for ~1.6 s (one thread): with 400 the whole
+    # search could end within the killer's 1 s wait on an idle machine, and there was nothing to kill
+    cands = _candidates("kill", n_val=4000, hidden=64)
+    t, killed = _kill_one_trial_worker()
     out = run_search(cfg, cands, 0, str(tmp_path))
     t.join(timeout=5)
     assert killed, "no trial worker was found to kill"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
-    # the killed trial was rerun on a fresh actor and the round went on
+    # Tune reran the killed trial on a fresh actor. Ray Tune 2.60 can count one death twice (a
+    # second ActorDiedError from the dead actor marks the pending rerun ERROR): then the candidate
+    # is scored by engine/rerun.py after the search. Either way no candidate is lost.
     assert out.n_retried >= 1, "the kill did not cost a trial: it did not test anything"
-    # Usually every candidate has its result. Not always: Ray Tune 2.60 can count one death twice,
-    # when a second ActorDiedError from the dead actor arrives after the rerun was scheduled and
-    # marks the pending rerun ERROR (TuneController._process_trial_failure: a PENDING trial goes
-    # to ERROR); then that one candidate is lost. Seen in 2 of 7 runs on the 2-core machine.
-    assert out.n_trials == 6 and out.n_failed <= 1 and len(out.trials) == 6 - out.n_failed, (out.n_trials,
-                                                                                                 out.n_failed)
-    assert len({tuple(round(t[f"a_{c}"], 12) for c in COORDS) for t in out.trials}) == len(out.trials)
-    (grid,) = tune_grids
-    assert len(grid) == 6 and len(grid.errors) == out.n_failed and TRIAL_RETRIES >= 1
+    _no_candidate_lost(out, tune_grids)
+    assert TRIAL_RETRIES >= 1
+
+
+def test_a_trial_tune_gives_up_on_is_scored_again_after_the_search(tmp_path, tune_grids, monkeypatch):
+    """What a death counted twice leaves, made certain: with no retries in Tune, the killed trial
+    ends in ERROR, and its candidate is scored by the second Tuner in search_round_0/rerun."""
+    from opmix_ray import rundir
+    from opmix_ray.engine import trials
+    monkeypatch.setattr(trials, "TRIAL_RETRIES", 0)
+    cfg = _cfg(tmp_path, searcher="random", num_samples=6)
+    t, killed = _kill_one_trial_worker()
+    out = run_search(cfg, _candidates("give-up", n_val=4000, hidden=64), 0, str(tmp_path))
+    t.join(timeout=5)
+    assert killed and out.n_retried == 0 and out.n_rescored == 1, (killed, out.n_retried, out.n_rescored)
+    _no_candidate_lost(out, tune_grids)
+    assert (tmp_path / rundir.search_rerun(0)).is_dir()
 
 
 def test_lost_node_ends_the_cli_with_one_line_and_exit_3(monkeypatch, capsys, tmp_path):

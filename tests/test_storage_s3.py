@@ -7,6 +7,7 @@ round checkpoints and adapters must all land in the bucket.
 import json
 import logging
 import os
+import re
 import socket
 
 import pytest
@@ -102,7 +103,8 @@ def test_preflight_probe_and_used_dir(s3):
 
 @pytest.mark.parametrize("uri, why", [
     ("s3://no-such-bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http", "cannot write"),
-    ("s3://b/runs?endpoint_override=127.0.0.1:1&scheme=http", "cannot write"),
+    # a refused connection: the client's retries outlast the storage timeout, or fail first
+    ("s3://b/runs?endpoint_override=127.0.0.1:1&scheme=http", "(cannot write|no answer from .* within)"),
     ("nosuch://b/runs", "not a URI pyarrow.fs can open"),
 ])
 def test_preflight_rejects_unusable_uri(s3, uri, why):
@@ -110,7 +112,7 @@ def test_preflight_rejects_unusable_uri(s3, uri, why):
     with pytest.raises(ConfigError) as e:
         check_storage(_cfg(uri.format(port=port), "x"), overwrite=False)
     msg = str(e.value)
-    assert msg.startswith("config error at run.storage_path: ") and why in msg and "(fix: " in msg
+    assert msg.startswith("config error at run.storage_path: ") and re.search(why, msg) and "(fix: " in msg
     assert "\n" not in msg
 
 

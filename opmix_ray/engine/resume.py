@@ -36,7 +36,7 @@ from opmix_ray.engine.main_run import checkpoint_path
 from opmix_ray.history import damaged, read_summary
 from opmix_ray.mixture import Mixture
 from opmix_ray.run_config import bad_run_dir, load_run_config
-from opmix_ray.storage import RunStore, fetch_run, is_uri, redact, unreadable
+from opmix_ray.storage import RunStore, fetch_run, is_uri, missing_credentials, redact, unreadable
 
 
 def resume_point(cfg: Config, run_dir: Path, rounds: list[dict]) -> dict | None:
@@ -83,22 +83,25 @@ def resume(run_dir: str | Path) -> dict:
     from opmix_ray.console import say as _say
     from opmix_ray.data.read import build_shards
     from opmix_ray.engine.driver import drive, finish
-    from opmix_ray.engine.preflight import check_against_data, check_ray_address, check_searcher, model_vocab
+    from opmix_ray.engine.preflight import (check_against_data, check_ray_address, check_resources, check_searcher,
+                                             model_vocab)
     from opmix_ray.ray_init import init_ray
     t_start = time.time()
     if is_uri(run_dir):  # the run's bucket copy: resume in its staging dir, mirroring to the bucket
         try:
             run_dir = fetch_run(str(run_dir))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # TimeoutError included: no answer within storage_timeout()
+            creds = missing_credentials(str(run_dir))
             raise ConfigError(f"config error at RUN_DIR: cannot read the run at {redact(str(run_dir), query=False)} "
-                              f"({type(exc).__name__}) (fix: pass <storage_path>/<run.name> of a run; "
-                              "credentials come from the environment)") from None
+                              f"({type(exc).__name__}{': ' + creds if creds else ''}) (fix: pass "
+                              "<storage_path>/<run.name> of a run; credentials come from the environment)") from None
     run_dir = Path(run_dir).expanduser().resolve()
     cfg, history = load_run_config(run_dir)
     if (run_dir / rundir.SUMMARY).is_file():
         return {**read_summary(run_dir), "already_finished": True}
     check_searcher(cfg)
     check_ray_address(cfg)
+    check_resources(cfg)  # a local Ray's, before anything is cleared; a cluster's once joined, below
     shards = build_shards(cfg)
     check_against_data(cfg, shards, model_vocab(cfg))
     meta, rounds = history.get("meta", {}), list(history["rounds"])
@@ -133,4 +136,5 @@ def resume(run_dir: str | Path) -> dict:
     else:
         _say(f"resume '{cfg.run.name}': no round checkpoint yet; starting the main run over")
     init_ray(cfg)
+    check_resources(cfg)
     return drive(cfg, store, shards, current, meta, t_start, rounds=rounds, resume=point)

@@ -35,6 +35,7 @@ from opmix_ray.engine.decision import (Decision, adapter_noise_var, matched_stay
 from opmix_ray.engine.merge import (MergedModel, delta_norm, load_dense_deltas, load_full_delta, load_lora_factors,
                                    moved_by, stack_deltas, stack_factors)
 from opmix_ray.engine.records import BoundaryInfo
+from opmix_ray.engine.rerun import ActorDeaths, RetryCounter, candidate_records, rescore
 from opmix_ray.engine.scoring import _merged_model, candidate_mixture, merged_trial, score
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial
 from opmix_ray.engine.tracking import trial_callbacks
@@ -214,16 +215,6 @@ class _SearchProgress(tune.Callback):
         self.bar.close()
 
 
-class _RetryCounter(tune.Callback):
-    """Counts trial reruns after a worker died, so a round's record can say how many it took."""
-
-    def __init__(self):
-        self.n = 0
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        self.n += 1
-
-
 def warm_starts(cfg: Config, space) -> list[np.ndarray]:
     """Equal adapter weights (projected onto the caps), and under the safe rule stay (a_old = 1) first
     when it is feasible, so the searcher learns from the point the decision compares against."""
@@ -261,6 +252,7 @@ class SearchOutcome:
     wall_s: float
     trials: list[dict]
     n_retried: int = 0  # trial reruns after a worker died (FailureConfig)
+    n_rescored: int = 0  # trials whose process died for good, scored again after the search (engine/rerun.py)
 
 
 def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str) -> SearchOutcome:
@@ -277,30 +269,32 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     batch = BatchSearcher(searcher, k, budget) if k > 1 else None
     searcher = ConcurrencyLimiter(batch or searcher, max_concurrent=cfg.search.max_concurrent)
     trainable, pool = _trainable(cfg, candidates)
-    retries, progress = _RetryCounter(), _SearchProgress(round_idx, cfg.search.num_samples, done=len(reused))
+    retries, progress = RetryCounter(), _SearchProgress(round_idx, cfg.search.num_samples, done=len(reused))
+    deaths = ActorDeaths()
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode=MODE, reuse_actors=True,
                                     num_samples=budget),  # with k > 1 the searcher ends it sooner
         # A trial whose worker dies (OOM kill, node lost, kill -9) is rerun on a fresh actor: a
-        # trial is one merge + one eval, so a retry is cheap and the candidate is usually not lost
-        # (Tune 2.60 can count one death twice and drop the rerun: tests/test_faults.py). A NaN
-        # objective is no error and is not retried: the searcher records it failed (base.py).
+        # trial is one merge + one eval, so a retry is cheap. Tune 2.60 can count one death twice
+        # and drop the rerun; such trials are scored again after the search (engine/rerun.py). A
+        # NaN objective is no error and is not retried: the searcher records it failed (base.py).
         run_config=tune.RunConfig(storage_path=run_dir, name=rundir.search_job(round_idx), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
                                   # result.json + progress.csv per trial: Tune's own ResultGrid and
                                   # ExperimentAnalysis(<run>/search_round_k) read the trials back
                                   # (TensorBoard and the other auto loggers stay off: driver.py)
-                                  callbacks=[retries, progress, JsonLoggerCallback(), CSVLoggerCallback(),
+                                  callbacks=[retries, progress, deaths, JsonLoggerCallback(), CSVLoggerCallback(),
                                              *trial_callbacks(cfg, run_dir, round_idx)]),
     )
     try:
         grid = tuner.fit() if budget else []
+        # one record per candidate; those of trials whose process died are scored again first
+        ran = candidate_records(grid, batch, deaths, lambda configs: rescore(
+            trainable, configs, run_dir, round_idx, cfg.search.max_concurrent, TRIAL_RETRIES))
     finally:
         if pool is not None:
             ray.get(pool.end_round.remote())
-    # with batches, one record per candidate (the searcher split each trial's "batch" result)
-    ran = [m for _, m in batch.records] if batch else [r.metrics for r in grid]
     trials = [r["metrics"] for r in reused if r["state"] == "complete"]
     trials += [m for m in ran if m and np.isfinite(m.get(METRIC, np.nan))]
     if not trials:
@@ -313,7 +307,7 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
                          len(ran) + len(reused), len(ran) + len(reused) - len(trials), time.time() - t0,
                          [keep(m) for m in trials],
-                         retries.n)
+                         retries.n, len(deaths.trials))
 
 
 def _trainable(cfg: Config, candidates: Candidates):

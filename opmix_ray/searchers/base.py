@@ -17,6 +17,7 @@ What the base guarantees (and opmix_ray.searchers.testing checks for every searc
 - a NaN / inf / missing objective or an errored trial reaches `observe` as value=None (failed),
   never as a number that would poison a model;
 - once FINISHED is returned it stays returned;
+- a trial reported complete a second time is ignored (it is in `history` once);
 - save/restore write plain JSON (never pickle) and restore gives the same next suggestion:
   `history` (every finished trial, in order) and `live` (suggested, unfinished) are saved for the
   subclass, and `rng(n)` gives a generator that depends only on (seed, n).
@@ -197,6 +198,10 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         w = self.live.pop(trial_id, None)
+        if w is None and any(h["id"] == trial_id for h in self.history):
+            # completed already: Tune can report one trial complete twice (a late result, an actor
+            # death counted twice), and a second count would weigh its value double in every model
+            return
         if w is None:  # a trial we never suggested (e.g. restored without it): use what it reports
             a = _floats(result, "a_")
             if not all(c in a for c in self.space.coords):

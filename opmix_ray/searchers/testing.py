@@ -16,7 +16,7 @@ a_<coord>; see opmix_ray.engine.trials.score), so it needs no Ray cluster and ru
 suggestions on the simplex (plain, box-constrained, and cut by linear cap rows A_ub @ a <= b_ub),
 NaN / inf / None / missing / errored results handled, FINISHED respected, same seed -> same
 suggestions, save -> restore (plain JSON) -> same next suggestion, warm-start points first, and
-correct under ConcurrencyLimiter(max_concurrent=2).
+correct under ConcurrencyLimiter(max_concurrent=2), and a trial reported complete twice counted once.
 """
 from __future__ import annotations
 
@@ -117,6 +117,32 @@ class SearcherConformance:
         drive(s, PLAIN, 3, prefix="after")  # still suggests valid points
         for h in getattr(s, "history", []):  # MixtureSearchers keep failures as None, never NaN
             assert h["value"] is None or math.isfinite(h["value"])
+
+    def test_a_second_completion_of_one_trial_is_ignored(self, make_searcher):
+        """Ray Tune's testOptunaReportTooOften, for any searcher: a result reported after a trial
+        completed, and a second completion of it (with another value, or as an error), change
+        nothing: the searcher goes on exactly as one that saw the trial complete once."""
+        once, twice = make_searcher(PLAIN, 12), make_searcher(PLAIN, 12)
+        n_done = len(drive(once, PLAIN, self.n_trials - 4))
+        assert len(drive(twice, PLAIN, self.n_trials - 4)) == n_done
+        for tid in ("x0", "x1"):
+            x, y = once.suggest(tid), twice.suggest(tid)
+            if x == FINISHED or y == FINISHED:
+                assert x == y
+                return
+            res = synthetic_result(PLAIN, x)
+            once.on_trial_complete(tid, res)
+            twice.on_trial_result(tid, {**res, "training_iteration": 1})
+            twice.on_trial_complete(tid, res)
+            twice.on_trial_result(tid, {**res, "training_iteration": 3})  # a report after completion: no error
+            if tid == "x0":  # again, with a far better value: counted, it would pull a model towards it
+                twice.on_trial_complete(tid, {**res, "objective": 0.0, "training_iteration": 4})
+            else:  # again, as an error
+                twice.on_trial_complete(tid, None, error=True)
+        if getattr(once, "history", None) is not None:
+            assert [h["id"] for h in twice.history] == [h["id"] for h in once.history]
+            assert [h["value"] for h in twice.history] == [h["value"] for h in once.history]
+        self._same_next(once, twice, "next0", n_done + 2)
 
     def test_finished_is_respected(self, make_searcher):
         s = make_searcher(PLAIN, 2)
