@@ -375,7 +375,6 @@ def _ray_train_loop(config):
     """What a user's train_loop_per_worker adds for OP-Mix (examples/ray_train_loop.py in full)."""
     import numpy as np
     import ray.train
-    import torch
 
     from opmix_ray import OpMixLoop
     from opmix_ray.model import build_model
