@@ -37,6 +37,22 @@ def test_eval_only_domain_is_scored_never_trained(tiny):
     assert set(sh.natural().as_dict()) == set(sh.domains)
 
 
+def test_uniform_capped_holds_every_cap_for_the_whole_run(tiny):
+    cfg, sh = tiny
+    cfg = cfg.model_copy(deep=True)
+    lic = sh.cap_tokens(cfg)["licenses"] / cfg.data.max_epochs.get("licenses", cfg.data.default_max_epochs)
+    cfg.data.max_epochs = {"licenses": 0.5 * cfg.main.total_tokens / len(sh.domains) / lic}  # half of 1/k
+    w = propose("uniform-capped", BaselineContext(cfg, sh, "/nonexistent"), {}).mixture.as_dict()
+    caps = sh.cap_tokens(cfg)
+    assert sum(w.values()) == pytest.approx(1.0)
+    for d in sh.domains:  # no domain runs out before the end of the main run
+        assert w[d] * cfg.main.total_tokens <= caps[d] * (1 + 1e-9)
+    capped = [d for d in sh.domains if caps[d] / cfg.main.total_tokens < 1 / len(sh.domains)]
+    assert capped == ["licenses"] and w["licenses"] == pytest.approx(0.5 / len(sh.domains))
+    free = [w[d] for d in sh.domains if d not in capped]
+    assert max(free) - min(free) < 1e-9 and min(free) > 1 / len(sh.domains)  # the excess spread equally
+
+
 def test_group_dro_update_matches_doremi():
     alpha = np.array([0.5, 0.3, 0.2])
     lam = np.array([0.0, 0.4, 1.0])

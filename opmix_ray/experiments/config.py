@@ -28,10 +28,11 @@ class BenchSection(Section):
     """`opmix-ray bench` only: every method on the same data, model, main-run budget and seeds."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds; each "
                              "method runs once per seed (data split, init, sampling and search all follow it).")
-    methods: list[Literal["uniform", "natural", "regmix", "regmix-linear", "olmix", "doremi", "aioli", "opmix",
+    methods: list[Literal["uniform", "natural", "uniform-capped", "regmix", "regmix-linear", "olmix", "doremi", "aioli", "opmix",
                         "opmix-v1", "demix", "uniform-long"]] = Field(
         default_factory=lambda: ["uniform", "natural", "regmix", "olmix", "doremi", "aioli", "opmix"], min_length=1,
-        description="Methods to compare; regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
+        description="Methods to compare; uniform-capped is uniform held to the repetition caps for the whole "
+        "run (a capped domain at the share its cap allows, the rest equal); regmix/olmix share one proxy swarm per seed; opmix-v1 is OP-Mix with "
         "its first settings (per-adapter init, peak lr, no caps, argmin decision), for side-by-side comparison; "
         "aioli is online: its own run is its row; demix is the engine with full component models "
         "(adapters.kind: full); uniform-long is uniform trained for as many FLOPs as OP-Mix spent in all (main run + "

@@ -9,6 +9,7 @@ on, plus the search FLOPs and seconds it spent finding it.
 |---------------|------------------------------------------------------------------------|
 | uniform       | equal token shares                                                     |
 | natural       | token-proportional ("training without mixing")                         |
+| uniform-capped| uniform held to the repetition caps for the whole run                  |
 | regmix        | proxy swarm (Ray Tune trials) + LightGBM, mean of top-k simulated      |
 | regmix-linear | the same swarm + a linear regressor                                    |
 | olmix         | the same swarm + the per-domain log-linear law and the KL proposer     |
@@ -26,6 +27,7 @@ from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult
 _REGISTRY = {
     "uniform": "opmix_ray.experiments.baselines._fixed:uniform",
     "natural": "opmix_ray.experiments.baselines._fixed:natural",
+    "uniform-capped": "opmix_ray.experiments.baselines._fixed:uniform_capped",
     "regmix": "opmix_ray.experiments.baselines._regmix:regmix_lightgbm",
     "regmix-linear": "opmix_ray.experiments.baselines._regmix:regmix_linear",
     "olmix": "opmix_ray.experiments.baselines._olmix:olmix",
@@ -33,7 +35,7 @@ _REGISTRY = {
     "aioli": "opmix_ray.experiments.baselines._aioli:aioli",
 }
 # Methods whose mixture does not depend on the objective: proposed once per seed.
-OBJECTIVE_FREE = ("uniform", "natural", "doremi", "aioli")
+OBJECTIVE_FREE = ("uniform", "natural", "uniform-capped", "doremi", "aioli")
 # Methods whose row is their own training run (the mixture changes during it): no fixed full run.
 ONLINE = ("aioli",)
 
