@@ -194,3 +194,21 @@ def test_an_online_method_is_its_own_row_beside_a_fixed_one(tmp_path):
     assert a["mean_ppl"] > 0 and a["target_ppl"] > 0 and a["val_loss"] != rows["uniform"]["val_loss"]
     assert a["main_flops"] == pytest.approx(rows["uniform"]["main_flops"])  # the same main budget
     assert "- aioli vs uniform, mean_ppl: " in (tmp_path / "bench" / "results.md").read_text()
+
+
+def test_a_stopped_bench_keeps_the_rows_it_finished_only_for_the_same_setting(tmp_path):
+    from opmix_ray.experiments.bench import fingerprint, finished_rows
+    from opmix_ray.storage import write_json
+    cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
+    rows = [{"method": "opmix", "objective": "mean", "seed": 0}, {"method": "natural", "objective": "any", "seed": 0},
+            {"method": "opmix", "objective": "mean", "seed": 7}]
+    assert finished_rows(cfg, tmp_path) == []
+    write_json(tmp_path / "rows_partial.json", {"fingerprint": fingerprint(cfg), "rows": rows})
+    seeds0 = cfg.model_copy(deep=True)
+    seeds0.bench.seeds, seeds0.bench.methods = [0], ["uniform", "opmix"]  # which rows to make: not the setting
+    assert finished_rows(seeds0, tmp_path) == rows[:1]
+    other = cfg.model_copy(deep=True)
+    other.main.lr *= 2  # another setting: nothing kept
+    assert finished_rows(other, tmp_path) == []
+    write_json(tmp_path / "rows_partial.json", rows)  # no fingerprint: nothing kept
+    assert finished_rows(cfg, tmp_path) == []

@@ -69,14 +69,14 @@ def test_a_bad_key_value_after_the_config_is_one_line_exit_2(capsys):
     assert "expected key=value" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["bench_stay", "continual"])
+@pytest.mark.parametrize("kind", ["archive/2026-12-05/results/bench_stay", "results/continual"])
 def test_results_reads_bench_and_continual_output_dirs(kind, tmp_path, capsys):
-    out = tmp_path / kind
+    out = tmp_path / kind.rsplit("/", 1)[1]
     out.mkdir()
-    shutil.copy(RESULTS / kind / "results.json", out / "results.json")
+    shutil.copy(RESULTS.parent / kind / "results.json", out / "results.json")
     assert main(["results", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| " in text and ("uniform" if kind.startswith("bench") else "opmix-recompute") in text
+    assert "| " in text and ("uniform" if "bench" in kind else "opmix-recompute") in text
     assert main(["results", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads((out / "results.json").read_text())
     (out / "results.json").write_text('{"rows": []}')

@@ -139,8 +139,8 @@ def test_explicit_initial_mixture_with_a_domain_not_yet_arrived(tmp_path):
     init = {d: (0.5 if d in ("bible", "python") else 0.0) for d in doms}
     cfg = _tiny({"run": {"storage_path": str(tmp_path)}, "rounds": {"initial": init}}, name="tiny.yaml")
     _, shards = preflight(cfg)
-    from opmix_ray.engine.driver import _initial_mixture
-    assert _initial_mixture(cfg, shards).as_dict() == init
+    from opmix_ray.engine.driver import initial_mixture
+    assert initial_mixture(cfg, shards).as_dict() == init
 
 
 @pytest.mark.slow

@@ -101,10 +101,34 @@ def stay_run(tmp_path_factory):
     cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
                       {"run": {"storage_path": str(storage), "name": "stay"}, "rounds": {"num_rounds": 1},
                        "data": {"max_epochs": {"licenses": 0.05}},  # binds: uniform would draw past it
-                       "search": {"num_samples": 3, "searcher": "random"}, "decision": {"k": 1e9}})
+                       "search": {"num_samples": 3, "searcher": "random"},
+                       # the plain stay (the current mixture, the sampler left to enforce the cap): the
+                       # exact-baseline guarantees below are about it; staying within caps has its own test
+                       "decision": {"k": 1e9, "stay_within_caps": False}})
     summary = run(cfg)
     yield cfg, summary
     ray.shutdown()
+
+
+def test_a_stay_within_caps_pushes_the_current_mixture_held_to_the_caps_left(tmp_path):
+    """The default safe rule with a binding cap: the round keeps the mixture, and what it pushes is
+    the current one with licenses at the share its cap allows for the rest of the run."""
+    from opmix_ray.engine.decision import reference_mixture
+    from opmix_ray.engine.driver import run
+    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
+                      {"run": {"storage_path": str(tmp_path), "name": "within"}, "rounds": {"num_rounds": 1},
+                       "data": {"max_epochs": {"licenses": 0.05}},
+                       "search": {"num_samples": 3, "searcher": "random"}, "decision": {"k": 1e9}})
+    assert cfg.decision.stay_within_caps  # the default
+    summary = run(cfg)
+    ray.shutdown()
+    with open(os.path.join(summary["run_dir"], "history.json")) as f:
+        r = json.load(f)["rounds"][0]
+    d, caps = r["decision"], r["cap_shares"]
+    assert d["moved"] is False and "within its caps" in d["reason"]
+    assert caps["licenses"] < r["mixture_before"]["licenses"]  # the cap binds
+    assert r["weights"] == pytest.approx(reference_mixture(r["mixture_before"], caps), abs=1e-9)
+    assert r["weights"]["licenses"] == pytest.approx(caps["licenses"], abs=1e-9)
 
 
 def test_stay_is_scored_recorded_and_pushed(stay_run):
@@ -149,7 +173,8 @@ def test_fidelity_instrument_scores_stay_and_its_truth_is_the_run_itself(stay_ru
     cfg, summary = stay_run
     res = run_fidelity(summary["run_dir"], 0, n=3, truth_seeds=2)
     labels = [c["label"] for c in res["candidates"]]
-    assert labels[:2] == ["stay", "leader"] and res["truth_seeds"] == 2
+    # the cap binds, so staying within the caps left is a candidate of its own beside the plain stay
+    assert labels[:3] == ["stay", "reference", "leader"] and res["truth_seeds"] == 2
     with open(os.path.join(summary["run_dir"], "history.json")) as f:
         final = json.load(f)["final"]["val_loss"]
     stay = res["candidates"][0]

@@ -10,11 +10,13 @@ from opmix_ray.experiments.report import MARKERS, flops_figure, summarise
 from opmix_ray.storage import read_json
 
 matplotlib.use("Agg")
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bench" / "results.json"
+# a real bench kept in the archive: 7 methods x 3 seeds + 16 oracle runs
+RESULTS = (Path(__file__).resolve().parent.parent / "benchmarks" / "archive" / "2026-12-05" / "results" / "bench"
+           / "results.json")
 
 
 def test_search_flops_figure():
-    result = read_json(RESULTS)  # a real bench: 7 methods x 3 seeds + 16 oracle runs
+    result = read_json(RESULTS)
     fig = flops_figure(result)
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     summ = summarise(result)

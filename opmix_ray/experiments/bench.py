@@ -15,7 +15,8 @@ and the noise of a one-seed comparison per objective; one Tune run trains every 
 for the full main-run budget (the first seed's uniform and natural are the headroom's own runs);
 uniform-long trains uniform for OP-Mix's total FLOPs; then the fidelity check.
 Everything lands in OUT: results.json (rows per method x objective x seed, oracle, noise, headroom),
-headroom.json, results.md, PNGs.
+headroom.json, results.md, PNGs. Run again on the same OUT after a stop, the bench keeps the seeds
+it finished (rows_partial.json) and a headroom.json of the same setting, and makes the rest.
 """
 from __future__ import annotations
 
@@ -48,10 +49,32 @@ def metrics(val_loss: dict[str, float], shards) -> dict:
             "target_ppl": float(np.mean(tgt)) if tgt else None, "val_loss": val_loss}
 
 
-def _proposals(cfg: ExperimentConfig, seed: int, shards, out_dir: Path) -> list[dict]:
+def fingerprint(cfg: ExperimentConfig) -> dict:
+    """What a seed's rows depend on: the whole config but the bench fields that only say which rows
+    to make and how the rest is measured."""
+    d = cfg.model_dump(mode="json")
+    which = ("seeds", "methods", "oracle_runs", "noise_orders", "fidelity_mixtures", "max_concurrent")
+    d["bench"] = {k: v for k, v in d["bench"].items() if k not in which}
+    return d
+
+
+def finished_rows(cfg: ExperimentConfig, out: Path) -> list[dict]:
+    """The proposal and OP-Mix rows of an earlier bench on this --out that stopped before its end
+    (rows_partial.json), when it ran the same setting; its fixed-mixture runs are made again."""
+    f = out / "rows_partial.json"
+    if not f.exists():
+        return []
+    data = read_json(f)
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint(cfg):
+        say(f"{f} is from another setting: not reused")
+        return []
+    return [r for r in data["rows"] if r["seed"] in cfg.bench.seeds and r["method"] in cfg.bench.methods]
+
+
+def _proposals(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, skip=()) -> list[dict]:
     ctx = BaselineContext(cfg, shards, str(out_dir / f"seed_{seed}"))
     rows, objs = [], objectives(shards)
-    for m in [m for m in cfg.bench.methods if m not in OPMIX_METHODS + LATER]:
+    for m in [m for m in cfg.bench.methods if m not in OPMIX_METHODS + LATER + tuple(skip)]:
         for name, obj in objs.items():
             if m in OBJECTIVE_FREE and name != "mean":
                 continue  # one mixture serves every objective
@@ -163,6 +186,12 @@ def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
     oracle's, its per-objective noise_sd the bench's noise."""
     from opmix_ray.experiments.headroom import measure_headroom, setting_key
     sc = seed_config(cfg, cfg.bench.seeds[0], out)
+    prior = read_json(out / "headroom.json") if (out / "headroom.json").exists() else None
+    if prior and prior.get("setting") == setting_key(sc) and prior.get("orders") == cfg.bench.noise_orders \
+            and len({r["label"] for r in prior["runs"] if r["order"] == 0}) == max(
+                cfg.bench.oracle_runs, 2 + len(shards.domains)):
+        say(f"keeping {out / 'headroom.json'}: the same setting, mixtures and orders")
+        return prior
     res = measure_headroom(sc, shards, out / "headroom", cfg.bench.noise_orders, cfg.bench.oracle_runs,
                            cfg.bench.max_concurrent, say)
     res.update(seed=sc.run.seed, setting=setting_key(sc))
@@ -186,13 +215,18 @@ def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     rows: list[dict] = []
+    kept = finished_rows(cfg, out)
     for s in cfg.bench.seeds:
         sc, sh = seed_config(cfg, s, out), shards_by_seed[s]
-        rows += _proposals(sc, s, sh, out)
+        have = [r for r in kept if r["seed"] == s]
+        if have:
+            say(f"seed {s}: keeping {len(have)} rows an earlier bench on this --out finished")
+        rows += have + _proposals(sc, s, sh, out, skip={r["method"] for r in have})
         for m in OPMIX_METHODS:
-            if m in cfg.bench.methods:
+            if m in cfg.bench.methods and not any(r["method"] == m for r in have):
                 rows += _opmix_rows(sc, s, sh, out, m)
-        write_json(out / "rows_partial.json", rows)  # a crash later still leaves the proposals
+        # a bench stopped later keeps these rows when run again on this --out
+        write_json(out / "rows_partial.json", {"fingerprint": fingerprint(cfg), "rows": rows})
     first = cfg.bench.seeds[0]
     headroom = _oracle(cfg, shards_by_seed[first], out) if cfg.bench.oracle_runs else None
     done = [r for r in headroom["runs"] if r["order"] == 0] if headroom else []
