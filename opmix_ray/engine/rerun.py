@@ -10,6 +10,8 @@ round's experiment in search_round_<k>/rerun: a process death costs time, never 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import Searcher
@@ -37,19 +39,23 @@ class ActorDeaths(tune.Callback):
         self.trials: dict[str, dict] = {}
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if process_died(_error(trial)):
+        if _died(trial):
             self.trials[trial.trial_id] = {"config": trial.config, "path": trial.path}
 
 
-def _error(trial):
-    """The exception a trial ended with: Tune pickles it into the trial's local dir as it handles
-    it (get_pickled_error reads the storage copy, which is synced only later)."""
-    import cloudpickle
+# What Ray writes for an actor whose process died (ActorDiedError, ActorUnavailableError)
+DEATH_TEXT = ("The actor died unexpectedly", "The actor is dead", "ActorDiedError", "ActorUnavailableError")
+
+
+def _died(trial) -> bool:
+    """Whether the trial ended because its process died, read from the text Tune appends to the
+    trial's error.txt as it handles the error (its last failure; nothing is unpickled here). Where
+    that file is missing, Tune's own copy of the exception decides."""
     try:
-        with open(trial.pickled_error_file, "rb") as f:
-            return cloudpickle.load(f)
-    except (OSError, TypeError, ValueError, EOFError, AttributeError, ImportError):
-        return trial.get_pickled_error()
+        text = Path(trial.error_file).read_text(errors="replace")
+    except (OSError, TypeError):
+        return process_died(trial.get_pickled_error())
+    return any(t in text.rsplit("Failure #", 1)[-1] for t in DEATH_TEXT)
 
 
 class RetryCounter(tune.Callback):
