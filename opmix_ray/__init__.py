@@ -19,7 +19,7 @@ _PUBLIC = {
     "Mixture": "opmix_ray.mixture",
     "MixtureSearcher": "opmix_ray.searchers",
     "create_searcher": "opmix_ray.searchers",
-    "OpMix": "opmix_ray.own_trainer.session",
+    "OpMix": "opmix_ray.own_trainer.client",
     "OpMixSampler": "opmix_ray.data.feed",
     "OpMixLoop": "opmix_ray.own_trainer.loop",
     "OpMixCallback": "opmix_ray.own_trainer.hf",

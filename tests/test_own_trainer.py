@@ -143,7 +143,7 @@ class _Round:
         return self.polls < 0
 
     def result(self):
-        from opmix_ray.own_trainer.session import BoundaryDecision
+        from opmix_ray.own_trainer.client import BoundaryDecision
         return BoundaryDecision(self.round, self.request["step"], True, Mixture(DOMS, (0.1, 0.1, 0.8)), "in")
 
 

@@ -1,6 +1,6 @@
 """OP-Mix decisions for a training loop you already have (docs/own_trainer.md).
 
-    session.py   OpMix: the config, the token shards, the run dir, the boundary call
+    client.py   OpMix: the config, the token shards, the run dir, the boundary call
     runner.py    the round runner, a Ray actor running the engine's rounds (engine/driver.run_round)
     loop.py      OpMixLoop: boundaries and pushes for your own loop, one process or every DDP rank
     hf.py        OpMixCallback: the same for a Hugging Face Trainer (imports transformers)
@@ -11,9 +11,9 @@ name loads on first use.
 from importlib import import_module
 
 _PUBLIC = {
-    "OpMix": "opmix_ray.own_trainer.session",
-    "BoundaryDecision": "opmix_ray.own_trainer.session",
-    "PendingRound": "opmix_ray.own_trainer.session",
+    "OpMix": "opmix_ray.own_trainer.client",
+    "BoundaryDecision": "opmix_ray.own_trainer.client",
+    "PendingRound": "opmix_ray.own_trainer.client",
     "OpMixLoop": "opmix_ray.own_trainer.loop",
     "OpMixCallback": "opmix_ray.own_trainer.hf",
     "OpMixSampler": "opmix_ray.data.feed",

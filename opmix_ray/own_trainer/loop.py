@@ -22,7 +22,7 @@ from __future__ import annotations
 from opmix_ray.engine.ranks import from_rank0, rank_rows
 from opmix_ray.errors import TrainerSetupError
 from opmix_ray.mixture import Mixture
-from opmix_ray.own_trainer.session import FIELDS, BoundaryDecision
+from opmix_ray.own_trainer.client import FIELDS, BoundaryDecision
 
 
 def _rank_world() -> tuple[int, int]:
