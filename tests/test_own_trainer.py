@@ -147,7 +147,7 @@ class _Round:
         return BoundaryDecision(self.round, self.request["step"], True, Mixture(DOMS, (0.1, 0.1, 0.8)), "in")
 
 
-class _Session:
+class _FakeOpMix:
     """The surface of OpMix that OpMixLoop uses, over the synthetic domains."""
 
     def __init__(self):
@@ -169,9 +169,9 @@ class _Session:
 
 
 def test_a_background_round_applies_at_the_step_it_is_seen_in_and_a_resume_sends_it_again():
-    session = _Session()
+    fake = _FakeOpMix()
     sampler = OpMixSampler(_train(), Mixture(DOMS, (1 / 3, 1 / 3, 1 / 3)), L, rows_per_step=8)
-    loop = OpMixLoop(session, sampler, rank=0, world=1, say=None)
+    loop = OpMixLoop(fake, sampler, rank=0, world=1, say=None)
     saved = None
     for step in range(8):
         got = loop.before_step(step, model=None)
@@ -180,8 +180,8 @@ def test_a_background_round_applies_at_the_step_it_is_seen_in_and_a_resume_sends
         sampler.next_batch(8)
         if got:
             assert step == 6 and got[0].round == 0  # started at 3, seen in at the third poll after
-    assert session.applied == [(0, 6)] and loop.decided[0]["at_step"] == 6
-    again = _Session()
+    assert fake.applied == [(0, 6)] and loop.decided[0]["at_step"] == 6
+    again = _FakeOpMix()
     fresh = OpMixLoop(again, OpMixSampler(_train(), Mixture(DOMS, (1 / 3, 1 / 3, 1 / 3)), L), rank=0, world=1, say=None)
     fresh.load_state_dict(saved)
     assert again.submitted == [{"round": 0, "step": 3}] and 0 in fresh.pending  # sent again, as it was asked
