@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,22 @@ def test_bench_report_judges_each_seed_against_the_noise():
     assert v["headroom_captured"] == pytest.approx((0.02 / 3) / 0.25)  # the mean gain over the oracle's
     text = "\n".join(against_noise(result))
     assert "ratio 5.00" in text and "-0.2000 (-4.0 sd)" in text
+
+
+def test_a_wider_measurement_trains_only_the_runs_it_does_not_have(monkeypatch):
+    """Adding mixtures to a finished measurement: the same label, weights and order are kept, the rest trained."""
+    import opmix_ray.training as training
+    from opmix_ray.experiments import headroom as hr
+    trained = []
+
+    def fake_jobs(jobs, shards, storage_path, name, max_concurrent=2):
+        trained.extend((j["label"], j["order"]) for j in jobs)
+        return [{"val_loss": {"a": 1.0}, "drawn": {}, "wall_s": 0.0, "n_params": 1, "flops": 0.0} for _ in jobs]
+
+    monkeypatch.setattr(training, "run_fixed_jobs", fake_jobs)
+    jobs = [{"label": lab, "order": o, "data_seed": None if o == 0 else o, "weights": w}
+            for lab, o, w in (("uniform", 0, [0.5, 0.5]), ("draw_2", 0, [0.3, 0.7]), ("uniform", 1, [0.5, 0.5]))]
+    prior = [{**jobs[0], "val_loss": {"a": 9.0}}, {**jobs[1], "weights": [0.31, 0.69], "val_loss": {"a": 9.0}}]
+    rows = hr._run(jobs, None, Path("unused"), "x", 2, prior, say=lambda *_: None)
+    assert trained == [("draw_2", 0), ("uniform", 1)]  # a draw with other weights is another run
+    assert [r["val_loss"]["a"] for r in rows] == [9.0, 1.0, 1.0] and [r["label"] for r in rows] == ["uniform", "draw_2", "uniform"]

@@ -184,7 +184,7 @@ def _uniform_long_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: 
 def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
     """The headroom measurement on the first seed (experiments/headroom.py): its order-0 runs are the
     oracle's, its per-objective noise_sd the bench's noise."""
-    from opmix_ray.experiments.headroom import measure_headroom, setting_key
+    from opmix_ray.experiments.headroom import measure_headroom, prior_runs, setting_key
     sc = seed_config(cfg, cfg.bench.seeds[0], out)
     prior = read_json(out / "headroom.json") if (out / "headroom.json").exists() else None
     if prior and prior.get("setting") == setting_key(sc) and prior.get("orders") == cfg.bench.noise_orders \
@@ -193,7 +193,7 @@ def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
         say(f"keeping {out / 'headroom.json'}: the same setting, mixtures and orders")
         return prior
     res = measure_headroom(sc, shards, out / "headroom", cfg.bench.noise_orders, cfg.bench.oracle_runs,
-                           cfg.bench.max_concurrent, say)
+                           cfg.bench.max_concurrent, say, reuse=prior_runs(out / "headroom.json", sc))
     res.update(seed=sc.run.seed, setting=setting_key(sc))
     write_json(out / "headroom.json", res)
     return res

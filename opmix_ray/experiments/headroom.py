@@ -19,7 +19,8 @@ Per objective, with d_j = objective(pick, order j) - objective(uniform, order j)
   oracle_gain = -mean of d_j, in nats (> 0: the pick beats uniform);
   ratio       = oracle_gain / noise_sd.
 The pick is made on order 0 and measured on the other orders, so a lucky order-0 run does not
-inflate the gain. A difference between two methods under 2 x noise_sd is no difference; a setting
+inflate the gain. Run again on the same --out with --overwrite and more mixtures (bench.oracle_runs)
+or orders: the finished runs of the same setting are kept and only the new ones trained. A difference between two methods under 2 x noise_sd is no difference; a setting
 whose ratio is under 3 cannot rank methods on that objective.
 """
 from __future__ import annotations
@@ -101,10 +102,12 @@ def _job(cfg, shards, label: str, weights: np.ndarray, order: int) -> dict:
 
 
 def measure_headroom(cfg, shards, out_dir: str | Path, orders: int = 3, n_mixtures: int = 16,
-                     max_concurrent: int = 2, say=print) -> dict:
-    """Run both stages (module doc) as Ray Tune trials; returns the summary, every run's row, wall_s."""
+                     max_concurrent: int = 2, say=print, reuse: list[dict] | None = None) -> dict:
+    """Run both stages (module doc) as Ray Tune trials; returns the summary, every run's row, wall_s.
+    reuse: rows of an earlier measurement of the same setting (its "runs"); a run with the same label,
+    weights and data order is taken from there instead of trained again, so adding mixtures or
+    orders costs only the new runs."""
     from opmix_ray.experiments.baselines import usage_upper_bounds
-    from opmix_ray.training import run_fixed_jobs
     t0, out_dir = time.time(), Path(out_dir)
     rng = np.random.default_rng([cfg.run.seed, 31])
     mixes = headroom_mixtures(shards, usage_upper_bounds(cfg, shards), n_mixtures, rng)
@@ -114,14 +117,30 @@ def measure_headroom(cfg, shards, out_dir: str | Path, orders: int = 3, n_mixtur
     jobs += [_job(cfg, shards, "uniform", weights["uniform"], j) for j in range(1, orders + 1)]
     say(f"headroom: {len(mixes)} fixed mixtures on data order 0 and uniform on {orders} more orders "
         f"({len(jobs)} runs of {cfg.main.total_tokens} tokens)")
-    rows = _rows(jobs, run_fixed_jobs(jobs, shards, str(out_dir / "tune"), "headroom_mixtures", max_concurrent))
+    rows = _run(jobs, shards, out_dir, "headroom_mixtures", max_concurrent, reuse or [], say)
     picks = sorted({summarise(rows, {n: w}, orders)[n]["pick"] for n, w in objs.items()})
     jobs = [_job(cfg, shards, lab, weights[lab], j) for lab in picks for j in range(1, orders + 1)]
     say(f"headroom: the picks {picks} on {orders} more data orders ({len(jobs)} runs)")
-    rows += _rows(jobs, run_fixed_jobs(jobs, shards, str(out_dir / "tune"), "headroom_orders", max_concurrent))
+    rows += _run(jobs, shards, out_dir, "headroom_orders", max_concurrent, reuse or [], say)
     return {"objectives": summarise(rows, objs, orders), "runs": rows, "orders": orders,
             "order_seeds": [order_seed(cfg.run.seed, j) for j in range(orders + 1)],
             "domains": list(shards.domains), "eval_only": list(shards.eval_only), "wall_s": time.time() - t0}
+
+
+def _same_run(job: dict, row: dict) -> bool:
+    return (row["label"], row["order"], row["data_seed"]) == (job["label"], job["order"], job["data_seed"]) \
+        and np.allclose(row["weights"], job["weights"], rtol=0, atol=1e-12)
+
+
+def _run(jobs: list[dict], shards, out_dir: Path, name: str, max_concurrent: int, reuse: list[dict], say) -> list[dict]:
+    """The jobs' rows, in job order: reused where `reuse` holds the same run, trained otherwise."""
+    from opmix_ray.training import run_fixed_jobs
+    kept = [next((r for r in reuse if _same_run(j, r)), None) for j in jobs]
+    todo = [j for j, k in zip(jobs, kept) if k is None]
+    if len(todo) < len(jobs):
+        say(f"headroom: keeping {len(jobs) - len(todo)} finished runs of the same setting, training {len(todo)}")
+    made = iter(_rows(todo, run_fixed_jobs(todo, shards, str(out_dir / "tune"), name, max_concurrent)) if todo else [])
+    return [k if k is not None else next(made) for k in kept]
 
 
 def _rows(jobs: list[dict], done: list[dict]) -> list[dict]:
@@ -146,10 +165,19 @@ def run_headroom(cfg, out_dir: str | Path, overwrite: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     res = measure_headroom(sc, shards, out, cfg.bench.noise_orders, cfg.bench.oracle_runs,
-                           cfg.bench.max_concurrent, say)
+                           cfg.bench.max_concurrent, say, reuse=prior_runs(out / "headroom.json", sc))
     res.update(seed=sc.run.seed, setting=setting_key(sc), config=cfg.model_dump(mode="json"))
     write_json(out / "headroom.json", res)
     return res
+
+
+def prior_runs(path: Path, cfg) -> list[dict]:
+    """The runs of an earlier measurement at `path` when it measured cfg's setting; [] otherwise."""
+    import json
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    return res.get("runs", []) if res.get("setting") == setting_key(cfg) else []
 
 
 def markdown(res: dict) -> str:
