@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opmix_ray.experiments.report import label, write_report  # noqa: E402
+from opmix_ray.experiments.bench_report import label, write_report  # noqa: E402
 from opmix_ray.storage import write_json  # noqa: E402
 
 

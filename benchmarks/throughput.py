@@ -224,7 +224,7 @@ def main() -> None:
     # score() per candidate (warm) at 1 and at `cores` threads, and the one-time model build
     probe = {f"score_s_{th}_threads": per_call(th, [lambda a=a: search.score(cands, a) for a in weights[1:5]])
              for th in sorted({1, cores})}
-    probe["model_build_s"] = per_call(cores, [lambda: (scoring._CACHE.clear(), scoring._merged_model(cands))])
+    probe["model_build_s"] = per_call(cores, [lambda: (scoring._CACHE.clear(), scoring.merged_model(cands))])
     code = "import time; t = time.perf_counter(); import opmix_ray.engine.scoring; print(time.perf_counter() - t)"
     probe["fresh_process_import_s"] = float(subprocess.run([sys.executable, "-c", code], capture_output=True,
                                                            text=True, check=True).stdout)

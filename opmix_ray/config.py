@@ -400,7 +400,7 @@ class Config(Section):
     ray: RaySection = Field(default_factory=RaySection)
 
     # Sections of a config file that only `opmix-ray bench` and `opmix-ray continual` read
-    # (opmix_ray/experiments/config.py validates them). A run skips them, so one file serves both,
+    # (opmix_ray/experiments/experiment_config.py validates them). A run skips them, so one file serves both,
     # and a run dir written when the run config still carried them resumes.
     experiment_sections: ClassVar[tuple[str, ...]] = ("bench", "schedule")
 
@@ -436,7 +436,7 @@ def _one_line(err: ValidationError) -> str:
 def load_config(source: str | Path | dict, overrides: dict | None = None, schema: type[Config] | None = None) -> Config:
     """Parse and validate a YAML path or a dict; raise ConfigError with a one-line message.
 
-    `schema` is Config (a run) or a subclass that adds sections (experiments.config.ExperimentConfig);
+    `schema` is Config (a run) or a subclass that adds sections (experiments.experiment_config.ExperimentConfig);
     the experiment sections a schema does not declare are skipped, not refused."""
     if isinstance(source, dict):
         raw = source

@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -165,6 +167,25 @@ def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             f.write(data)
 
 
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """write(tmp) to a temp file beside the local `path`, then rename: readers never see half a file,
+    and a crash leaves the old file or the new one. The file is made readable to all, as a plain
+    write would be (mkstemp creates 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     if is_uri(path):
         fs, p = remote_fs(str(path))
@@ -172,14 +193,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
         _put(fs, p, data)
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _json_bytes(obj) -> bytes:

@@ -12,7 +12,7 @@ from opmix_ray.experiments.baselines._aioli import (
     probe_mixtures,
     run_aioli,
 )
-from opmix_ray.experiments.config import load_experiment_config
+from opmix_ray.experiments.experiment_config import load_experiment_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 

@@ -17,8 +17,8 @@ from opmix_ray.experiments.baselines import BaselineContext, propose, usage_uppe
 from opmix_ray.experiments.baselines._doremi import group_dro_update, run_doremi
 from opmix_ray.experiments.baselines._regmix import cross_val_spearman, fit_regressor, simulate_mixtures
 from opmix_ray.experiments.baselines.base import Swarm, sample_swarm_mixtures
-from opmix_ray.experiments.config import load_experiment_config
-from opmix_ray.experiments.report import markdown
+from opmix_ray.experiments.experiment_config import load_experiment_config
+from opmix_ray.experiments.bench_report import markdown
 from opmix_ray.training import train_fixed
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")

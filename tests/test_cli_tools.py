@@ -11,7 +11,7 @@ import opmix_ray
 from opmix_ray.cli.main import build_parser, main
 from opmix_ray.cli.config_doc import config_help
 from opmix_ray.config import load_config
-from opmix_ray.experiments.config import ExperimentConfig, load_experiment_config
+from opmix_ray.experiments.experiment_config import ExperimentConfig, load_experiment_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "opmix_ray" / "configs" / "tiny.yaml"

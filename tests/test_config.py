@@ -8,7 +8,7 @@ import yaml
 import opmix_ray
 from opmix_ray.cli.config_doc import config_help
 from opmix_ray.config import Config, ConfigError, load_config
-from opmix_ray.experiments.config import ExperimentConfig, load_experiment_config
+from opmix_ray.experiments.experiment_config import ExperimentConfig, load_experiment_config
 
 CONFIGS = sorted((Path(opmix_ray.__file__).parent / "configs").glob("*.yaml"))
 

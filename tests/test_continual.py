@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from opmix_ray.config import ConfigError
-from opmix_ray.experiments.config import load_experiment_config
+from opmix_ray.experiments.experiment_config import load_experiment_config
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.preflight import preflight
 from opmix_ray.experiments.continual import _carry, check_schedule, schedule_steps

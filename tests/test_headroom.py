@@ -15,7 +15,7 @@ import pytest
 from opmix_ray.config import load_config, sampler_seed
 from opmix_ray.data.read import build_shards
 from opmix_ray.experiments.baselines import usage_upper_bounds
-from opmix_ray.experiments.config import load_experiment_config
+from opmix_ray.experiments.experiment_config import load_experiment_config
 from opmix_ray.experiments.headroom import headroom_mixtures, order_seed, summarise
 from opmix_ray.training import train_fixed
 
@@ -108,7 +108,7 @@ def test_headroom_command_end_to_end(tmp_path):
 
 
 def test_bench_report_judges_each_seed_against_the_noise():
-    from opmix_ray.experiments.report import against_noise, noise_verdicts
+    from opmix_ray.experiments.bench_report import against_noise, noise_verdicts
     rows = []
     for s, (u, o) in enumerate([(5.0, 4.8), (5.1, 5.08), (5.0, 5.2)]):  # opmix: -0.2, -0.02, +0.2 nats
         rows.append({"method": "uniform", "objective": "any", "seed": s, "val_loss": {"a": 3.0, "t": u}})

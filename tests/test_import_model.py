@@ -60,7 +60,7 @@ def test_import_never_replaces_a_dir(smollm2_dir, tmp_path):
 def test_the_smollm2_continual_config_tokenizes_with_the_models_tokenizer(smollm2_dir, tmp_path):
     from opmix_ray.data.read import build_shards
     from opmix_ray.engine.preflight import check_against_data
-    from opmix_ray.experiments.config import load_experiment_config
+    from opmix_ray.experiments.experiment_config import load_experiment_config
     from opmix_ray.experiments.continual import check_schedule
     cfg = load_experiment_config("opmix_ray/configs/continual_smollm2.yaml",
                                  {"model": {"path": str(smollm2_dir), "device": "cpu"},

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from opmix_ray.experiments.config import load_experiment_config
+from opmix_ray.experiments.experiment_config import load_experiment_config
 from opmix_ray.data import instruct
 from opmix_ray.data.instruct import (
     DELIM,
@@ -30,7 +30,7 @@ from opmix_ray.data.instruct import (
 from opmix_ray.data.read import build_shards
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
 from opmix_ray.experiments.continual import check_schedule
-from opmix_ray.experiments.instruct import _in_stream, load_sets, majority_em, score
+from opmix_ray.experiments.instruct_eval import _in_stream, load_sets, majority_em, score
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
 TOK, _ = load_tokenizer(BUNDLED_DIR / "tokenizer.json")
@@ -165,7 +165,7 @@ def test_wrong_and_partial_answers_miss():
 
 def test_batching_and_the_kv_cache_do_not_change_scores():
     from opmix_ray.config import ModelSection
-    from opmix_ray.experiments.instruct import _greedy
+    from opmix_ray.experiments.instruct_eval import _greedy
     from opmix_ray.model import build_model
     model = build_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
                         TOK.get_vocab_size(), 64).eval()

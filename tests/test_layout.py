@@ -94,3 +94,28 @@ def test_run_dir_names_are_spelled_only_in_rundir():
         for line, text in _strings(ast.parse(f.read_text())):
             found += [f"{f.relative_to(ROOT)}:{line}: {text!r}" for n in RUN_DIR_NAMES if n in text]
     assert not found, "\n".join(found)
+
+
+def private_imports() -> list[str]:
+    """`from opmix_ray.x import _name` where _name is not a module: a private name used across modules."""
+    mods, out = _modules(), []
+    for name, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                out += [f"{name}: {a.name} from {node.module}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__") and f"{node.module}.{a.name}" not in mods]
+    return out
+
+
+def test_no_module_imports_a_private_name_of_another():
+    assert private_imports() == []
+
+
+def test_no_two_modules_share_a_file_name():
+    """A file name says which module it is (a base.py per subpackage, __init__ and __main__ aside)."""
+    names = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            if f.name not in ("__init__.py", "__main__.py", "base.py"):
+                names.setdefault(f.name, []).append(str(f.relative_to(ROOT)))
+    assert {n: fs for n, fs in names.items() if len(fs) > 1} == {}

@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from opmix_ray.experiments.report import MARKERS, flops_figure, summarise
+from opmix_ray.experiments.bench_report import MARKERS, flops_figure, summarise
 from opmix_ray.storage import read_json
 
 matplotlib.use("Agg")

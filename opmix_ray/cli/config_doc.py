@@ -14,11 +14,11 @@ from pydantic import BaseModel
 
 import opmix_ray
 from opmix_ray.config import Config
-from opmix_ray.experiments.config import ExperimentConfig
+from opmix_ray.experiments.experiment_config import ExperimentConfig
 
 HEAD = """# Config reference
 
-Generated from `opmix_ray/config.py` and `opmix_ray/experiments/config.py` by `python -m opmix_ray.cli.config_doc > docs/config.md`; do not
+Generated from `opmix_ray/config.py` and `opmix_ray/experiments/experiment_config.py` by `python -m opmix_ray.cli.config_doc > docs/config.md`; do not
 edit by hand. A run is one YAML file with these sections; unknown keys are errors, and a bad value
 stops the run with one line naming the field and the fix (exit 2). `opmix-ray config-help` prints
 the same in the terminal. `bench` and `schedule` are read only by `opmix-ray bench` and
@@ -77,7 +77,7 @@ def reference() -> str:
 
 
 def cmd_config_help(args) -> int:
-    from opmix_ray.experiments.config import ExperimentConfig
+    from opmix_ray.experiments.experiment_config import ExperimentConfig
     print(config_help(ExperimentConfig if args.experiments else None))
     return 0
 
@@ -93,7 +93,7 @@ def cmd_init(args) -> int:
         raise ConfigError(f"config error at PATH: {p.parent} is not a directory (fix: create it first)")
     schema = None
     if args.experiments:
-        from opmix_ray.experiments.config import ExperimentConfig
+        from opmix_ray.experiments.experiment_config import ExperimentConfig
         schema = ExperimentConfig
     head = (f"# opmix-ray config: every field at its default (opmix-ray {opmix_ray.__version__}). Keep what you change,\n"
             "# delete the rest; `opmix-ray run THIS_FILE` checks every value before Ray starts.\n")

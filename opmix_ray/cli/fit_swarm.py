@@ -66,7 +66,7 @@ def _lgbm(args) -> dict:
     import yaml
 
     from opmix_ray.errors import DataError
-    from opmix_ray.experiments.config import LGBM_PARAMS
+    from opmix_ray.experiments.experiment_config import LGBM_PARAMS
     out = {}
     for pair in args.lgbm or []:
         key, sep, value = pair.partition("=")

@@ -133,7 +133,7 @@ def cmd_resume(args) -> int:
 
 def cmd_domains(args) -> int:
     """add-domain / remove-domain / revise-domain / split-domain on a live run (engine/domains.py)."""
-    from opmix_ray.cli.domains import change_domains
+    from opmix_ray.cli.live_domains import change_domains
     if args.cmd == "add-domain":
         changes = [{"op": "add", "name": args.name or Path(args.path).stem, "path": args.path}]
     elif args.cmd == "remove-domain":
@@ -196,11 +196,11 @@ def cmd_submit(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from opmix_ray.experiments.config import ExperimentConfig
+    from opmix_ray.experiments.experiment_config import ExperimentConfig
     cfg = _load(args.config, _sets(args), ExperimentConfig)
     from opmix_ray.experiments.bench import run_bench
     result = run_bench(cfg, args.out, overwrite=args.overwrite)
-    from opmix_ray.experiments.report import markdown
+    from opmix_ray.experiments.bench_report import markdown
     print(markdown(result))
     print(f"wrote {args.out}/results.json, results.md, ppl_vs_search_flops.png, mixtures.png "
           f"({result['wall_s']:.0f}s)")
@@ -208,7 +208,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_headroom(args) -> int:
-    from opmix_ray.experiments.config import ExperimentConfig
+    from opmix_ray.experiments.experiment_config import ExperimentConfig
     cfg = _load(args.config, _sets(args), ExperimentConfig)
     from opmix_ray.experiments.headroom import markdown, run_headroom
     res = run_headroom(cfg, args.out, overwrite=args.overwrite)
@@ -236,7 +236,7 @@ def cmd_fidelity(args) -> int:
 
 
 def cmd_continual(args) -> int:
-    from opmix_ray.experiments.config import ExperimentConfig
+    from opmix_ray.experiments.experiment_config import ExperimentConfig
     cfg = _load(args.config, _sets(args), ExperimentConfig)
     from opmix_ray.experiments.continual import run_continual
     result = run_continual(cfg, args.out, overwrite=args.overwrite)

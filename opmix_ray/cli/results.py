@@ -40,7 +40,7 @@ def cmd_results(args) -> int:
         if args.json:
             print(json.dumps(result, indent=1))
         elif kind == "bench":
-            from opmix_ray.experiments.report import markdown
+            from opmix_ray.experiments.bench_report import markdown
             print(markdown(result))
         else:
             from opmix_ray.experiments.continual import markdown

@@ -24,7 +24,6 @@ instruct.json (formats, counts, the majority-answer baseline, the sha256 of ever
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import re
@@ -37,8 +36,9 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opmix_ray.data.build import _atomic_write, verify_built
+from opmix_ray.data.build import verify_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
+from opmix_ray.storage import atomic_write, sha256_file
 
 DELIM = "\nAnswer:"
 MANIFEST, EVAL_FILE = "instruct.json", "instruct_eval.json"
@@ -170,14 +170,11 @@ def _split_task(task: str, docs: list[str], tok, n_eval: int, max_train: int, se
                     "(fix: lower --n-eval)")
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def _write_parquet(path: Path, texts: list[str]) -> str:
     table = pa.table({"text": pa.array(texts, type=pa.large_string())})
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    return _sha(path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return sha256_file(path)
 
 
 def build_instruct(out_dir, seed: int = 0, n_eval: int = 200, max_train: int = 3000, n_trained: int = 250,
@@ -194,7 +191,7 @@ def build_instruct(out_dir, seed: int = 0, n_eval: int = 200, max_train: int = 3
         held, train, ev = _split_task(task, docs, tok, n_eval, max_train, seed)
         raw = [d for i, d in enumerate(docs) if i not in held]
         man["raw"][spec.source] = {"n_docs": len(raw), "n_docs_held_out": len(held),
-                                   "source_sha256": _sha(src / f"{spec.source}.parquet"),
+                                   "source_sha256": sha256_file(src / f"{spec.source}.parquet"),
                                    "sha256": _write_parquet(out / f"{spec.source}.parquet", raw)}
         top, n_top = Counter(s for _, s in train).most_common(1)[0]
         man["tasks"][task] = {
@@ -206,10 +203,10 @@ def build_instruct(out_dir, seed: int = 0, n_eval: int = 200, max_train: int = 3
         # candidates in the parquet's own order; instruct_eval keeps those the run really trained on
         evals[task] = {"heldout": [list(x) for x in ev], "trained_candidates": [list(x) for x in train[:n_trained]]}
     blob = json.dumps({"format": FORMAT, "tasks": evals}, indent=1, ensure_ascii=False).encode()
-    _atomic_write(out / EVAL_FILE, lambda tmp: Path(tmp).write_bytes(blob))
-    man["eval_file"], man["eval_sha256"] = EVAL_FILE, _sha(out / EVAL_FILE)
+    atomic_write(out / EVAL_FILE, lambda tmp: Path(tmp).write_bytes(blob))
+    man["eval_file"], man["eval_sha256"] = EVAL_FILE, sha256_file(out / EVAL_FILE)
     text = json.dumps(man, indent=1, ensure_ascii=False).encode()
-    _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_bytes(text))
+    atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_bytes(text))
     return man
 
 

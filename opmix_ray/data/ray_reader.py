@@ -28,7 +28,7 @@ import ray
 
 from opmix_ray.config import Config
 from opmix_ray.data import layout
-from opmix_ray.data.shards import (TokenShards, TrainArrays, _open_tokenizer, column_kind, data_hash_of, docs_of,
+from opmix_ray.data.shards import (TokenShards, TrainArrays, open_tokenizer, column_kind, data_hash_of, docs_of,
                                    finish_domain, kinds_agree, no_docs, resolve_data_paths)
 from opmix_ray.data.tokenizer import checkpoint_files, eos_token
 from opmix_ray.errors import BadInput, DataError
@@ -175,7 +175,7 @@ def _domain_refs(cfg: Config, tok_json: str, files: dict[str, list], vocab_size:
 def build_shards_ray(cfg: Config) -> TokenShards:
     """shards.tokenize_on_driver with the reading and tokenizing done by Ray Data tasks."""
     root, domains, tok_path = resolve_data_paths(cfg)
-    tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
+    tok, tok_hash, eos = open_tokenizer(cfg, tok_path)
     _ensure_ray(cfg)
     names = domains + tuple(cfg.data.eval_only_domains)
     where = {d: layout.shown(root, d) for d in names}

@@ -19,7 +19,6 @@ held-out windows; every method of a benchmark meets the same overlap.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -28,8 +27,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opmix_ray.data.build import _atomic_write, verify_built
+from opmix_ray.data.build import verify_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError
+from opmix_ray.storage import atomic_write, sha256_file
 
 MANIFEST = "revisions.json"
 FORMAT = "opmix-revisions/1"  # bumped whenever the same sources build different files
@@ -60,28 +60,25 @@ def derive(name: str, docs: list[str]) -> list[str]:
     raise KeyError(name)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def build_revisions(out_dir: str | Path, src_dir: str | Path | None = None) -> dict:
     src, out = Path(src_dir) if src_dir else BUNDLED_DIR, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     man = {"format": FORMAT, "copied": {}, "derived": {}}
     for f in sorted(src.glob("*.parquet")):
-        _atomic_write(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
-        man["copied"][f.stem] = _sha(out / f.name)
+        atomic_write(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+        man["copied"][f.stem] = sha256_file(out / f.name)
     for name, parent in DERIVED.items():
         docs = derive(name, pq.read_table(src / f"{parent}.parquet")["text"].to_pylist())
         if not docs:
             raise DataError(f"revisions: {src / (parent + '.parquet')} gives no documents for {name}")
         table = pa.table({"text": pa.array(docs, type=pa.large_string())})
-        _atomic_write(out / f"{name}.parquet", lambda tmp, t=table: pq.write_table(t, tmp, compression="zstd"))
-        man["derived"][name] = {"from": parent, "n_docs": len(docs), "sha256": _sha(out / f"{name}.parquet")}
+        atomic_write(out / f"{name}.parquet", lambda tmp, t=table: pq.write_table(t, tmp, compression="zstd"))
+        man["derived"][name] = {"from": parent, "n_docs": len(docs), "sha256": sha256_file(out / f"{name}.parquet")}
     if (src / "tokenizer.json").is_file():
-        _atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(src / "tokenizer.json", tmp))
+        atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(src / "tokenizer.json", tmp))
     text = json.dumps(man, indent=1).encode()
-    _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_bytes(text))
+    atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_bytes(text))
     return man
 
 

@@ -251,7 +251,7 @@ def _split(docs: list[np.ndarray], eos: int, need_val: int, need_sel: int, rng: 
     return join(order[i:]), join(parts[0]), join(parts[1])
 
 
-def _open_tokenizer(cfg: Config, tok_path: Path) -> tuple[Tokenizer, str, int]:
+def open_tokenizer(cfg: Config, tok_path: Path) -> tuple[Tokenizer, str, int]:
     tok, tok_hash = load_tokenizer(tok_path)
     name = eos_token(tok_path)
     eos = tok.token_to_id(name)
@@ -301,7 +301,7 @@ def tokenize_on_driver(cfg: Config) -> TokenShards:
     """data.reader: driver: every domain read and tokenized in this process (read.build_shards picks
     the reader); deterministic given (data, tokenizer, seq_len, val size, seed)."""
     root, domains, tok_path = resolve_data_paths(cfg)
-    tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
+    tok, tok_hash, eos = open_tokenizer(cfg, tok_path)
     train, val, sel, src = {}, {}, {}, {}
     for i, d in enumerate(domains + tuple(cfg.data.eval_only_domains)):
         tr, val[d], se, src[d] = _tokenize_domain(cfg, d, *layout.domain_files(root, d), i, tok, eos)
@@ -316,7 +316,7 @@ def tokenize_on_driver(cfg: Config) -> TokenShards:
 
 def _run_tokenizer(cfg: Config, shards: TokenShards) -> tuple[Tokenizer, int]:
     _, _, tok_path = resolve_data_paths(cfg)
-    tok, tok_hash, eos = _open_tokenizer(cfg, tok_path)
+    tok, tok_hash, eos = open_tokenizer(cfg, tok_path)
     if tok_hash != shards.tokenizer_hash:
         raise DataError(f"data.tokenizer: {tok_path} changed since the run started (fix: restore it)")
     return tok, eos

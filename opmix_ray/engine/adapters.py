@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from opmix_ray import rundir
 from opmix_ray.config import Config
-from opmix_ray.console import Progress
+from opmix_ray.console import Progress, say
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.engine.faults import alive_nodes, lost_since, on_driver_node
 from opmix_ray.mixture import Mixture
@@ -257,8 +257,8 @@ def train_adapters(cfg: Config, shards_ref, base_path: str, current: Mixture, ro
             lost = lost_since(nodes)
             if not lost or attempt == ADAPTER_NODE_RETRIES:
                 raise
-        print(f"[opmix] round {round_idx}: node(s) {sorted(n[:12] for n in lost)} died under the adapter "
-              "job; rerunning it on the nodes left", flush=True)
+        say(f"round {round_idx}: node(s) {sorted(n[:12] for n in lost)} died under the adapter job; "
+            "rerunning it on the nodes left")
         shutil.rmtree(os.path.join(run_dir, rundir.adapters_job(round_idx)), ignore_errors=True)
     root = result.checkpoint.path
     dirs = {name: os.path.join(root, name) for name, _ in plan}

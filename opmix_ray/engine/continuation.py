@@ -21,7 +21,7 @@ import numpy as np
 
 from opmix_ray.compute import eval_flops, train_flops
 from opmix_ray.config import Config
-from opmix_ray.engine.main_run import _make_sampler, load_train_state, steps_and_boundaries
+from opmix_ray.engine.main_run import make_sampler, load_train_state, steps_and_boundaries
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import load_checkpoint, n_params, set_threads
@@ -48,7 +48,7 @@ def continue_main_run(cfg: Config, shards, checkpoint: str, weights: dict[str, f
     total, boundaries = steps_and_boundaries(cfg)
     opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
     target = Mixture.from_dict(weights)
-    sampler = _make_sampler(cfg, shards, target, checkpoint)
+    sampler = make_sampler(cfg, shards, target, checkpoint)
     load_train_state(checkpoint, opt, sched, sampler)
     sampler.set_mixture(target.over(sampler.domains))
     if truth_seed:

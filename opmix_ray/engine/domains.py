@@ -8,7 +8,7 @@
 
 This is the driver's half: live.json (the driver's Ray address, namespace and auth mode; written
 at start, removed at the end) says where a command finds the run's MixtureController, and the
-commands (opmix_ray/cli/domains.py) queue checked changes there. At the next round boundary the driver applies the
+commands (opmix_ray/cli/live_domains.py) queue checked changes there. At the next round boundary the driver applies the
 queued changes (`arrive`): new or revised domains are "affected"; every other domain is collapsed
 into the "old" coordinate with its ratios frozen (a removed domain drops out and the rest are
 renormalised). The round trains adapters only for the affected domains plus one on the old

@@ -168,7 +168,7 @@ def main_loop(loop_cfg: dict) -> None:
     total, boundaries = steps_and_boundaries(cfg)
     opt, sched = make_optimizer(model, cfg.main, total, anneal_at=boundaries)
     _, live = ray.get(ctl.get_mixture.remote())
-    sampler = _make_sampler(cfg, shards, live, ckpt)
+    sampler = make_sampler(cfg, shards, live, ckpt)
     tokens_per_step = cfg.main.batch_size * shards.seq_len
     n_par, t0, losses = n_params(plain), time.time(), []
     log = MainRunLog(cfg, loop_cfg["run_dir"], enabled=rank == 0)
@@ -236,7 +236,7 @@ def main_loop(loop_cfg: dict) -> None:
     log.close()
 
 
-def _make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -> OpMixSampler:
+def make_sampler(cfg: Config, shards, live: Mixture, resume_ckpt: str | None) -> OpMixSampler:
     """The main run's sampler, the same on every rank (engine/ranks.py). A resumed run lists its
     domains in the order its saved state has them (domains removed live stay in it at weight 0),
     then those added since."""

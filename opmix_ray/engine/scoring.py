@@ -26,7 +26,7 @@ def candidate_mixture(c, a: np.ndarray) -> Mixture:
     return expand_collapsed(c.coords, a, c.current)
 
 
-def _merged_model(c) -> MergedModel:
+def merged_model(c) -> MergedModel:
     if c.key not in _CACHE:
         _CACHE.clear()
         conf = AutoConfig.for_model(**c.model_config)
@@ -38,7 +38,7 @@ def _merged_model(c) -> MergedModel:
 
 def score(c, a: np.ndarray) -> dict:
     """Merge with weights a, evaluate, return the trial's metrics."""
-    mm = _merged_model(c)
+    mm = merged_model(c)
     mm.apply(c.full(a))
     losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens)
     mix = candidate_mixture(c, a)

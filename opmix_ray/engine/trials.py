@@ -36,7 +36,7 @@ from opmix_ray.engine.merge import (MergedModel, delta_norm, load_dense_deltas, 
                                    moved_by, stack_deltas, stack_factors)
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.rerun import ActorDeaths, RetryCounter, candidate_records, rescore
-from opmix_ray.engine.scoring import _merged_model, candidate_mixture, merged_trial, score
+from opmix_ray.engine.scoring import merged_model, candidate_mixture, merged_trial, score
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial
 from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.evaluate import domain_losses, objective, window_losses
@@ -158,7 +158,7 @@ def search_space(cfg: Config, coords: tuple[str, ...], current: Mixture, shards,
             space = PolytopeSimplex(coords, *cap_constraints(coords, current.as_dict(), shares))
         return space if len(space.b_ub) else plain
     except ValueError as exc:  # the caps cannot all hold: the sampler will redistribute anyway
-        print(f"[opmix] repetition caps leave no feasible mixture ({exc}); searching the plain simplex", flush=True)
+        say(f"repetition caps leave no feasible mixture ({exc}); searching the plain simplex")
         return plain
 
 
@@ -376,7 +376,7 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
                         stay_objective=None, leader_objective=None, se=None, se_eval=None, se_adapter=None, **common)
     ref = reference_mixture(cur.as_dict(), candidates.caps_share if cfg.decision.stay_within_caps else None)
     stay_a = matched_stay(named, cur.as_dict(), ref)
-    mm = _merged_model(candidates)
+    mm = merged_model(candidates)
     scored = {}
     for name, w in (("stay", candidates.full([stay_a[c] for c in candidates.coords])),
                     ("stay_old", candidates.unit("old")), ("leader", candidates.full(a))):

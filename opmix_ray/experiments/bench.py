@@ -29,7 +29,7 @@ import numpy as np
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
 from opmix_ray.console import say
-from opmix_ray.experiments.config import ExperimentConfig, prepare_out, seed_config
+from opmix_ray.experiments.experiment_config import ExperimentConfig, prepare_out, seed_config
 from opmix_ray.experiments.headroom import objectives
 from opmix_ray.experiments.baselines import (
     OBJECTIVE_FREE,
@@ -203,7 +203,7 @@ def run_bench(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = Fals
     """Run the whole benchmark; returns {rows, oracle, fidelity, wall_s} (also in OUT/results.json)."""
     from opmix_ray.data.read import build_shards
     from opmix_ray.engine.preflight import check_against_data, check_searcher
-    from opmix_ray.experiments.report import write_report
+    from opmix_ray.experiments.bench_report import write_report
     from opmix_ray.ray_init import init_ray
     t0, out = time.time(), prepare_out(out_dir, "results.json", overwrite)
     check_searcher(cfg)

@@ -27,7 +27,7 @@ first built with the bundled domains and the split and revised ones (opmix_ray/d
 With `schedule.instruct_eval: true` (continual instruction tuning, configs/continual_instruct.yaml)
 the later stages add instruction tasks (opmix_ray/data/instruct.py), and every checkpoint is also
 scored on the tasks seen so far: exact match and answer loss, held-out and trained-sample
-(opmix_ray/experiments/instruct.py); the stage-0 checkpoint is scored zero-shot on every task.
+(opmix_ray/experiments/instruct_eval.py); the stage-0 checkpoint is scored zero-shot on every task.
 Fixed-mixture stages run as Tune trials (training.run_fixed_jobs) and restart AdamW with warmup at
 each stage, as the engine's stage runs do.
 """
@@ -42,14 +42,11 @@ import numpy as np
 from opmix_ray import rundir
 from opmix_ray.compute import train_flops
 from opmix_ray.config import ConfigError
-from opmix_ray.experiments.config import ExperimentConfig
+from opmix_ray.console import say
+from opmix_ray.experiments.experiment_config import ExperimentConfig
 from opmix_ray.storage import atomic_write_bytes, write_json
 
 FIXED = ("naive", "replay", "retrain")
-
-
-def _say(msg: str) -> None:
-    print(f"[continual {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def schedule_steps(cfg: ExperimentConfig) -> list[dict]:
@@ -143,7 +140,7 @@ def _instruct_scorer(cfg: ExperimentConfig, shards):
     """(checkpoint, domains) -> {"instruct": scores of the tasks among domains}, {} when there are none;
     and each task's majority-answer exact match."""
     from opmix_ray.data.shards import load_tokenizer, resolve_data_paths
-    from opmix_ray.experiments import instruct as instruct_eval
+    from opmix_ray.experiments import instruct_eval
     tok, _ = load_tokenizer(resolve_data_paths(cfg)[2])
     sets = instruct_eval.load_sets(cfg.data.path, tok, shards.eos_id, shards.train)
 
@@ -175,7 +172,7 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     st0 = cfg.schedule.stages[0]
-    _say(f"stage 0: pretraining on {st0.add} for {st0.tokens} tokens")
+    say(f"stage 0: pretraining on {st0.add} for {st0.tokens} tokens")
     pre = run_fixed_jobs([_fixed_job(cfg, shards, "pretrain", _weights(doms, dict.fromkeys(st0.add, 1.0)), st0.tokens,
                                      cfg.model.path, str(out / "stage_0" / "pretrained"), 0)],
                          shards, str(out / "tune"), "stage_0", 1)[0]
@@ -201,13 +198,13 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
                 for m, (w, tok, init) in plans.items() if m in methods]
         results = {}
         if jobs:
-            _say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials")
+            say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials")
             for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
                 results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "ckpt": j["save_path"],
                                         "main_flops": train_flops(res["n_params"], j["tokens"]), "search_flops": 0.0,
                                         "wall_s": res["wall_s"]}
         for m in [m for m in methods if m.startswith("opmix") and m not in results]:
-            _say(f"stage {s}: {steps[s]['label']}; {m} (adapters for {new if m == 'opmix' else seen} + old)")
+            say(f"stage {s}: {steps[s]['label']}; {m} (adapters for {new if m == 'opmix' else seen} + old)")
             results[m] = _opmix_stage(cfg, m, s, seen, new, _weights(doms, _carry(mix[m], old)), ckpt[m], out)
         for m, res in results.items():
             ckpt[m], mix[m] = res["ckpt"], res["mixture"]
@@ -218,7 +215,7 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
                          "wall_s": res["wall_s"], **_score(res["val_loss"], seen), **scorer(res["ckpt"], seen)})
             em = ", ".join(f"{t} {v['heldout']['em']:.2f}/{v['trained']['em']:.2f}"
                            for t, v in rows[-1].get("instruct", {}).items())
-            _say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}"
+            say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}"
                  + (f"; EM held-out/trained {em}" if em else ""))
         write_json(out / "rows_partial.json", rows)
     result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage,
@@ -256,7 +253,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(f"{r['val_loss'][d]:.4f}" for d in seen[-1]) + " |")
     tasks = [d for d in seen[-1] if any(d in r.get("instruct", {}) for r in rows if r["stage"] > 0)]
     if tasks:
-        from opmix_ray.experiments.instruct import markdown as instruct_markdown
+        from opmix_ray.experiments.instruct_eval import markdown as instruct_markdown
         lines += ["", instruct_markdown(rows, tasks, result.get("instruct_majority_em")).rstrip("\n")]
     lines += ["", "Stage mixtures (token shares):", ""]
     for r in rows:

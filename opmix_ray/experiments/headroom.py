@@ -155,7 +155,7 @@ def run_headroom(cfg, out_dir: str | Path, overwrite: bool = False) -> dict:
     from opmix_ray.data.read import build_shards
     from opmix_ray.engine.preflight import check_against_data
     from opmix_ray.console import say
-    from opmix_ray.experiments.config import prepare_out, seed_config
+    from opmix_ray.experiments.experiment_config import prepare_out, seed_config
     from opmix_ray.ray_init import init_ray
     from opmix_ray.storage import write_json
     out = prepare_out(out_dir, "headroom.json", overwrite)

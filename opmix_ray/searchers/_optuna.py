@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState, create_trial
 
 from opmix_ray.searchers import journal
-from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError, _floats
+from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError, as_floats
 
 _STATES = {"running": TrialState.RUNNING, "complete": TrialState.COMPLETE, "fail": TrialState.FAIL}
 JOURNAL_STUDY = journal.STUDY
@@ -63,7 +63,7 @@ class OptunaSimplexSearcher(MixtureSearcher):
             value = t.value if state == "complete" else None
             self.records.append({"params": dict(t.params), "state": state, "value": value})
             w = self.space.weights(dict(t.params))
-            losses = _floats(t.user_attrs.get(journal.METRICS, {}), "loss_") if value is not None else {}
+            losses = as_floats(t.user_attrs.get(journal.METRICS, {}), "loss_") if value is not None else {}
             self.history.append({"id": f"journal_{t.number}", "w": list(map(float, w)), "value": value, "losses": losses})
         n = len(self.records)
         self.n_suggested += n

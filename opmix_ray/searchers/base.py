@@ -57,7 +57,7 @@ def _jsonable(v) -> bool:
     return True
 
 
-def _floats(d: dict | None, prefix: str) -> dict[str, float]:
+def as_floats(d: dict | None, prefix: str) -> dict[str, float]:
     """{key[len(prefix):]: finite value} for the result's keys with that prefix (e.g. loss_)."""
     out = {}
     for k, v in (d or {}).items():
@@ -203,12 +203,12 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
             # death counted twice), and a second count would weigh its value double in every model
             return
         if w is None:  # a trial we never suggested (e.g. restored without it): use what it reports
-            a = _floats(result, "a_")
+            a = as_floats(result, "a_")
             if not all(c in a for c in self.space.coords):
                 return
             w = [a[c] for c in self.space.coords]
         value = self._value(result, error)
-        losses = _floats(result, "loss_") if value is not None else {}
+        losses = as_floats(result, "loss_") if value is not None else {}
         self.history.append({"id": trial_id, "w": list(map(float, w)), "value": value, "losses": losses})
         self.observe(trial_id, np.asarray(w), value, result if value is not None else None)
 
@@ -217,7 +217,7 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
                             intermediate_values=None) -> None:
         """A point evaluated outside this search (an earlier experiment): parameters are a config of
         this space (u_/w_ keys), a_<coord> keys, or {coord: weight}; value is the metric's value."""
-        a = _floats(parameters, "a_")
+        a = as_floats(parameters, "a_")
         if all(c in parameters for c in self.space.coords):
             w = np.array([float(parameters[c]) for c in self.space.coords])
         elif all(c in a for c in self.space.coords):
@@ -232,7 +232,7 @@ class MixtureSearcher(Searcher, metaclass=ABCMeta):
         v = self._value(result, error or pruned)
         tid = f"evaluated_{len(self.history)}"
         self.history.append({"id": tid, "w": list(map(float, w)), "value": v,
-                             "losses": _floats(parameters, "loss_") if v is not None else {}})
+                             "losses": as_floats(parameters, "loss_") if v is not None else {}})
         self.observe(tid, w, v, result if v is not None else None)
 
     def add_evaluated_trials(self, trials_or_analysis, metric: str) -> None:

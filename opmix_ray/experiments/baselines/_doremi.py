@@ -19,7 +19,7 @@ import ray
 import torch
 
 from opmix_ray.compute import eval_flops, train_flops
-from opmix_ray.experiments.config import ExperimentConfig
+from opmix_ray.experiments.experiment_config import ExperimentConfig
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult
 from opmix_ray.mixture import Mixture

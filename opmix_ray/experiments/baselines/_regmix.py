@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult, usage_upper_bounds
-from opmix_ray.experiments.config import LGBM_PARAMS, LGBM_ROUNDS
+from opmix_ray.experiments.experiment_config import LGBM_PARAMS, LGBM_ROUNDS
 from opmix_ray.mixture import Mixture
 
 def fit_regressor(A: np.ndarray, y: np.ndarray, kind: str, seed: int = 0, params: dict | None = None,

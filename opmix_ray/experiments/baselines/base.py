@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opmix_ray.experiments.config import ExperimentConfig
+from opmix_ray.experiments.experiment_config import ExperimentConfig
 from opmix_ray.evaluate import objective
 from opmix_ray.mixture import Mixture
 

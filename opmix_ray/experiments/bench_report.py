@@ -1,6 +1,6 @@
 """The benchmark's table and plots, from OUT/results.json (experiments/bench.py writes it).
 
-    python -m opmix_ray.experiments.report bench_runs/default     # re-render from a finished benchmark
+    python -m opmix_ray.experiments.bench_report bench_runs/default     # re-render from a finished benchmark
 """
 from __future__ import annotations
 

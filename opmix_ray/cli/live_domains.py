@@ -10,7 +10,6 @@ opmix_ray/engine/domains.py.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 from opmix_ray import rundir
 from opmix_ray.config import ConfigError, name_problem
 from opmix_ray.engine.domains import apply_changes, replay_changes
-from opmix_ray.storage import read_json
+from opmix_ray.storage import read_json, sha256_file
 
 LIVE_FILE = rundir.LIVE
 ADDED_DIR = rundir.ADDED_DOMAINS
@@ -59,7 +58,7 @@ def _copy_in(run_dir: Path, name: str, path: Path) -> tuple[str, bool]:
     """Copy a domain file into the run dir (temp file + rename); the name carries its hash, so a
     revision never overwrites the data an earlier change (and a resume) points at. Returns (the
     relative path, whether this call created it)."""
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    sha = sha256_file(path)[:12]
     rel = f"{ADDED_DIR}/{name}-{sha}.parquet"
     if (run_dir / rel).is_file():
         return rel, False
