@@ -160,6 +160,7 @@ def test_a_backend_that_is_not_installed_is_one_line_naming_the_field(monkeypatc
     assert load_config(TINY, {"tracking": {"wandb": False}}).tracking.wandb is False
 
 
+@pytest.mark.slow  # the default suite: test_trial_batch's round redone on its journal
 def test_a_round_redone_on_resume_reads_its_finished_trials_from_the_journal(tracked_run, tmp_path):
     """The driver died mid-search after 2 of round 0's 4 trials: resume trains the adapters again
     (the same weights), takes the 2 trials from the journal, runs only 2 more, and the round comes
