@@ -150,7 +150,7 @@ def mixture_adapter_fidelity(run_dir: Path, truth_file: Path, dest: Path, overri
     their mixture), scored on the search's eval windows against the same truths."""
     import torch
 
-    from opmix_ray.engine.trials import objective_weights
+    from opmix_ray.engine.candidates import objective_weights
     from opmix_ray.evaluate import domain_losses
     from opmix_ray.experiments.fidelity import corr, scores
     torch.set_num_threads(2)

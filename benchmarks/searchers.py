@@ -4,7 +4,7 @@ on ONE fixed set of trained adapters (so every searcher scores the same merged c
     python benchmarks/searchers.py                      # trains the adapters first (tiny config, 1 round)
     python benchmarks/searchers.py --run-dir RUN_DIR    # reuse a finished run's round-0 adapters
 
-Trials are scored in-process with opmix_ray.engine.trials.score (the same merge + eval a Tune trial
+Trials are scored in-process with opmix_ray.engine.scoring.score (the same merge + eval a Tune trial
 runs), driven sequentially through each searcher's suggest/on_trial_complete, with the uniform
 warm start the engine uses. Writes benchmarks/results/searchers.{json,png} and the searchers
 section of benchmarks/RESULTS.md.
@@ -43,7 +43,7 @@ def make_run(storage: str) -> str:
 
 def load_candidates(run_dir: str):
     from opmix_ray.data.read import build_shards
-    from opmix_ray.engine.trials import build_candidates
+    from opmix_ray.engine.candidates import build_candidates
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     hist = json.load(open(os.path.join(run_dir, "history.json")))
     shards = build_shards(cfg)
@@ -55,7 +55,7 @@ def load_candidates(run_dir: str):
 
 
 def bench_one(name: str, seed: int, cands, n_trials: int) -> dict:
-    from opmix_ray.engine.trials import score
+    from opmix_ray.engine.scoring import score
     space = SimplexSpace(cands.coords)
     k = len(space.coords)
     s = create_searcher(name, space=space, seed=seed, points_to_evaluate=[np.full(k, 1 / k)],

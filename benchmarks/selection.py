@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity_levers import VARIANTS, _search_overrides, adapter_key, train_variant  # noqa: E402
 
-from opmix_ray.engine.trials import candidate_mixture, score, warm_starts  # noqa: E402
+from opmix_ray.engine.scoring import candidate_mixture, score  # noqa: E402
+from opmix_ray.engine.search import warm_starts  # noqa: E402
 from opmix_ray.evaluate import objective  # noqa: E402
 from opmix_ray.experiments.fidelity import round_proxy, truths  # noqa: E402
 from opmix_ray.searchers import create_searcher  # noqa: E402

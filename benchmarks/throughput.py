@@ -6,9 +6,9 @@
 
 Without --run-dir it first runs the OP-Mix config once (engine.run, storage in a temp dir) and then
 uses round 0's checkpoint + adapters. Candidates come from the seeded `random` searcher: the Tune
-mode runs opmix_ray.engine.trials.run_search (Tuner, ConcurrencyLimiter, reuse_actors=True) with a subclass
+mode runs opmix_ray.engine.search.run_search (Tuner, ConcurrencyLimiter, reuse_actors=True) with a subclass
 that only timestamps suggest/complete in the driver; the loop mode draws the same sequence by calling
-an identically seeded searcher's suggest() in-process, then calls search.score() with torch threads =
+an identically seeded searcher's suggest() in-process, then calls scoring.score() with torch threads =
 cores. Headline = steady-state ratio (one-time setup excluded: Tuner start, actor start and each
 actor's first-trial model build, i.e. rate after the first max_concurrent completions; for the loop,
 after the first call). "incl" = candidates / whole run_search wall (teardown too) or whole loop.
@@ -45,7 +45,7 @@ import torch
 from opmix_ray.config import load_config
 from opmix_ray.data.read import build_shards
 from opmix_ray.engine import scoring
-from opmix_ray.engine import trials as search
+from opmix_ray.engine import candidates, search, trial_batch
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.driver import run
 from opmix_ray.ray_init import init_ray
@@ -136,7 +136,7 @@ def main() -> None:
     found = {p.split(os.sep)[-2]: os.path.dirname(p)
              for p in glob.glob(str(run_dir / "adapters_round_0" / "**" / "adapter_model.safetensors"), recursive=True)}
     dirs = {name: found[name] for name in names}
-    cands = search.build_candidates(cfg, f"throughput/{run_dir}/0", str(run_dir / "main" / "round_0"),
+    cands = candidates.build_candidates(cfg, f"throughput/{run_dir}/0", str(run_dir / "main" / "round_0"),
                                     dirs, shards, current)
     eval_tokens = sum((v.shape[0] if not ev else max(1, min(v.shape[0], ev // shards.seq_len))) * shards.seq_len
                       for v in shards.val.values())
@@ -154,7 +154,7 @@ def main() -> None:
         scoring._CACHE.clear()
         load, t0, ends, obj = os.getloadavg()[0], time.perf_counter(), [], {}
         for a in weights:
-            obj[tuple(np.round(a, 6))] = search.score(cands, a)[METRIC]
+            obj[tuple(np.round(a, 6))] = scoring.score(cands, a)[METRIC]
             ends.append(time.perf_counter())
         return {"mode": "loop", **rates(n, ends, t0, 1), "torch_threads": cores, "load_1min": load, "obj": obj}
 
@@ -186,7 +186,7 @@ def main() -> None:
             cold_pool()
         if pool_state(rep) == "started with the run":
             import ray
-            ray.get(search.start_scorers(cfg).timeline.remote())  # returns once every scorer is ready
+            ray.get(trial_batch.start_scorers(cfg).timeline.remote())  # returns once every scorer is ready
         load, t0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
         out = search.run_search(cfg, cands, 0, str(Path(tmp) / f"tune_{rep}"))
         t_ret, cpu = time.perf_counter(), time.process_time() - cpu0
@@ -222,7 +222,7 @@ def main() -> None:
             fn()
         return (time.perf_counter() - t) / len(calls)
     # score() per candidate (warm) at 1 and at `cores` threads, and the one-time model build
-    probe = {f"score_s_{th}_threads": per_call(th, [lambda a=a: search.score(cands, a) for a in weights[1:5]])
+    probe = {f"score_s_{th}_threads": per_call(th, [lambda a=a: scoring.score(cands, a) for a in weights[1:5]])
              for th in sorted({1, cores})}
     probe["model_build_s"] = per_call(cores, [lambda: (scoring._CACHE.clear(), scoring.merged_model(cands))])
     code = "import time; t = time.perf_counter(); import opmix_ray.engine.scoring; print(time.perf_counter() - t)"

@@ -9,7 +9,9 @@ import ray
 
 from opmix_ray.config import load_config
 from opmix_ray.engine.decision import adapter_noise_var, difference_var_factor, matched_stay, paired_se, safe_rule
-from opmix_ray.engine.trials import Candidates, SearchOutcome, decide
+from opmix_ray.engine.candidates import Candidates
+from opmix_ray.engine.decision import decide
+from opmix_ray.engine.search import SearchOutcome
 from opmix_ray.mixture import Mixture
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")

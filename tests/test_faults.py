@@ -1,4 +1,4 @@
-"""Fault tolerance of a round's search, through the real Ray Tune search in opmix_ray/engine/trials.py.
+"""Fault tolerance of a round's search, through the real Ray Tune search in opmix_ray/engine/search.py.
 
 - a candidate whose merged model scores NaN is recorded failed and the search goes on;
 - a trial worker killed with SIGKILL mid-search is rerun (FailureConfig), and a trial Tune gives up
@@ -18,7 +18,8 @@ import pytest
 import ray
 
 from opmix_ray.config import ModelSection, load_config
-from opmix_ray.engine.trials import TRIAL_RETRIES, Candidates, run_search
+from opmix_ray.engine.candidates import Candidates
+from opmix_ray.engine.search import TRIAL_RETRIES, run_search
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import build_model
 from opmix_ray.ray_init import init_ray
@@ -154,8 +155,8 @@ def test_a_trial_tune_gives_up_on_is_scored_again_after_the_search(tmp_path, tun
     """What a death counted twice leaves, made certain: with no retries in Tune, the killed trial
     ends in ERROR, and its candidate is scored by the second Tuner in search_round_0/rerun."""
     from opmix_ray import rundir
-    from opmix_ray.engine import trials
-    monkeypatch.setattr(trials, "TRIAL_RETRIES", 0)
+    from opmix_ray.engine import search
+    monkeypatch.setattr(search, "TRIAL_RETRIES", 0)
     cfg = _cfg(tmp_path, searcher="random", num_samples=6)
     t, killed = _kill_one_trial_worker()
     out = run_search(cfg, _candidates("give-up", n_val=4000, hidden=64), 0, str(tmp_path))

@@ -149,7 +149,7 @@ def test_registry_errors_name_the_field_and_fix():
 
 
 def test_dotted_path_and_context_kwargs():
-    # a searcher that does not take objective_weights still builds when engine/trials.py offers it
+    # a searcher that does not take objective_weights still builds when engine/search.py offers it
     s = create_searcher("opmix_ray.searchers._random:RandomSimplexSearcher", space=PLAIN, seed=0,
                         objective_weights={"python": 1.0})
     assert type(s).__name__ == "RandomSimplexSearcher"

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher
-from opmix_ray.engine.trials import run_search
+from opmix_ray.engine.search import run_search
 from opmix_ray.ray_init import init_ray
 from opmix_ray.searchers import create_searcher, journal
 from search_spaces import SimplexSpace
@@ -125,9 +125,9 @@ def test_a_killed_scorer_costs_a_rerun_and_no_candidate(tmp_path):
 def test_a_batch_whose_trial_tune_gives_up_on_is_scored_again_whole(tmp_path, monkeypatch):
     """k = 2 with no retries in Tune: the killed trial's two candidates are scored by the rerun,
     each still one record, and none is lost."""
-    from opmix_ray.engine import trials
+    from opmix_ray.engine import search
     from tests.test_faults import _kill_one_trial_worker
-    monkeypatch.setattr(trials, "TRIAL_RETRIES", 0)
+    monkeypatch.setattr(search, "TRIAL_RETRIES", 0)
     cfg = _cfg(tmp_path, searcher="random", num_samples=6, candidates_per_trial=2)
     t, killed = _kill_one_trial_worker()
     out = run_search(cfg, _candidates("batch-give-up", n_val=2000, hidden=64), 0, str(tmp_path))

@@ -4,11 +4,13 @@
     main_run.py      the main run (one Ray Train job for the whole run), checkpoint at each boundary
     adapters.py      one LoRA adapter per domain (and 'old') on the live checkpoint
     merge.py         the exact weight-space merge  W0 + c * sum_i a_i * delta_i
-    trials.py        a round's candidates, the caps polytope and the Ray Tune search
+    candidates.py    a round's candidates: the stacked deltas, the caps polytope, the delta scale
+    search.py        the Ray Tune search over them: searcher, trials, retries, progress
     scoring.py       what a trial process runs: the merged model built once, candidates scored
     trial_batch.py   several candidates per trial; scorer processes kept across rounds
     rerun.py         candidates whose trial process died, scored again after the search
-    decision.py      the safe rule: stay vs the leader, paired standard error plus adapter noise
+    decision.py      what the round pushes: the leader (trials or the mixing law) vs stay, paired
+                     standard error plus adapter noise, the Decision record
     confirm.py       a move confirmed by an adapter trained on the leader's mixture
     controller.py    the MixtureController actor: pushes the decision into the main run
     domains.py       domain-set changes queued on a live run, applied at a boundary

@@ -43,7 +43,7 @@ REPLICATE = "old#2"  # a second adapter on the current mixture, another data see
 
 def adapter_plan(current: Mixture, cfg: Config, affected: list[str] | None = None) -> list[tuple[str, dict[str, float]]]:
     """[(adapter name, probe mixture)]: 'old' on p, then each domain on share*d + (1-share)*p, then
-    the replicate of 'old' (never a search coordinate; engine/trials.py keeps it out of the space).
+    the replicate of 'old' (never a search coordinate; engine/candidates.py keeps it out of the space).
     affected: the domains a live change touched (engine/domains.py); only they get their own adapter,
     and 'old' carries the rest, whatever adapters.domains and include_old say."""
     include_old = cfg.adapters.include_old or affected is not None

@@ -35,13 +35,23 @@ that does not move pushes it (when it is the current mixture, a stay pushes noth
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from opmix_ray.config import Config
+from opmix_ray.engine.adapters import REPLICATE
+from opmix_ray.engine.candidates import Candidates, trial_weights
+from opmix_ray.engine.scoring import candidate_mixture, merged_model
+from opmix_ray.engine.search import SearchOutcome, make_searcher
+from opmix_ray.evaluate import window_losses
+from opmix_ray.mixture import Mixture
+from opmix_ray.searchers import METRIC
 
-@dataclass
+
+@dataclass(frozen=True)
 class Decision:
+    """What a round decided, final once made: a confirmation gives a new record (with_confirmation)."""
     moved: bool
     reason: str
     rule: str
@@ -60,6 +70,11 @@ class Decision:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def with_confirmation(self, moved: bool, reason: str, figures: dict) -> "Decision":
+        """The decision after the confirmation adapter's verdict (engine/confirm.py); the merged
+        model's reason is kept in the figures."""
+        return replace(self, moved=moved, reason=reason, confirm={**figures, "merged_reason": self.reason})
 
 
 def _norm(weights: dict[str, float]) -> dict[str, float]:
@@ -162,3 +177,75 @@ def safe_rule(stay: dict[str, np.ndarray], leader: dict[str, np.ndarray], weight
     if gain > k * se:
         return True, f"leader beats stay by {gain:.4f} > {k:g} x SE {se:.4f} ({noise})", figures
     return False, f"leader's gain {gain:.4f} is within {k:g} x SE {se:.4f} ({noise}): keeping the current mixture", figures
+
+
+def _law_leader(cfg: Config, candidates: Candidates, trials: list[dict], round_idx: int) -> dict | None:
+    """The mixing law's KL-regularised proposal, refitted on every finished trial (a fresh searcher fed
+    the trials' reports, so it does not depend on what Tune kept of the live one); None if unfit."""
+    searcher = make_searcher(cfg, candidates, round_idx, warm=False)
+    if not hasattr(searcher, "law_proposal"):
+        return None
+    for i, m in enumerate(trials):
+        searcher.on_trial_complete(f"trial_{i}", m)
+    return searcher.law_proposal()
+
+
+def _l1(a: Mixture, b: Mixture) -> float:
+    return float(np.abs(a.as_array() - b.as_array()).sum())
+
+
+def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: int) -> Decision:
+    """What the round pushes (engine/decision.py): the leader is the best trial within the trust region, or
+    the mixing law's proposal when its leave-one-out fit is good; the safe rule then compares it with
+    stay on the same windows, in this process."""
+    cur = candidates.current
+    pool = [m for m in out.trials if cfg.decision.max_l1_step is None or
+            _l1(candidate_mixture(candidates, trial_weights(candidates, m)), cur) <= cfg.decision.max_l1_step]
+    best = min(pool, key=lambda m: m[METRIC]) if pool else None
+    a = trial_weights(candidates, best) if best else candidates.unit("old")[:len(candidates.coords)]
+    source, law = "trial", None
+    if cfg.decision.rule == "safe" and "old" in candidates.coords:
+        law = _law_leader(cfg, candidates, out.trials, round_idx)
+        if law and law.get("loo_spearman") is not None and law["loo_spearman"] >= cfg.decision.law_min_loo_spearman:
+            w = np.asarray(law["w"], dtype=np.float64)
+            if cfg.decision.max_l1_step is None or _l1(candidate_mixture(candidates, w), cur) <= cfg.decision.max_l1_step:
+                a, source = w, "law"
+    leader_mix = candidate_mixture(candidates, a) if best or source == "law" else cur
+    named = {c: float(x) for c, x in zip(candidates.coords, a)}
+    common = dict(rule=cfg.decision.rule, k=cfg.decision.k, leader_weights=named,
+                  leader_mixture=leader_mix.as_dict(), leader_source=source)
+    if cfg.decision.rule == "argmin" or "old" not in candidates.coords:
+        reason = "argmin over the trials" if cfg.decision.rule == "argmin" else \
+            "no 'old' adapter stands for stay: argmin over the trials"
+        return Decision(moved=True, reason=reason, stay_objective=None, se=None, se_eval=None, se_adapter=None,
+                        leader_objective=float(best[METRIC]) if best else None, **common)
+    if best is None and source == "trial":
+        return Decision(moved=False, reason=f"no candidate within decision.max_l1_step={cfg.decision.max_l1_step}",
+                        stay_objective=None, leader_objective=None, se=None, se_eval=None, se_adapter=None, **common)
+    ref = reference_mixture(cur.as_dict(), candidates.caps_share if cfg.decision.stay_within_caps else None)
+    stay_a = matched_stay(named, cur.as_dict(), ref)
+    mm = merged_model(candidates)
+    scored = {}
+    for name, w in (("stay", candidates.full([stay_a[c] for c in candidates.coords])),
+                    ("stay_old", candidates.unit("old")), ("leader", candidates.full(a))):
+        mm.apply(w)
+        scored[name] = window_losses(mm.model, candidates.val, max_tokens=candidates.max_tokens)
+    candidates.driver_evals += 3 + (REPLICATE in candidates.extra)
+    noise = None
+    if REPLICATE in candidates.extra:
+        mm.apply(candidates.unit(REPLICATE))
+        rep = {d: float(v.mean()) for d, v in window_losses(mm.model, candidates.val, max_tokens=candidates.max_tokens).items()}
+        noise = adapter_noise_var({d: float(v.mean()) for d, v in scored["stay_old"].items()}, rep,
+                                  candidates.objective_weights)
+    mm.reset()
+    moved, reason, figures = safe_rule(scored["stay"], scored["leader"], candidates.objective_weights, named,
+                                       cfg.decision.k, noise, stay_a)
+    figures["stay_old_objective"] = weighted(scored["stay_old"], candidates.objective_weights)
+    stay_mix = None
+    if any(abs(ref[d] - x) > 1e-12 for d, x in cur.as_dict().items()):
+        stay_mix = candidate_mixture(candidates, np.array([stay_a[c] for c in candidates.coords])).as_dict()
+        if not moved:
+            reason = reason.replace("keeping the current mixture", "keeping the current mixture within its caps")
+    if law:
+        reason += f"; law loo_spearman {law.get('loo_spearman')}"
+    return Decision(moved=moved, reason=reason, stay_mixture=stay_mix, **figures, **common)

@@ -5,7 +5,7 @@
     summary = run(load_config("opmix_ray/configs/demo.yaml"))
 
 Each step lives in its own module: data/ (shards, sampler), engine/main_run.py, engine/adapters.py, engine/merge.py,
-engine/trials.py + searchers/, engine/controller.py (push); engine/domains.py applies domain-set changes queued on a
+engine/candidates.py, engine/search.py + searchers/, engine/decision.py, engine/controller.py (push); engine/domains.py applies domain-set changes queued on a
 live run, engine/faults.py what a lost node does. This file only sequences them.
 """
 from __future__ import annotations
@@ -31,7 +31,10 @@ from opmix_ray.engine.faults import alive_nodes, interrupted, lost_since, on_dri
 from opmix_ray.engine.main_run import launch_main_run, steps_and_boundaries
 from opmix_ray.engine.preflight import check_resources, preflight
 from opmix_ray.engine.records import BoundaryInfo, RoundRecord
-from opmix_ray.engine.trials import build_candidates, cap_shares, decide, run_search, start_scorers
+from opmix_ray.engine.candidates import build_candidates, cap_shares
+from opmix_ray.engine.decision import decide
+from opmix_ray.engine.search import run_search
+from opmix_ray.engine.trial_batch import start_scorers
 from opmix_ray.errors import BadInput, failing_step
 from opmix_ray.evaluate import mean_perplexity
 from opmix_ray.mixture import Mixture
@@ -150,12 +153,10 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
     confirmed = decision.moved and cfg.decision.rule == "safe" and cfg.decision.confirm and "old" in dirs
     if confirmed:
         _say(f"round {k}: {decision.reason}; confirming with an adapter trained on the leader's mixture")
-        merged_reason = decision.reason
         with failing_step(f"round {k}: the confirmation adapter"):
-            decision.moved, decision.reason, decision.confirm = confirm_move(
+            decision = decision.with_confirmation(*confirm_move(
                 cfg, shards_ref, info.path, decision.leader_mixture, adapter_lr(cfg, info.lr), k, dirs,
-                cands.objective_weights)
-        decision.confirm["merged_reason"] = merged_reason
+                cands.objective_weights))
     doms = current.domains
     # A stay on the current mixture changes nothing: the sampler keeps its weights, counters and cap
     # handling, so a run that always stays is the fixed-mixture run bit for bit (docs/DECISIONS.md). A

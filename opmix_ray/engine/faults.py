@@ -4,7 +4,7 @@
   (`on_driver_node`), so losing any other node cannot take the run's history or its Train
   controller with it.
 - A round's adapter job that fails because a node died is rerun once on what is left
-  (adapters.train_adapters); Tune reruns trials on their own (engine/trials.py, FailureConfig).
+  (adapters.train_adapters); Tune reruns trials on their own (engine/search.py, FailureConfig).
 - Anything else that fails while a node is missing (most often the main run's worker was on it)
   ends the run with RunInterrupted: one line naming the lost nodes, what is saved, and the
   `opmix-ray resume` command. The CLI exits with status 3.

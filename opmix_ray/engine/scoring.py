@@ -1,6 +1,6 @@
 """What a trial process runs: build the round's merged model once, then merge and evaluate candidates.
 
-engine/trials.py (the search) and engine/trial_batch.py (batches, the scorer pool) both score through
+engine/search.py (the search) and engine/trial_batch.py (batches, the scorer pool) both score through
 here; this module knows nothing of either, so neither import goes in a circle.
 """
 from __future__ import annotations

@@ -13,17 +13,21 @@ driver owns, so the imports are paid once per run and not once per round. A scor
 the Tune trial holds them while it waits, which keeps Tune's placement and the CPU accounting as
 they are. The driver starts the scorers with the main run (engine/driver.py), so their imports
 overlap the first segment and the adapters' training and a run's first round finds them ready; a
-search run on its own starts them when its candidates are built (engine/trials.py). This module
+search run on its own starts them when its candidates are built (engine/candidates.py). This module
 imports no torch: a pooled trial process never loads it.
 """
 from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import ray
 from ray import tune
 from ray.tune.search import Searcher
+
+if TYPE_CHECKING:
+    from opmix_ray.config import Config
 
 BATCH = "candidates"  # trial config key: the batch's params, one dict per candidate
 ROWS = "batch"  # result key: each candidate's metrics, in the batch's order
@@ -230,3 +234,12 @@ def pool(warm_node: str | None = None, n: int = 0):
     if warm_node and n:
         handle.warm.remote(warm_node, n)
     return handle
+
+
+def start_scorers(cfg: Config):
+    """The scorer pool, with as many scorers started on this node as trials can run here at once
+    (none are added once there are that many). The driver calls it when the main run starts, so a
+    run's first round finds the scorers' imports done."""
+    node = ray.get_runtime_context().get_node_id()
+    here = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    return pool(node, min(cfg.search.max_concurrent, math.floor(here / cfg.search.cpus_per_trial)))

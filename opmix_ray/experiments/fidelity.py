@@ -85,7 +85,7 @@ class RoundProxy:
     shards: object
     history_round: dict
     checkpoint: str
-    candidates: object  # engine.trials.Candidates
+    candidates: object  # engine.candidates.Candidates
     steps: int
 
 
@@ -96,7 +96,7 @@ def round_proxy(run_dir: str | Path, round_idx: int = 0, overrides: dict | None 
     from opmix_ray.data.read import build_shards
     from opmix_ray.engine.main_run import checkpoint_path, steps_and_boundaries
     from opmix_ray.engine.records import BoundaryInfo
-    from opmix_ray.engine.trials import build_candidates
+    from opmix_ray.engine.candidates import build_candidates
     from opmix_ray.history import read_history
     from opmix_ray.mixture import Mixture
     from opmix_ray.run_config import load_run_config_only
@@ -142,7 +142,8 @@ def run_fidelity(run_dir: str | Path, round_idx: int = 0, n: int = 16, truth_see
     """Proxy vs exact-continuation truth on round `round_idx` of the run in `run_dir` (see module doc).
     overrides: config changes for the proxy only (search.* such as delta_scale, eval tokens);
     adapter_dirs: score these adapters instead of the run's own."""
-    from opmix_ray.engine.trials import candidate_mixture, objective_weights, score
+    from opmix_ray.engine.candidates import objective_weights
+    from opmix_ray.engine.scoring import candidate_mixture, score
     from opmix_ray.mixture import Mixture
     t0 = time.time()
     rp = round_proxy(run_dir, round_idx, overrides, adapter_dirs)

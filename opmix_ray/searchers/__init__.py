@@ -22,7 +22,7 @@ _REGISTRY = {
     "mixing-law": "opmix_ray.searchers._mixing_law:MixingLawSearcher",
 }
 
-# Facts about the run that engine/trials.py offers every searcher; one that does not take a keyword
+# Facts about the run that engine/search.py offers every searcher; one that does not take a keyword
 # simply does not get it (a user's 3-argument searcher keeps working).
 CONTEXT_KWARGS = ("objective_weights", "journal_path")
 

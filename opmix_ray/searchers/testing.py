@@ -12,7 +12,7 @@
 
 The suite drives the searcher directly (suggest / on_trial_complete) with a synthetic objective
 computed from the suggested weights, in the shape a real trial reports (objective, loss_<coord>,
-a_<coord>; see opmix_ray.engine.trials.score), so it needs no Ray cluster and runs in seconds. It checks:
+a_<coord>; see opmix_ray.engine.scoring.score), so it needs no Ray cluster and runs in seconds. It checks:
 suggestions on the simplex (plain, box-constrained, and cut by linear cap rows A_ub @ a <= b_ub),
 NaN / inf / None / missing / errored results handled, FINISHED respected, same seed -> same
 suggestions, save -> restore (plain JSON) -> same next suggestion, warm-start points first, and
