@@ -31,6 +31,7 @@ import opmix_ray
 from opmix_ray import rundir
 from opmix_ray.cli.fit_swarm import add_parser as fit_swarm_parser
 from opmix_ray.cli.overrides import parse_overrides
+from opmix_ray.cli.run_summary import print_run
 from opmix_ray.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, BadInput, RunFailed, RunInterrupted
 
 
@@ -47,33 +48,6 @@ def _load(path: str, over: dict, schema=None):
             raise ConfigError(f"config error at <file>: cannot read {p} as UTF-8 text "
                               f"({type(exc).__name__}) (fix: pass a YAML config file)") from None
     return load_config(p, over, schema)
-
-
-def _print_run(summary: dict, baseline: dict | None = None, cfg=None) -> None:
-    from opmix_ray.report import comparison_line, load_run, mixture_table, objective_line, plot_history
-    history, _ = load_run(summary["run_dir"])
-    png = plot_history(history, rundir.at(summary["run_dir"], rundir.MIXTURE_PNG), baseline)
-    print("\nmixture per round (token shares), tokens really drawn in the last segment, final val perplexity:")
-    print(mixture_table(history, baseline))
-    if baseline:
-        print(comparison_line(summary, baseline))
-        weights = cfg.search.objective_weights if cfg is not None else None
-        if weights:
-            print(objective_line(summary, baseline, weights, *_measured_noise(cfg, weights)))
-    print(f"search FLOPs {summary['search_flops']:.3g} vs main-run FLOPs {summary['main_flops']:.3g}; "
-          f"wall {summary['wall_s']:.0f}s")
-    print(f"plot: {png}\nhistory: {summary['run_dir']}/{rundir.HISTORY} (+ {rundir.HISTORY_PARQUET})")
-
-
-def _measured_noise(cfg, weights: dict) -> tuple[float | None, str]:
-    """The shipped headroom measurement's noise for this setting and objective, and where it is from."""
-    from opmix_ray.experiments.headroom import shipped_headroom
-    res = shipped_headroom(cfg)
-    name = {frozenset(cfg.data.eval_only_domains): "target", frozenset(cfg.data.domains or ()): "mean"}.get(
-        frozenset(weights))
-    if res is None or name not in res["objectives"] or len(set(weights.values())) > 1:
-        return None, ""
-    return res["objectives"][name]["noise_sd"], f"{res['measured_by']}, opmix_ray/configs/{res['file']}"
 
 
 # The run dir of the run this process drives, for the line a stop prints (SIGINT, SIGTERM).
@@ -116,7 +90,7 @@ def cmd_run(args) -> int:
     check_storage(cfg, args.overwrite)  # before the engine's imports (seconds): a bad storage path fails in ~1 s
     from opmix_ray.engine.driver import run  # after the config is valid: a bad one fails in ~1 s
     summary = run(cfg, overwrite=args.overwrite)
-    _print_run(summary)
+    print_run(summary)
     return 0
 
 
@@ -127,7 +101,7 @@ def cmd_resume(args) -> int:
     if summary.get("already_finished"):
         print(f"run {summary['run_dir']} had already finished ({rundir.SUMMARY}); nothing to resume")
         return 0
-    _print_run(summary)
+    print_run(summary)
     return 0
 
 
@@ -185,7 +159,7 @@ def cmd_demo(args) -> int:
         print(f"\nbaseline: the same token budget and seed on the uniform mixture ({base_cfg.run.name})", flush=True)
         _remember(base_cfg)
         baseline = run(base_cfg, overwrite=args.overwrite)
-    _print_run(summary, baseline, cfg)
+    print_run(summary, baseline, cfg)
     return 0
 
 
