@@ -399,7 +399,6 @@ def _ray_train_loop(config):
         json.dump({"applied": applied, "weights": loop.decided[0]["weights"]}, f)
 
 
-@pytest.mark.slow  # the default suite: the one-worker loop here and test_multiworker's two-worker main run
 def test_a_ray_train_loop_on_two_workers_splits_the_draws_and_switches_at_one_step(tmp):
     import sys
 
