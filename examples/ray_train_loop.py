@@ -54,7 +54,9 @@ def train_loop(config: dict) -> None:
     sampler = opmix.sampler()                       # the same seed on every rank: one global batch
     loop = OpMixLoop(opmix, sampler)
     start = 0
-    ckpt = ray.train.get_checkpoint()
+    # Ray Train's own restore after a failure, else the checkpoint --resume names (Ray 2.60
+    # deprecates TorchTrainer(resume_from_checkpoint=...) in favour of this)
+    ckpt = ray.train.get_checkpoint() or config.get("resume_from")
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "train.pt"), weights_only=True)
@@ -100,10 +102,10 @@ def main() -> None:
     opmix = OpMix({**CONFIG, "decision": {"rule": args.rule}}, total_steps=args.steps)  # starts local Ray
     print(f"domains {list(opmix.domains)}; rounds at steps {opmix.boundaries}; run dir {opmix.run_dir}")
     trainer = TorchTrainer(
-        train_loop, train_loop_config={"opmix": opmix, "save_every": 60},
+        train_loop, train_loop_config={"opmix": opmix, "save_every": 60,
+                                       "resume_from": Checkpoint.from_directory(args.resume) if args.resume else None},
         scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=os.path.abspath("./opmix_runs/ray_train_loop_out"), name="train"),
-        resume_from_checkpoint=Checkpoint.from_directory(args.resume) if args.resume else None)
+        run_config=RunConfig(storage_path=os.path.abspath("./opmix_runs/ray_train_loop_out"), name="train"))
     result = trainer.fit()
     history, _ = load_run(opmix.run_dir)
     print(f"\nthe mixture per round (weights over tokens), {time.time() - t0:.0f} s in all; last checkpoint "

@@ -380,6 +380,11 @@ def _ray_train_loop(config):
     from opmix_ray.model import build_model
     from opmix_ray.training import make_optimizer, train_step
 
+    import tempfile
+    from pathlib import Path
+
+    from ray.train import Checkpoint
+
     opmix = config["opmix"]
     rank = ray.train.get_context().get_world_rank()
     model = build_model(opmix.cfg.model, opmix.shards.vocab_size, opmix.shards.seq_len, seed=0)
@@ -387,13 +392,26 @@ def _ray_train_loop(config):
     opt, sched = make_optimizer(model, opmix.cfg.main, opmix.total_steps)
     sampler = opmix.sampler()
     loop = OpMixLoop(opmix, sampler, say=None)
+    # Ray Train's own restore after a failure, else the checkpoint this run was asked to go on from
+    # (Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=...) for this)
+    start, ckpt = 0, ray.train.get_checkpoint() or config.get("resume_from")
+    if ckpt:  # the user's own checkpoint carries the loop's state: the sampler and the rounds decided
+        with ckpt.as_directory() as d:
+            saved = json.loads(Path(d, "opmix.json").read_text())
+        loop.load_state_dict(saved["loop"])
+        start = saved["step"]
     rows, applied = [], {}
-    for step in range(opmix.total_steps):
+    for step in range(start, opmix.total_steps):
         for d in loop.before_step(step, model, lr=sched.get_last_lr()[0]):
             applied[d.round] = loop.decided[d.round]["at_step"]
         micro, = loop.rows()
         rows.append(micro)
         train_step(model, opt, sched, micro)
+        if step + 1 == config.get("save_at"):
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    Path(d, "opmix.json").write_text(json.dumps({"loop": loop.state_dict(), "step": step + 1}))
+                ray.train.report({"step": step + 1}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
     np.save(f"{config['out']}/rank{rank}.npy", np.stack(rows))
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
         json.dump({"applied": applied, "weights": loop.decided[0]["weights"]}, f)
@@ -408,8 +426,9 @@ def test_a_ray_train_loop_on_two_workers_splits_the_draws_and_switches_at_one_st
     om = OpMix(_cfg(tmp, "ray2", main={"num_workers": 2}), total_steps=STEPS)
     out = tmp / "ray2_rows"
     out.mkdir()
-    TorchTrainer(_ray_train_loop, train_loop_config={"opmix": om, "out": str(out)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
+    save_at = BOUNDARY + 3
+    result = TorchTrainer(_ray_train_loop, train_loop_config={"opmix": om, "out": str(out), "save_at": save_at},
+                          scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # one decision, applied at one step, on both ranks
     applied, weights = ranks[0]["applied"], ranks[0]["weights"]
@@ -429,3 +448,12 @@ def test_a_ray_train_loop_on_two_workers_splits_the_draws_and_switches_at_one_st
         assert abs(after.count(d) / len(after) - weights[d]) <= 2 / len(after)
     assert max(abs(v - 1 / 3) for v in weights.values()) > 0.05
     assert math.isfinite(sum(weights.values()))
+    # resumed from the loop's own Ray Train checkpoint, after the push: every rank goes on with the
+    # rows the uninterrupted run drew, on the pushed mixture, and no round is run again
+    again = tmp / "ray2_resumed"
+    again.mkdir()
+    TorchTrainer(_ray_train_loop, train_loop_config={"opmix": om, "out": str(again), "resume_from": result.checkpoint},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
+    for r, full in ((0, r0), (1, r1)):
+        assert np.array_equal(np.load(again / f"rank{r}.npy"), full[save_at:])
+        assert json.loads((again / f"rank{r}.json").read_text()) == {"applied": {}, "weights": weights}
