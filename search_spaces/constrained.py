@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search_spaces.simplex import SimplexSpace, project_to_box_simplex
+from search_spaces.simplex import NoLinearRows, SearchedThroughBase, SimplexSpace, project_to_box_simplex
 
 _TOL = 1e-9
 
@@ -62,7 +62,7 @@ def capped_proportional(v: np.ndarray, caps: np.ndarray) -> np.ndarray:
     return w
 
 
-class ConstrainedSimplex:
+class ConstrainedSimplex(SearchedThroughBase, NoLinearRows):
     """{w : sum w = 1, lower <= w <= upper, w_c = fixed_c}, searched over the free coordinates."""
 
     def __init__(self, coords, lower: dict | None = None, upper: dict | None = None,
@@ -98,21 +98,8 @@ class ConstrainedSimplex:
 
     # --- the SimplexSpace contract ---
     @property
-    def param_names(self) -> list[str]:
-        return self._base.param_names
-
-    @property
     def free_coords(self) -> tuple[str, ...]:
         return self.free
-
-    # Box bounds only: zero rows of A_ub @ w <= b_ub, so searchers can treat every space as a polytope.
-    @property
-    def A_ub(self) -> np.ndarray:
-        return np.zeros((0, len(self.coords)))
-
-    @property
-    def b_ub(self) -> np.ndarray:
-        return np.zeros(0)
 
     def from_free(self, v) -> np.ndarray:
         """A point v of the simplex over the free coordinates -> the feasible mixture it maps to."""
@@ -143,18 +130,6 @@ class ConstrainedSimplex:
         v = (w[self._fi] - self.lower[self._fi]) / self._room if self._room > _TOL else np.ones(len(self.free))
         v = np.clip(v, 0.0, None)
         return self._base.params(v if v.sum() > 0 else np.ones(len(self.free)))
-
-    def sample(self, rng: np.random.Generator) -> dict[str, float]:
-        return self._base.sample(rng)
-
-    def optuna_distributions(self) -> dict:
-        return self._base.optuna_distributions()
-
-    def optuna_define_by_run(self, trial) -> None:
-        self._base.optuna_define_by_run(trial)
-
-    def tune_param_space(self) -> dict:
-        return self._base.tune_param_space()
 
     def contains(self, w, tol: float = 1e-9) -> bool:
         w = np.asarray(w, dtype=np.float64)

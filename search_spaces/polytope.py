@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from search_spaces.simplex import SimplexSpace
+from search_spaces.simplex import SearchedThroughBase, SimplexSpace
 
 _TOL = 1e-9
 
-class PolytopeSimplex:
+class PolytopeSimplex(SearchedThroughBase):
     """{a : sum a = 1, lower <= a <= upper, A_ub @ a <= b_ub}, searched through the plain simplex."""
 
     def __init__(self, coords, A_ub, b_ub, lower: dict | None = None, upper: dict | None = None):
@@ -103,10 +103,6 @@ class PolytopeSimplex:
 
     # --- the SimplexSpace contract ---
     @property
-    def param_names(self) -> list[str]:
-        return self._base.param_names
-
-    @property
     def free_coords(self) -> tuple[str, ...]:
         return self.coords
 
@@ -132,18 +128,6 @@ class PolytopeSimplex:
             raise ValueError(f"weights {np.round(w, 6).tolist()} break the constraints "
                              "(fix: warm-start from a feasible mixture, e.g. space.project(w))")
         return self._base.params(np.clip(w, 0.0, None))
-
-    def sample(self, rng: np.random.Generator) -> dict[str, float]:
-        return self._base.sample(rng)
-
-    def optuna_distributions(self) -> dict:
-        return self._base.optuna_distributions()
-
-    def optuna_define_by_run(self, trial) -> None:
-        self._base.optuna_define_by_run(trial)
-
-    def tune_param_space(self) -> dict:
-        return self._base.tune_param_space()
 
     def contains(self, w, tol: float = 1e-9) -> bool:
         w = np.asarray(w, dtype=np.float64)

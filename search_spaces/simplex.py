@@ -17,7 +17,45 @@ import numpy as np
 _U_MIN = 1e-9  # keeps -log(u) finite
 
 
-class SimplexSpace:
+class NoLinearRows:
+    """No linear constraints beyond the simplex and the box: zero rows of A_ub @ w <= b_ub, the same
+    contract as PolytopeSimplex, so searchers can treat every space as a polytope."""
+
+    coords: tuple[str, ...]
+
+    @property
+    def A_ub(self) -> np.ndarray:
+        return np.zeros((0, len(self.coords)))
+
+    @property
+    def b_ub(self) -> np.ndarray:
+        return np.zeros(0)
+
+
+class SearchedThroughBase:
+    """A space whose searchers see the plain simplex `self._base` over its free coordinates: their
+    parameters, samples and distributions are the base's; the space maps them onto its feasible set."""
+
+    _base: "SimplexSpace"
+
+    @property
+    def param_names(self) -> list[str]:
+        return self._base.param_names
+
+    def sample(self, rng: np.random.Generator) -> dict[str, float]:
+        return self._base.sample(rng)
+
+    def optuna_distributions(self) -> dict:
+        return self._base.optuna_distributions()
+
+    def optuna_define_by_run(self, trial) -> None:
+        self._base.optuna_define_by_run(trial)
+
+    def tune_param_space(self) -> dict:
+        return self._base.tune_param_space()
+
+
+class SimplexSpace(NoLinearRows):
     def __init__(self, coords: tuple[str, ...] | list[str]):
         if len(coords) < 2 or len(set(coords)) != len(coords):
             raise ValueError(f"simplex coordinates {coords}: need >= 2 distinct names")
@@ -73,15 +111,6 @@ class SimplexSpace:
     @property
     def free_coords(self) -> tuple[str, ...]:
         return self.coords
-
-    # No linear constraints beyond the simplex: the same contract as PolytopeSimplex with zero rows.
-    @property
-    def A_ub(self) -> np.ndarray:
-        return np.zeros((0, len(self.coords)))
-
-    @property
-    def b_ub(self) -> np.ndarray:
-        return np.zeros(0)
 
     def from_free(self, v) -> np.ndarray:
         """Identity here; a constrained space maps the free coordinates' simplex onto its polytope."""
