@@ -100,17 +100,19 @@ def ray_actor_pids(title: str) -> list[int]:
     return pids
 
 
-def _kill_one_trial_worker() -> tuple[threading.Thread, list[int]]:
-    """A thread that SIGKILLs the first trial worker (ray::ImplicitFunc) a second after it appears."""
+def kill_when_busy(victim: str = "ray::ImplicitFunc", after: float = 1.0) -> tuple[threading.Thread, list[int]]:
+    """A thread that waits for the first trial worker (ray::ImplicitFunc) to appear, gives it `after`
+    seconds to start scoring, then SIGKILLs the first process titled `victim` (the trial itself, or
+    a pooled scorer it leases); returns the thread and the killed pid, once killed."""
     killed: list[int] = []
 
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            pids = ray_actor_pids("ray::ImplicitFunc")
-            if pids:
-                time.sleep(1.0)  # let it start scoring
-                if pids[0] in ray_actor_pids("ray::ImplicitFunc"):
+            if ray_actor_pids("ray::ImplicitFunc"):
+                time.sleep(after)
+                pids = ray_actor_pids(victim)
+                if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])
                     return
@@ -119,6 +121,10 @@ def _kill_one_trial_worker() -> tuple[threading.Thread, list[int]]:
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     return t, killed
+
+
+def _kill_one_trial_worker() -> tuple[threading.Thread, list[int]]:
+    return kill_when_busy("ray::ImplicitFunc", after=1.0)
 
 
 def _no_candidate_lost(out, grids, n=6):

@@ -3,21 +3,14 @@ the same candidates get the same scores as one per trial, and each stays one rec
 
 The Tune runs use test_faults.py's synthetic candidates (a small Llama, random LoRA-shaped deltas).
 """
-import os
-import signal
-import threading
-import time
 
-import psutil
 import pytest
-import ray
 
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher
 from opmix_ray.engine.search import run_search
-from opmix_ray.ray_init import init_ray
 from opmix_ray.searchers import create_searcher, journal
 from search_spaces import SimplexSpace
-from tests.test_faults import COORDS, _candidates, _cfg, ray_actor_pids
+from tests.test_faults import COORDS, _candidates, _cfg, kill_when_busy, local_ray  # noqa: F401 (local_ray: autouse)
 
 
 def _by_weights(out) -> dict:
@@ -49,14 +42,6 @@ def test_batches_of_k_with_the_rest_last_and_one_record_per_candidate():
 
 
 # --- through the real Tune search ---
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray(tmp_path_factory):
-    ray.shutdown()
-    init_ray(_cfg(tmp_path_factory.mktemp("x")))
-    yield
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def cands():
@@ -99,23 +84,7 @@ def test_a_round_redone_on_its_journal_runs_only_the_missing_candidates(cands, t
 def test_a_killed_scorer_costs_a_rerun_and_no_candidate(tmp_path):
     cfg = _cfg(tmp_path, searcher="random", num_samples=4, candidates_per_trial=2, scorer_pool=True)
     cands = _candidates("kill-scorer", n_val=4000, hidden=64)  # a candidate scores for ~1.6 s
-    killed: list[int] = []
-
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            if any(p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ImplicitFunc")
-                   for p in psutil.Process().children(recursive=True) if p.is_running()):
-                time.sleep(1.5)  # both trials' scorers are busy by now
-                pids = ray_actor_pids("ray::_Scorer")
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    t, killed = kill_when_busy("ray::_Scorer", after=1.5)  # both trials' scorers are busy by then
     out = run_search(cfg, cands, 0, str(tmp_path))
     t.join(timeout=5)
     assert killed and out.n_retried >= 1

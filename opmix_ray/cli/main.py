@@ -169,26 +169,28 @@ def cmd_submit(args) -> int:
                   overwrite=args.overwrite, submission_id=args.submission_id)
 
 
-def cmd_bench(args) -> int:
+def _experiment_run(args, runner: str, markdown: str, wrote: str) -> int:
+    """bench, headroom, continual: load the experiment config, run it into --out, print its table."""
+    from importlib import import_module
+
     from opmix_ray.experiments.experiment_config import ExperimentConfig
     cfg = _load(args.config, _sets(args), ExperimentConfig)
-    from opmix_ray.experiments.bench import run_bench
-    result = run_bench(cfg, args.out, overwrite=args.overwrite)
-    from opmix_ray.experiments.bench_report import markdown
-    print(markdown(result))
-    print(f"wrote {args.out}/results.json, results.md, ppl_vs_search_flops.png, mixtures.png "
-          f"({result['wall_s']:.0f}s)")
+    module, fn = runner.rsplit(":", 1)
+    result = getattr(import_module(module), fn)(cfg, args.out, overwrite=args.overwrite)
+    module, fn = markdown.rsplit(":", 1)
+    print(getattr(import_module(module), fn)(result))
+    print(f"wrote {args.out}/{wrote} ({result['wall_s']:.0f}s)")
     return 0
+
+
+def cmd_bench(args) -> int:
+    return _experiment_run(args, "opmix_ray.experiments.bench:run_bench", "opmix_ray.experiments.bench_report:markdown",
+                           "results.json, results.md, ppl_vs_search_flops.png, mixtures.png")
 
 
 def cmd_headroom(args) -> int:
-    from opmix_ray.experiments.experiment_config import ExperimentConfig
-    cfg = _load(args.config, _sets(args), ExperimentConfig)
-    from opmix_ray.experiments.headroom import markdown, run_headroom
-    res = run_headroom(cfg, args.out, overwrite=args.overwrite)
-    print(markdown(res))
-    print(f"wrote {args.out}/headroom.json ({res['wall_s']:.0f}s)")
-    return 0
+    return _experiment_run(args, "opmix_ray.experiments.headroom:run_headroom",
+                           "opmix_ray.experiments.headroom:markdown", "headroom.json")
 
 
 def cmd_fidelity(args) -> int:
@@ -210,14 +212,8 @@ def cmd_fidelity(args) -> int:
 
 
 def cmd_continual(args) -> int:
-    from opmix_ray.experiments.experiment_config import ExperimentConfig
-    cfg = _load(args.config, _sets(args), ExperimentConfig)
-    from opmix_ray.experiments.continual import run_continual
-    result = run_continual(cfg, args.out, overwrite=args.overwrite)
-    from opmix_ray.experiments.continual import markdown
-    print(markdown(result))
-    print(f"wrote {args.out}/results.json and results.md ({result['wall_s']:.0f}s)")
-    return 0
+    return _experiment_run(args, "opmix_ray.experiments.continual:run_continual",
+                           "opmix_ray.experiments.continual:markdown", "results.json and results.md")
 
 
 def cmd_data_build(args) -> int:

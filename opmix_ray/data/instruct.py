@@ -36,6 +36,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from opmix_ray.console import say
 from opmix_ray.data.build import verify_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
 from opmix_ray.storage import atomic_write, sha256_file
@@ -217,7 +218,7 @@ def ensure_built(data_dir: str | None) -> dict:
                         "(fix: set data.path; it is built there by `python -m opmix_ray.data.instruct` if missing)")
     root = Path(data_dir).expanduser()
     if not (root / MANIFEST).is_file():
-        print(f"[instruct] building the instruction tasks into {root}", flush=True)
+        say(f"building the instruction tasks into {root}")
         return build_instruct(root)
     man = json.loads((root / MANIFEST).read_text())
     if man.get("format") != FORMAT:

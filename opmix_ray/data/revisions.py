@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from opmix_ray.console import say
 from opmix_ray.data.build import verify_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError
 from opmix_ray.storage import atomic_write, sha256_file
@@ -92,7 +93,7 @@ def ensure_built(data_dir: str | None) -> dict:
         if root.is_dir() and any(root.glob("*.parquet")):
             raise DataError(f"data.path: {root} holds parquet files but no {MANIFEST} (fix: point data.path at an "
                             "empty or new dir; nothing there is replaced)")
-        print(f"[revisions] building the split and revised domains into {root}", flush=True)
+        say(f"building the split and revised domains into {root}")
         return build_revisions(root)
     man = json.loads((root / MANIFEST).read_text())
     if man.get("format") != FORMAT:
