@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-from opmix_ray.data.read import build_shards
 from opmix_ray.experiments.baselines import BaselineContext, propose, usage_upper_bounds
 from opmix_ray.experiments.baselines._doremi import group_dro_update, run_doremi
 from opmix_ray.experiments.baselines._regmix import cross_val_spearman, fit_regressor, simulate_mixtures
@@ -22,12 +21,6 @@ from opmix_ray.experiments.bench_report import markdown
 from opmix_ray.training import train_fixed
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
-    return cfg, build_shards(cfg)
 
 
 def test_eval_only_domain_is_scored_never_trained(tiny):

@@ -13,19 +13,11 @@ import numpy as np
 import pytest
 
 from opmix_ray.config import load_config, sampler_seed
-from opmix_ray.data.read import build_shards
 from opmix_ray.experiments.baselines import usage_upper_bounds
-from opmix_ray.experiments.experiment_config import load_experiment_config
 from opmix_ray.experiments.headroom import headroom_mixtures, order_seed, summarise
 from opmix_ray.training import train_fixed
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
-    return cfg, build_shards(cfg)
 
 
 def test_data_seed_changes_the_order_only(tiny):
