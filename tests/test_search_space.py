@@ -205,20 +205,27 @@ def test_infeasible_bounds_say_what_to_fix():
         ConstrainedSimplex(("a", "b", "c"), fixed={"a": 0.5, "b": 0.2})
 
 
-def test_constrained_space_maps_to_optuna_and_tune():
+def _optuna_draws(space, n: int):
+    """The weights of n trials an Optuna study asks for through the space's define-by-run hook."""
     import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(n):
+        t = study.ask()
+        space.optuna_define_by_run(t)
+        w = space.weights(t.params)
+        yield w
+        study.tell(t, float(w[-1]))
+
+
+def test_constrained_space_maps_to_optuna_and_tune():
 
     space = ConstrainedSimplex(("a", "b", "c", "d"), lower={"a": 0.3}, upper={"b": 0.1}, fixed={"d": 0.2})
     assert space.param_names == ["u_a", "u_b", "u_c"] and set(space.tune_param_space()) == set(space.param_names)
     assert set(space.optuna_distributions()) == set(space.param_names)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for _ in range(20):
-        t = study.ask()
-        space.optuna_define_by_run(t)
-        w = space.weights(t.params)
+    for w in _optuna_draws(space, 20):
         assert space.contains(w) and w[0] >= 0.3 - 1e-12 and w[1] <= 0.1 + 1e-12 and w[3] == pytest.approx(0.2)
-        study.tell(t, float(w[2]))
 
 
 def test_direct_w_outside_bounds_is_rejected():
@@ -359,7 +366,6 @@ def test_cap_constraints_rows():
 
 
 def test_every_space_has_linear_rows_and_polytope_maps_to_optuna():
-    import optuna
 
     for s in (_space(3), ConstrainedSimplex(("a", "b", "c"), upper={"a": 0.5})):
         assert s.A_ub.shape == (0, 3) and s.b_ub.shape == (0,)
@@ -367,14 +373,8 @@ def test_every_space_has_linear_rows_and_polytope_maps_to_optuna():
     space = PolytopeSimplex(coords, *cap_constraints(coords, {"python": .5, "bible": .25, "fortunes": .25},
                                                      {"fortunes": 0.1}))
     assert space.A_ub.shape == (1, 4) and set(space.tune_param_space()) == set(space.param_names)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for _ in range(20):
-        t = study.ask()
-        space.optuna_define_by_run(t)
-        w = space.weights(t.params)
+    for w in _optuna_draws(space, 20):
         assert space.contains(w) and 0.25 * w[0] + w[3] <= 0.1 + 1e-12
-        study.tell(t, float(w[1]))
     with pytest.raises(ValueError, match="break the constraints"):
         space.weights({f"w_{c}": 0.25 for c in coords})
 
