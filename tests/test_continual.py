@@ -17,7 +17,7 @@ from opmix_ray.config import ConfigError
 from opmix_ray.experiments.experiment_config import load_experiment_config
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.preflight import preflight
-from opmix_ray.experiments.continual import _carry, check_schedule, schedule_steps
+from opmix_ray.experiments.continual import _carry, check_schedule, fixed_plans, schedule_steps
 from opmix_ray.mixture import Mixture
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
@@ -85,6 +85,27 @@ def test_a_bad_domain_change_names_its_stage(stages, field):
 def test_a_stage_that_changes_nothing_is_refused_with_its_fix(stage, why):
     with pytest.raises(ConfigError, match=why):
         _tiny({"schedule": {"stages": [S0, stage]}})
+
+
+def test_uniform_and_natural_over_the_seen_domains_go_on_from_their_own_checkpoint():
+    """The continual analogue of uniform: every domain of the stage, never one absent, at equal or
+    token shares, for the stage's tokens, from the method's last checkpoint; retrain from stage 0."""
+    cfg = _tiny(name="continual_mixed.yaml")
+    steps = schedule_steps(cfg)
+    doms = list(dict.fromkeys(d for st in steps for d in st["new"] + st["current"]))
+    tokens = {d: 1000 * (i + 1) for i, d in enumerate(doms)}
+    ckpt = {"uniform-seen": "u_prev", "natural-seen": "n_prev"}
+    for s in range(1, len(steps)):
+        plans = fixed_plans(cfg, doms, tokens, steps, s, {}, ckpt, "pretrained")
+        seen = steps[s]["current"]
+        uni, n_tok, init = plans["uniform-seen"]
+        assert {d for d, w in uni.items() if w > 0} == set(seen) and init == "u_prev"
+        assert all(uni[d] == pytest.approx(1 / len(seen)) for d in seen)
+        assert n_tok == cfg.schedule.stages[s].tokens
+        nat, _, init = plans["natural-seen"]
+        assert init == "n_prev" and all(nat[d] == pytest.approx(tokens[d] / sum(tokens[x] for x in seen)) for d in seen)
+        assert plans["retrain"][2] == "pretrained"
+        assert plans["retrain"][1] == sum(st.tokens for st in cfg.schedule.stages[1:s + 1])
 
 
 def test_carry_renormalises_the_previous_mixture_on_the_current_domains():

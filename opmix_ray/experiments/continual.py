@@ -16,6 +16,8 @@ its old domains are the rest of the current set:
 |                 | (mixture reuse); a real engine run (Ray Train + adapters + Tune). A stage   |
 |                 | with no new data (a removal) keeps the previous mixture, renormalised       |
 | opmix-recompute | the same, with an adapter for every current domain (full recomputation)     |
+| uniform-seen    | every current domain at an equal share, from the method's own last checkpoint |
+| natural-seen    | every current domain at its token share, likewise                            |
 | naive           | 100% new data                                                               |
 | replay          | new data plus replay_share of the old domains (uniform over them)            |
 | retrain         | the stage-0 checkpoint retrained on every current domain (uniform), for     |
@@ -46,7 +48,7 @@ from opmix_ray.console import say
 from opmix_ray.experiments.experiment_config import ExperimentConfig
 from opmix_ray.storage import atomic_write_bytes, write_json
 
-FIXED = ("naive", "replay", "retrain")
+FIXED = ("naive", "replay", "uniform-seen", "natural-seen", "retrain")
 
 
 def schedule_steps(cfg: ExperimentConfig) -> list[dict]:
@@ -112,6 +114,24 @@ def _carry(prev: dict[str, float], current) -> dict[str, float]:
 def _weights(domains, parts: dict[str, float]) -> dict[str, float]:
     total = sum(parts.values())
     return {d: parts.get(d, 0.0) / total for d in domains}
+
+
+def fixed_plans(cfg: ExperimentConfig, doms, train_tokens: dict[str, int], steps: list[dict], s: int,
+                mix: dict[str, dict], ckpt: dict[str, str], pretrained: str) -> dict[str, tuple]:
+    """Stage s of each fixed-mixture method: {method: (weights over doms, tokens, init checkpoint)}.
+    uniform-seen and natural-seen are what a user would do without a mixing method: go on from the
+    last checkpoint on every current domain, at equal shares or at their token shares."""
+    seen, new, T = steps[s]["current"], steps[s]["new"], cfg.schedule.stages[s].tokens
+    old = [d for d in seen if d not in new]
+    r = cfg.schedule.replay_share
+    return {"naive": (_weights(doms, dict.fromkeys(new, 1.0) if new else _carry(mix.get("naive", {}), seen)),
+                      T, ckpt.get("naive")),
+            "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
+                                if new and old else _carry(mix.get("replay", {}), seen)), T, ckpt.get("replay")),
+            "uniform-seen": (_weights(doms, dict.fromkeys(seen, 1.0)), T, ckpt.get("uniform-seen")),
+            "natural-seen": (_weights(doms, {d: float(train_tokens[d]) for d in seen}), T, ckpt.get("natural-seen")),
+            "retrain": (_weights(doms, dict.fromkeys(seen, 1.0)),
+                        sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), pretrained)}
 
 
 def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage) -> dict:
@@ -185,13 +205,7 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     for s in range(1, len(steps)):
         seen, new, T = steps[s]["current"], steps[s]["new"], cfg.schedule.stages[s].tokens
         old = [d for d in seen if d not in new]
-        r = cfg.schedule.replay_share
-        plans = {"naive": (_weights(doms, dict.fromkeys(new, 1.0) if new else _carry(mix.get("naive", {}), seen)),
-                           T, ckpt.get("naive")),
-                 "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
-                                     if new else _carry(mix.get("replay", {}), seen)), T, ckpt.get("replay")),
-                 "retrain": (_weights(doms, dict.fromkeys(seen, 1.0)),
-                             sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), str(out / "stage_0" / "pretrained"))}
+        plans = fixed_plans(cfg, doms, shards.train_tokens(), steps, s, mix, ckpt, str(out / "stage_0" / "pretrained"))
         if not new and "opmix" in methods:  # nothing to search: mixture reuse keeps the renormalised mixture
             plans["opmix"] = (_weights(doms, _carry(mix["opmix"], seen)), T, ckpt["opmix"])
         jobs = [_fixed_job(cfg, shards, m, w, tok, init, str(out / f"stage_{s}" / m), s)

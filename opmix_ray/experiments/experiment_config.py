@@ -97,13 +97,14 @@ class ScheduleSection(Section):
     stages: list[Stage] = Field(default_factory=list, description="Stage 0 pretrains (uniform over its "
                                 "domains, shared by every method); each later stage adds, removes, splits or "
                                 "revises domains.")
-    methods: list[Literal["opmix", "opmix-recompute", "naive", "replay", "retrain"]] = Field(
-        default_factory=lambda: ["opmix", "opmix-recompute", "naive", "replay", "retrain"], min_length=1,
+    methods: list[Literal["opmix", "opmix-recompute", "uniform-seen", "natural-seen", "naive", "replay", "retrain"]] = Field(
+        default_factory=lambda: ["opmix", "opmix-recompute", "uniform-seen", "naive", "replay", "retrain"], min_length=1,
         description="New data = the stage's added domains, split parts and revised versions. opmix: adapters "
         "for the new data + old, search over {old, new} (mixture reuse; a stage with no new data keeps the "
         "previous mixture, renormalised, with no search); opmix-recompute: adapters for every current domain; "
-        "naive: 100% new; replay: new + replay_share old; retrain: the stage-0 checkpoint retrained on every "
-        "current domain.")
+        "uniform-seen / natural-seen: every current domain at an equal / token share, from the method's own last "
+        "checkpoint (what a user does without a mixing method); naive: 100% new; replay: new + replay_share old; "
+        "retrain: the stage-0 checkpoint retrained on every current domain.")
     replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
     instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
                                 "on the instruction tasks in data.path (exact match and answer loss, held-out and "
