@@ -48,7 +48,6 @@ from opmix_ray.console import say
 from opmix_ray.experiments.experiment_config import ExperimentConfig
 from opmix_ray.storage import atomic_write_bytes, write_json
 
-FIXED = ("naive", "replay", "uniform-seen", "natural-seen", "retrain")
 
 
 def schedule_steps(cfg: ExperimentConfig) -> list[dict]:
