@@ -127,9 +127,10 @@ def test_a_wider_measurement_trains_only_the_runs_it_does_not_have(monkeypatch):
         return [{"val_loss": {"a": 1.0}, "drawn": {}, "wall_s": 0.0, "n_params": 1, "flops": 0.0} for _ in jobs]
 
     monkeypatch.setattr(training, "run_fixed_jobs", fake_jobs)
-    jobs = [{"label": lab, "order": o, "data_seed": None if o == 0 else o, "weights": w}
-            for lab, o, w in (("uniform", 0, [0.5, 0.5]), ("draw_2", 0, [0.3, 0.7]), ("uniform", 1, [0.5, 0.5]))]
-    prior = [{**jobs[0], "val_loss": {"a": 9.0}}, {**jobs[1], "weights": [0.31, 0.69], "val_loss": {"a": 9.0}}]
+    w = lambda x, y: {"a": x, "b": y}  # the fixed-mixture jobs carry weights per domain
+    jobs = [{"label": lab, "order": o, "data_seed": None if o == 0 else o, "weights": m}
+            for lab, o, m in (("uniform", 0, w(0.5, 0.5)), ("draw_2", 0, w(0.3, 0.7)), ("uniform", 1, w(0.5, 0.5)))]
+    prior = [{**jobs[0], "val_loss": {"a": 9.0}}, {**jobs[1], "weights": w(0.31, 0.69), "val_loss": {"a": 9.0}}]
     rows = hr._run(jobs, None, Path("unused"), "x", 2, prior, say=lambda *_: None)
     assert trained == [("draw_2", 0), ("uniform", 1)]  # a draw with other weights is another run
     assert [r["val_loss"]["a"] for r in rows] == [9.0, 1.0, 1.0] and [r["label"] for r in rows] == ["uniform", "draw_2", "uniform"]

@@ -128,8 +128,14 @@ def measure_headroom(cfg, shards, out_dir: str | Path, orders: int = 3, n_mixtur
 
 
 def _same_run(job: dict, row: dict) -> bool:
-    return (row["label"], row["order"], row["data_seed"]) == (job["label"], job["order"], job["data_seed"]) \
-        and np.allclose(row["weights"], job["weights"], rtol=0, atol=1e-12)
+    """The same label, data order and weights (a dict per domain, as the fixed-mixture jobs carry them)."""
+    if (row["label"], row["order"], row["data_seed"]) != (job["label"], job["order"], job["data_seed"]):
+        return False
+    a, b = row["weights"], job["weights"]
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and \
+            all(abs(a[d] - b[d]) <= 1e-12 for d in a)
+    return bool(np.allclose(a, b, rtol=0, atol=1e-12))
 
 
 def _run(jobs: list[dict], shards, out_dir: Path, name: str, max_concurrent: int, reuse: list[dict], say) -> list[dict]:
