@@ -150,7 +150,8 @@ def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
             **{f"drawn_{d}": v for d, v in out["drawn"].items()}}
 
 
-def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_concurrent: int = 2) -> list[dict]:
+def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_concurrent: int = 2,
+                   on_row=None) -> list[dict]:
     """Run fixed-mixture training jobs as Ray Tune trials; returns one row per job, in job order.
 
     `shards` is one TokenShards, or {seed: TokenShards} when the jobs span seeds.
@@ -158,24 +159,45 @@ def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_c
     init_path?, schedule?, eval_tokens?, save_path? (write the final HF checkpoint), data_seed? (the
     data order; default seed), ...labels}.
     Extra keys are copied into the row.
+    on_row(index, row): called in this process as each job finishes, so a caller can keep the
+    finished runs of a long batch that is stopped before its end.
     """
     from ray import tune
     trainable = tune.with_resources(tune.with_parameters(_fixed_trainable, jobs=jobs, shards=shards), {"cpu": 1})
     tuner = tune.Tuner(
         trainable, param_space={"job": tune.grid_search(list(range(len(jobs))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0))
+        run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0,
+                                  callbacks=[_row_callback(jobs, on_row)] if on_row else None))
     results = tuner.fit()
     rows: list[dict | None] = [None] * len(jobs)
     for r in results:
         if r.error or not r.metrics or "job" not in r.metrics:
             continue
-        m = r.metrics
-        rows[m["job"]] = {**{k: v for k, v in jobs[m["job"]].items() if k not in ("model", "main", "caps")},
-                          "val_loss": {k[5:]: v for k, v in m.items() if k.startswith("loss_")},
-                          "drawn": {k[6:]: v for k, v in m.items() if k.startswith("drawn_")},
-                          "flops": m["flops"], "wall_s": m["wall_s"], "n_params": m["n_params"]}
+        rows[r.metrics["job"]] = _row(jobs, r.metrics)
     missing = [i for i, r in enumerate(rows) if r is None]
     if missing:
         raise RuntimeError(f"fixed-mixture runs {missing} of '{name}' failed; see {storage_path}/{name}")
     return rows
+
+
+def _row(jobs: list[dict], m: dict) -> dict:
+    """A finished trial's metrics as its job's row."""
+    return {**{k: v for k, v in jobs[m["job"]].items() if k not in ("model", "main", "caps")},
+            "val_loss": {k[5:]: v for k, v in m.items() if k.startswith("loss_")},
+            "drawn": {k[6:]: v for k, v in m.items() if k.startswith("drawn_")},
+            "flops": m["flops"], "wall_s": m["wall_s"], "n_params": m["n_params"]}
+
+
+def _row_callback(jobs: list[dict], on_row):
+    """A Tune callback that hands each finished job's row to on_row (Tune runs callbacks in the driver).
+    Built here so importing this module does not import Ray Tune."""
+    from ray.tune import Callback
+
+    class RowCallback(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            m = trial.last_result or {}
+            if "job" in m:
+                on_row(m["job"], _row(jobs, m))
+
+    return RowCallback()

@@ -143,12 +143,14 @@ def test_fixed_jobs_run_as_tune_trials(tiny, tmp_path):
     ctx = BaselineContext(cfg, sh, str(tmp_path))
     jobs = [ctx.proxy_job(sh.uniform().as_array(), tokens=4 * 16 * 64, label="u"),
             ctx.proxy_job(sh.natural().as_array(), tokens=4 * 16 * 64, label="n")]
+    seen = {}
     init_ray(cfg)
     try:
-        rows = run_fixed_jobs(jobs, sh, str(tmp_path), "jobs")
+        rows = run_fixed_jobs(jobs, sh, str(tmp_path), "jobs", on_row=seen.__setitem__)
     finally:
         ray.shutdown()
     assert [r["label"] for r in rows] == ["u", "n"]
+    assert seen == {0: rows[0], 1: rows[1]}  # each row handed over as its run finished
     assert all(set(r["val_loss"]) == set(sh.val) and r["flops"] > 0 for r in rows)
     assert rows[0]["val_loss"] != rows[1]["val_loss"]
 

@@ -95,6 +95,7 @@ def test_headroom_command_end_to_end(tmp_path):
     uni = {r["order"]: r["val_loss"] for r in runs if r["label"] == "uniform"}
     assert uni[1] != uni[2]  # other orders, other losses
     assert "| target |" in p.stdout
+    assert not (out / "headroom_partial.json").exists()  # its runs are all in headroom.json
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # a finished measurement is never replaced silently
 
@@ -122,7 +123,7 @@ def test_a_wider_measurement_trains_only_the_runs_it_does_not_have(monkeypatch):
     from opmix_ray.experiments import headroom as hr
     trained = []
 
-    def fake_jobs(jobs, shards, storage_path, name, max_concurrent=2):
+    def fake_jobs(jobs, shards, storage_path, name, max_concurrent=2, on_row=None):
         trained.extend((j["label"], j["order"]) for j in jobs)
         return [{"val_loss": {"a": 1.0}, "drawn": {}, "wall_s": 0.0, "n_params": 1, "flops": 0.0} for _ in jobs]
 
@@ -131,6 +132,37 @@ def test_a_wider_measurement_trains_only_the_runs_it_does_not_have(monkeypatch):
     jobs = [{"label": lab, "order": o, "data_seed": None if o == 0 else o, "weights": m}
             for lab, o, m in (("uniform", 0, w(0.5, 0.5)), ("draw_2", 0, w(0.3, 0.7)), ("uniform", 1, w(0.5, 0.5)))]
     prior = [{**jobs[0], "val_loss": {"a": 9.0}}, {**jobs[1], "weights": w(0.31, 0.69), "val_loss": {"a": 9.0}}]
-    rows = hr._run(jobs, None, Path("unused"), "x", 2, prior, say=lambda *_: None)
+    rows = hr._run(jobs, None, Path("unused"), "x", 2, prior, lambda *_: None, keep=None)
     assert trained == [("draw_2", 0), ("uniform", 1)]  # a draw with other weights is another run
     assert [r["val_loss"]["a"] for r in rows] == [9.0, 1.0, 1.0] and [r["label"] for r in rows] == ["uniform", "draw_2", "uniform"]
+
+
+def test_a_stopped_measurement_keeps_the_runs_it_finished(monkeypatch, tmp_path):
+    """Runs are written as they finish: a measurement stopped mid-way trains only the rest next time."""
+    import opmix_ray.training as training
+    from opmix_ray.experiments import headroom as hr
+    trained, setting = [], {"seed": 0}
+    row = {"val_loss": {"a": 1.0}, "drawn": {}, "wall_s": 0.0, "n_params": 1, "flops": 0.0}
+
+    def stopped_after_one(jobs, shards, storage_path, name, max_concurrent=2, on_row=None):
+        trained.extend(j["label"] for j in jobs)
+        on_row(1, row)
+        raise KeyboardInterrupt
+
+    def fake_jobs(jobs, shards, storage_path, name, max_concurrent=2, on_row=None):
+        trained.extend(j["label"] for j in jobs)
+        return [row for _ in jobs]
+
+    jobs = [{"label": lab, "order": 0, "data_seed": None, "weights": {"a": x, "b": 1 - x}}
+            for lab, x in (("uniform", 0.5), ("natural", 0.7), ("draw_2", 0.2))]
+    partial = tmp_path / hr.PARTIAL
+    monkeypatch.setattr(training, "run_fixed_jobs", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        hr._run(jobs, None, tmp_path, "x", 2, [], lambda *_: None, hr._Keeper(partial, setting))
+    kept = hr.prior_runs(partial, None, setting)
+    assert [r["label"] for r in kept] == ["natural"]
+    assert hr.prior_runs(partial, None, {"seed": 1}) == []  # another setting's runs are not reused
+    trained.clear()
+    monkeypatch.setattr(training, "run_fixed_jobs", fake_jobs)
+    rows = hr._run(jobs, None, tmp_path, "x", 2, kept, lambda *_: None, hr._Keeper(partial, setting))
+    assert trained == ["uniform", "draw_2"] and [r["label"] for r in rows] == ["uniform", "natural", "draw_2"]

@@ -184,7 +184,7 @@ def _uniform_long_rows(cfg: ExperimentConfig, rows: list[dict], shards_by_seed: 
 def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
     """The headroom measurement on the first seed (experiments/headroom.py): its order-0 runs are the
     oracle's, its per-objective noise_sd the bench's noise."""
-    from opmix_ray.experiments.headroom import measure_headroom, prior_runs, setting_key
+    from opmix_ray.experiments.headroom import PARTIAL, measure_headroom, prior_runs, setting_key
     sc = seed_config(cfg, cfg.bench.seeds[0], out)
     prior = read_json(out / "headroom.json") if (out / "headroom.json").exists() else None
     if prior and prior.get("setting") == setting_key(sc) and prior.get("orders") == cfg.bench.noise_orders \
@@ -196,6 +196,7 @@ def _oracle(cfg: ExperimentConfig, shards, out: Path) -> dict:
                            cfg.bench.max_concurrent, say, reuse=prior_runs(out / "headroom.json", sc))
     res.update(seed=sc.run.seed, setting=setting_key(sc))
     write_json(out / "headroom.json", res)
+    (out / "headroom" / PARTIAL).unlink(missing_ok=True)  # every run it held is in headroom.json now
     return res
 
 

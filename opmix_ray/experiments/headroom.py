@@ -36,6 +36,7 @@ from opmix_ray.evaluate import objective
 # Data-order seed of order j >= 1 (order 0 is the run's own: run.data_seed unset). Far from any
 # run.seed a benchmark uses, so no other seed's order 0 is one of these.
 ORDER_STRIDE = 10_000
+PARTIAL = "headroom_partial.json"  # the runs finished so far, kept when a measurement is stopped
 LEAN = 0.6  # the leaning mixtures: this share on one domain, the rest equal
 
 
@@ -117,11 +118,13 @@ def measure_headroom(cfg, shards, out_dir: str | Path, orders: int = 3, n_mixtur
     jobs += [_job(cfg, shards, "uniform", weights["uniform"], j) for j in range(1, orders + 1)]
     say(f"headroom: {len(mixes)} fixed mixtures on data order 0 and uniform on {orders} more orders "
         f"({len(jobs)} runs of {cfg.main.total_tokens} tokens)")
-    rows = _run(jobs, shards, out_dir, "headroom_mixtures", max_concurrent, reuse or [], say)
+    reuse = list(reuse or []) + prior_runs(out_dir / PARTIAL, cfg)
+    keep = _Keeper(out_dir / PARTIAL, setting_key(cfg))
+    rows = _run(jobs, shards, out_dir, "headroom_mixtures", max_concurrent, reuse, say, keep)
     picks = sorted({summarise(rows, {n: w}, orders)[n]["pick"] for n, w in objs.items()})
     jobs = [_job(cfg, shards, lab, weights[lab], j) for lab in picks for j in range(1, orders + 1)]
     say(f"headroom: the picks {picks} on {orders} more data orders ({len(jobs)} runs)")
-    rows += _run(jobs, shards, out_dir, "headroom_orders", max_concurrent, reuse or [], say)
+    rows += _run(jobs, shards, out_dir, "headroom_orders", max_concurrent, reuse, say, keep)
     return {"objectives": summarise(rows, objs, orders), "runs": rows, "orders": orders,
             "order_seeds": [order_seed(cfg.run.seed, j) for j in range(orders + 1)],
             "domains": list(shards.domains), "eval_only": list(shards.eval_only), "wall_s": time.time() - t0}
@@ -138,14 +141,32 @@ def _same_run(job: dict, row: dict) -> bool:
     return bool(np.allclose(a, b, rtol=0, atol=1e-12))
 
 
-def _run(jobs: list[dict], shards, out_dir: Path, name: str, max_concurrent: int, reuse: list[dict], say) -> list[dict]:
+class _Keeper:
+    """Writes every run as it finishes to OUT/headroom_partial.json, so a measurement stopped after
+    hours keeps its finished runs for the next try (prior_runs reads the file)."""
+
+    def __init__(self, path: Path, setting: dict):
+        self.path, self.setting = path, setting
+        self.runs = prior_runs(path, None, setting)
+
+    def __call__(self, job: dict, row: dict) -> None:
+        from opmix_ray.storage import write_json
+        self.runs = [r for r in self.runs if not _same_run(job, r)] + _rows([job], [row])
+        write_json(self.path, {"setting": self.setting, "runs": self.runs})
+
+
+def _run(jobs: list[dict], shards, out_dir: Path, name: str, max_concurrent: int, reuse: list[dict], say,
+         keep: _Keeper) -> list[dict]:
     """The jobs' rows, in job order: reused where `reuse` holds the same run, trained otherwise."""
     from opmix_ray.training import run_fixed_jobs
     kept = [next((r for r in reuse if _same_run(j, r)), None) for j in jobs]
     todo = [j for j, k in zip(jobs, kept) if k is None]
     if len(todo) < len(jobs):
         say(f"headroom: keeping {len(jobs) - len(todo)} finished runs of the same setting, training {len(todo)}")
-    made = iter(_rows(todo, run_fixed_jobs(todo, shards, str(out_dir / "tune"), name, max_concurrent)) if todo else [])
+    if not todo:
+        return kept
+    made = iter(_rows(todo, run_fixed_jobs(todo, shards, str(out_dir / "tune"), name, max_concurrent,
+                                          on_row=lambda i, row: keep(todo[i], row))))
     return [k if k is not None else next(made) for k in kept]
 
 
@@ -174,16 +195,18 @@ def run_headroom(cfg, out_dir: str | Path, overwrite: bool = False) -> dict:
                            cfg.bench.max_concurrent, say, reuse=prior_runs(out / "headroom.json", sc))
     res.update(seed=sc.run.seed, setting=setting_key(sc), config=cfg.model_dump(mode="json"))
     write_json(out / "headroom.json", res)
+    (out / PARTIAL).unlink(missing_ok=True)  # every run it held is in headroom.json now
     return res
 
 
-def prior_runs(path: Path, cfg) -> list[dict]:
-    """The runs of an earlier measurement at `path` when it measured cfg's setting; [] otherwise."""
+def prior_runs(path: Path, cfg, setting: dict | None = None) -> list[dict]:
+    """The runs of an earlier measurement at `path` (headroom.json, or the runs a stopped one
+    finished) when it measured cfg's setting (or `setting`); [] otherwise."""
     import json
     if not path.is_file():
         return []
     res = json.loads(path.read_text())
-    return res.get("runs", []) if res.get("setting") == setting_key(cfg) else []
+    return res.get("runs", []) if res.get("setting") == (setting or setting_key(cfg)) else []
 
 
 def markdown(res: dict) -> str:
