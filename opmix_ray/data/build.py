@@ -242,13 +242,33 @@ def _split(doc: str) -> list[str]:
     return chunks + [cur] if cur else chunks
 
 
-def verify_built(root: Path, manifest: str, files: dict[str, str], fix: str) -> None:
-    """A DataError naming the first of `files` ({file name: sha256}) that root lacks or that differs
-    from what `manifest` recorded: a built data dir (instruct.py, revisions.py) is checked before use."""
+def open_built(data_dir: str | None, manifest: str, fmt: str, build, files, what: str, fix: str,
+               refuse_foreign: bool = False) -> dict:
+    """The manifest of a built data dir (instruct.py, revisions.py): built there first by build(root)
+    when it has none; otherwise its format and every file's sha256 (files(manifest): {name: sha256})
+    are checked, and the first that differs is a DataError naming it and `fix`.
+    refuse_foreign: a dir holding parquet files but no manifest is refused rather than built into."""
+    import json
+
+    from opmix_ray.console import say
     from opmix_ray.errors import DataError
-    for name, sha in files.items():
+    if not data_dir:
+        raise DataError(f"data.path: {what} needs a data dir (fix: set data.path; it is built there if missing)")
+    root = Path(data_dir).expanduser()
+    if not (root / manifest).is_file():
+        if refuse_foreign and root.is_dir() and any(root.glob("*.parquet")):
+            raise DataError(f"data.path: {root} holds parquet files but no {manifest} (fix: point data.path at an "
+                            "empty or new dir; nothing there is replaced)")
+        say(f"building {what}'s data into {root}")
+        return build(root)
+    man = json.loads((root / manifest).read_text())
+    if man.get("format") != fmt:
+        raise DataError(f"data.path: {root / manifest} is {man.get('format')}, built by another version "
+                        f"(this one reads {fmt}) (fix: {fix})")
+    for name, sha in files(man).items():
         if not (root / name).is_file() or sha256_file(root / name) != sha:
             raise DataError(f"data.path: {root / name} is missing or differs from {manifest}'s sha256 (fix: {fix})")
+    return man
 
 
 def build_corpus(out_dir, max_bytes: dict[str, int] | int, seed: int = 0,

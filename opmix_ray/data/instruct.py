@@ -36,8 +36,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opmix_ray.console import say
-from opmix_ray.data.build import verify_built
+from opmix_ray.data.build import open_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError, load_tokenizer
 from opmix_ray.storage import atomic_write, sha256_file
 
@@ -213,21 +212,10 @@ def build_instruct(out_dir, seed: int = 0, n_eval: int = 200, max_train: int = 3
 
 def ensure_built(data_dir: str | None) -> dict:
     """The manifest of data_dir, building the tasks there first if it has none; checks every sha256."""
-    if not data_dir:
-        raise DataError("data.path: schedule.instruct_eval needs a data dir for the instruction tasks "
-                        "(fix: set data.path; it is built there by `python -m opmix_ray.data.instruct` if missing)")
-    root = Path(data_dir).expanduser()
-    if not (root / MANIFEST).is_file():
-        say(f"building the instruction tasks into {root}")
-        return build_instruct(root)
-    man = json.loads((root / MANIFEST).read_text())
-    if man.get("format") != FORMAT:
-        raise DataError(f"data.path: {root / MANIFEST} is {man.get('format')}, built by another version of the "
-                        f"builder, not {FORMAT} (fix: rebuild with `python -m opmix_ray.data.instruct --out {root}`)")
-    files = {**{f"{d}.parquet": r["sha256"] for d, r in man["raw"].items()},
-             **{f"{t}.parquet": r["sha256"] for t, r in man["tasks"].items()}, EVAL_FILE: man["eval_sha256"]}
-    verify_built(root, MANIFEST, files, f"rebuild with `python -m opmix_ray.data.instruct --out {root}`")
-    return man
+    return open_built(data_dir, MANIFEST, FORMAT, build_instruct, lambda man: {
+        **{f"{d}.parquet": r["sha256"] for d, r in man["raw"].items()},
+        **{f"{t}.parquet": r["sha256"] for t, r in man["tasks"].items()}, EVAL_FILE: man["eval_sha256"]},
+        "schedule.instruct_eval", "rebuild with `python -m opmix_ray.data.instruct --out` into a new dir")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opmix_ray.console import say
-from opmix_ray.data.build import verify_built
+from opmix_ray.data.build import open_built
 from opmix_ray.data.shards import BUNDLED_DIR, DataError
 from opmix_ray.storage import atomic_write, sha256_file
 
@@ -85,24 +84,10 @@ def build_revisions(out_dir: str | Path, src_dir: str | Path | None = None) -> d
 
 def ensure_built(data_dir: str | None) -> dict:
     """The manifest of data_dir, building it first when it has none; checks every sha256."""
-    if not data_dir:
-        raise DataError("data.path: data.build_revisions needs a data dir (fix: set data.path; it is built "
-                        "there by `python -m opmix_ray.data.revisions` if missing)")
-    root = Path(data_dir).expanduser()
-    if not (root / MANIFEST).is_file():
-        if root.is_dir() and any(root.glob("*.parquet")):
-            raise DataError(f"data.path: {root} holds parquet files but no {MANIFEST} (fix: point data.path at an "
-                            "empty or new dir; nothing there is replaced)")
-        say(f"building the split and revised domains into {root}")
-        return build_revisions(root)
-    man = json.loads((root / MANIFEST).read_text())
-    if man.get("format") != FORMAT:
-        raise DataError(f"data.path: {root / MANIFEST} is {man.get('format')}, not {FORMAT} (fix: rebuild with "
-                        f"`python -m opmix_ray.data.revisions --out` into a new dir)")
-    files = {f"{d}.parquet": sha for d, sha in {**man["copied"],
-                                                **{d: r["sha256"] for d, r in man["derived"].items()}}.items()}
-    verify_built(root, MANIFEST, files, "rebuild with `python -m opmix_ray.data.revisions --out` into a new dir")
-    return man
+    return open_built(data_dir, MANIFEST, FORMAT, build_revisions, lambda man: {
+        f"{d}.parquet": sha for d, sha in {**man["copied"], **{d: r["sha256"] for d, r in man["derived"].items()}}.items()},
+        "data.build_revisions", "rebuild with `python -m opmix_ray.data.revisions --out` into a new dir",
+        refuse_foreign=True)
 
 
 def main(argv: list[str] | None = None) -> int:
