@@ -1,5 +1,8 @@
 """Fixtures shared by several test modules."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -14,3 +17,15 @@ def tiny():
     """The tiny benchmark config (bench_tiny.yaml) and its token shards."""
     cfg = load_experiment_config(os.path.join(CONFIGS, "bench_tiny.yaml"))
     return cfg, build_shards(cfg)
+
+
+@pytest.fixture
+def experiment_results(tmp_path):
+    """Runs `opmix-ray COMMAND CONFIGS/CONFIG --out TMP/out ARGS...` as a user would; its results.json."""
+    def run(command: str, config: str, *args: str, timeout: int = 1800) -> dict:
+        out = tmp_path / "out"
+        p = subprocess.run([sys.executable, "-m", "opmix_ray.cli", command, os.path.join(CONFIGS, config),
+                            "--out", str(out), *args], capture_output=True, text=True, timeout=timeout)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads((out / "results.json").read_text())
+    return run

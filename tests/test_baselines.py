@@ -4,7 +4,6 @@ fixed-mixture jobs; the whole tiny benchmark end to end is `slow`.
     pytest tests/test_baselines.py                 # ~30 s
     pytest -m slow tests/test_baselines.py         # + opmix-ray bench on bench_tiny.yaml (~4 min)
 """
-import json
 import os
 import subprocess
 import sys
@@ -156,19 +155,15 @@ def test_fixed_jobs_run_as_tune_trials(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_bench_end_to_end(tmp_path):
-    out = tmp_path / "bench"
-    p = subprocess.run([sys.executable, "-m", "opmix_ray.cli", "bench", os.path.join(CONFIGS, "bench_tiny.yaml"),
-                        "--out", str(out)], capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+def test_tiny_bench_end_to_end(experiment_results, tmp_path):
+    res = experiment_results("bench", "bench_tiny.yaml", timeout=1200)
     labels = {(r["method"], r["objective"]) for r in res["rows"]}
     assert {("opmix", "mean"), ("opmix", "target"), ("natural", "any"), ("regmix", "target"),
             ("olmix", "mean"), ("doremi", "any"), ("aioli", "any")} <= labels
     assert all(np.isfinite(r["mean_ppl"]) and r["target_ppl"] > 0 for r in res["rows"])
     assert len(res["oracle"]) == 3 and res["fidelity"]["n"] == 4
     for f in ("results.md", "ppl_vs_search_flops.png", "mixtures.png"):
-        assert (out / f).is_file()
+        assert (tmp_path / "out" / f).is_file()
 
 
 def test_an_online_method_is_its_own_row_beside_a_fixed_one(tmp_path):

@@ -6,10 +6,7 @@ are `slow`.
     pytest -m slow tests/test_continual.py         # + opmix-ray continual on continual_tiny.yaml and
                                                    #   continual_mixed_tiny.yaml (~10 min)
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -165,12 +162,8 @@ def test_explicit_initial_mixture_with_a_domain_not_yet_arrived(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_continual_end_to_end(tmp_path):
-    out = tmp_path / "c"
-    p = subprocess.run([sys.executable, "-m", "opmix_ray.cli", "continual", os.path.join(CONFIGS, "continual_tiny.yaml"),
-                        "--out", str(out)], capture_output=True, text=True, timeout=1500)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+def test_tiny_continual_end_to_end(experiment_results):
+    res = experiment_results("continual", "continual_tiny.yaml", timeout=1500)
     final = {r["method"]: r for r in res["rows"] if r["stage"] == 2}
     assert set(final) == {"opmix", "opmix-recompute", "naive", "replay", "retrain"}
     assert final["naive"]["mixture"]["fortunes"] == 1.0
@@ -181,13 +174,8 @@ def test_tiny_continual_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_mixed_continual_end_to_end(tmp_path):
-    out = tmp_path / "c"
-    p = subprocess.run([sys.executable, "-m", "opmix_ray.cli", "continual",
-                        os.path.join(CONFIGS, "continual_mixed_tiny.yaml"), "--out", str(out),
-                        "--set", f"data.path={tmp_path / 'data'}"], capture_output=True, text=True, timeout=1800)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+def test_tiny_mixed_continual_end_to_end(experiment_results, tmp_path):
+    res = experiment_results("continual", "continual_mixed_tiny.yaml", "--set", f"data.path={tmp_path / 'data'}")
     by = {(r["method"], r["stage"]): r for r in res["rows"]}
     methods = {r["method"] for r in res["rows"]}
     for m in methods:

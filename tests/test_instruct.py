@@ -8,8 +8,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -213,14 +211,8 @@ def test_instruct_configs_load_and_schedule_tasks():
 
 
 @pytest.mark.slow
-def test_tiny_continual_instruct_end_to_end(tmp_path):
-    out = tmp_path / "c"
-    p = subprocess.run([sys.executable, "-m", "opmix_ray.cli", "continual",
-                        os.path.join(CONFIGS, "continual_instruct_tiny.yaml"), "--out", str(out),
-                        "--set", f"data.path={tmp_path / 'data'}"], capture_output=True, text=True, timeout=1800,
-                       check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+def test_tiny_continual_instruct_end_to_end(experiment_results, tmp_path):
+    res = experiment_results("continual", "continual_instruct_tiny.yaml", "--set", f"data.path={tmp_path / 'data'}")
     seen = res["seen_by_stage"]
     for r in res["rows"]:
         tasks = [d for d in (seen[-1] if r["stage"] == 0 else seen[r["stage"]]) if d in TASKS]
@@ -230,4 +222,4 @@ def test_tiny_continual_instruct_end_to_end(tmp_path):
                 s = r["instruct"][t][split]
                 assert 0 <= s["em"] <= 1 and math.isfinite(s["answer_loss"]) and s["n"] > 0
     assert set(res["instruct_majority_em"]) == set(TASKS)
-    assert "exact match" in (out / "results.md").read_text()
+    assert "exact match" in (tmp_path / "out" / "results.md").read_text()
