@@ -3,10 +3,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from opmix_ray.data.read import build_shards
+from opmix_ray.data.shards import BUNDLED_DIR
 from opmix_ray.experiments.experiment_config import load_experiment_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
@@ -29,3 +32,13 @@ def experiment_results(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads((out / "results.json").read_text())
     return run
+
+
+@pytest.fixture(scope="session")
+def good_data(tmp_path_factory) -> Path:
+    """Two small real-text domains (a slice of the bundled corpus): enough for the base config."""
+    d = tmp_path_factory.mktemp("data")
+    for name in ("python", "bible"):
+        rows = pq.read_table(BUNDLED_DIR / f"{name}.parquet", columns=["text"]).slice(0, 60)
+        pq.write_table(rows, d / f"{name}.parquet")
+    return d
