@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -125,17 +126,35 @@ def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mix
             "n_params": n, "tokens": t, "flops": train_flops(n, t) + eval_flops(n, eval_t), "wall_s": time.time() - t0}
 
 
+class FixedJob(TypedDict, total=False):
+    """One fixed-mixture training run for run_fixed_jobs; made by fixed_job, the only builder."""
+    weights: dict[str, float]  # the mixture, per domain
+    model: dict  # a ModelSection's fields: the model trained from scratch (or from init_path)
+    main: dict  # a MainSection's fields: lr, batch, schedule
+    tokens: int  # the run's budget
+    seed: int  # init and split seed
+    data_seed: int | None  # the data order; None: the seed's own
+    caps: dict[str, int] | None  # repetition caps, tokens per domain
+    init_path: str | None  # start from this checkpoint instead of from scratch
+    save_path: str | None  # write the final HF checkpoint here
+    schedule: dict | None  # an lr schedule other than main's
+    eval_tokens: int | None  # val tokens per domain scored at the end (default: all)
+    # any other key is a label, copied into the job's row (label, order, method, stage, ...)
+
+
 def fixed_job(cfg, seed: int, shards, weights, data_seed: int | None = None, tokens: int | None = None,
-              **labels) -> dict:
-    """A run_fixed_jobs job: cfg's model and main budget (or `tokens`) from scratch on fixed `weights`
-    (in shards.domains order), init and split seed `seed`, data order `data_seed` (None: seed's own),
-    cfg's repetition caps; labels are copied into the job's row."""
-    return {"weights": dict(zip(shards.domains, map(float, weights))), "model": cfg.model.model_dump(),
-            "main": cfg.main.model_dump(), "tokens": tokens or cfg.main.total_tokens, "seed": seed,
-            "data_seed": data_seed, "caps": shards.cap_tokens(cfg), **labels}
+              model: ModelSection | None = None, **labels) -> FixedJob:
+    """A run_fixed_jobs job: `model` (default cfg.model) trained for cfg's main budget (or `tokens`)
+    on fixed `weights` (a dict per domain, or values in shards.domains order), init and split seed
+    `seed`, data order `data_seed`, cfg's repetition caps; labels (init_path, save_path, schedule,
+    eval_tokens, or names copied into the job's row) are passed through."""
+    w = dict(weights) if isinstance(weights, dict) else dict(zip(shards.domains, map(float, weights)))
+    return FixedJob(weights=w, model=(model or cfg.model).model_dump(), main=cfg.main.model_dump(),
+                    tokens=tokens or cfg.main.total_tokens, seed=seed, data_seed=data_seed,
+                    caps=shards.cap_tokens(cfg), **labels)
 
 
-def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
+def _fixed_trainable(config: dict, jobs: list[FixedJob], shards) -> dict:
     from opmix_ray.model import set_threads
     set_threads(1)
     job = jobs[config["job"]]
@@ -150,7 +169,7 @@ def _fixed_trainable(config: dict, jobs: list[dict], shards) -> dict:
             **{f"drawn_{d}": v for d, v in out["drawn"].items()}}
 
 
-def run_fixed_jobs(jobs: list[dict], shards, storage_path: str, name: str, max_concurrent: int = 2,
+def run_fixed_jobs(jobs: list[FixedJob], shards, storage_path: str, name: str, max_concurrent: int = 2,
                    on_row=None) -> list[dict]:
     """Run fixed-mixture training jobs as Ray Tune trials; returns one row per job, in job order.
 

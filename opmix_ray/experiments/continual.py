@@ -133,10 +133,10 @@ def fixed_plans(cfg: ExperimentConfig, doms, train_tokens: dict[str, int], steps
                         sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), pretrained)}
 
 
-def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage) -> dict:
-    return {"weights": weights, "model": cfg.model.model_dump(), "main": cfg.main.model_dump(),
-            "tokens": tokens, "seed": cfg.run.seed, "caps": shards.cap_tokens(cfg), "init_path": init,
-            "save_path": save, "method": method, "stage": stage}
+def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage):
+    from opmix_ray.training import fixed_job
+    return fixed_job(cfg, cfg.run.seed, shards, weights, tokens=tokens, init_path=init, save_path=save,
+                     method=method, stage=stage)
 
 
 def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:

@@ -78,11 +78,11 @@ class BaselineContext:
     def rng(self, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
 
-    def proxy_job(self, weights: np.ndarray, tokens: int | None = None, **labels) -> dict:
-        return {"weights": dict(zip(self.shards.domains, map(float, weights))),
-                "model": self.cfg.bench.proxy_model.model_dump(), "main": self.cfg.main.model_dump(),
-                "tokens": tokens or self.cfg.bench.proxy_tokens, "seed": self.seed,
-                "caps": self.shards.cap_tokens(self.cfg), **labels}
+    def proxy_job(self, weights: np.ndarray, tokens: int | None = None, **labels):
+        """A proxy run (bench.proxy_model for bench.proxy_tokens) on fixed weights, as a FixedJob."""
+        from opmix_ray.training import fixed_job
+        return fixed_job(self.cfg, self.seed, self.shards, weights, tokens=tokens or self.cfg.bench.proxy_tokens,
+                         model=self.cfg.bench.proxy_model, **labels)
 
     @property
     def swarm(self) -> Swarm:
