@@ -196,6 +196,7 @@ def test_a_stopped_bench_keeps_the_rows_it_finished_only_for_the_same_setting(tm
     write_json(tmp_path / "rows_partial.json", {"fingerprint": fingerprint(cfg), "rows": rows})
     seeds0 = cfg.model_copy(deep=True)
     seeds0.bench.seeds, seeds0.bench.methods = [0], ["uniform", "opmix"]  # which rows to make: not the setting
+    seeds0.schedule.methods = ["opmix", "naive"]  # the continual stages: no bench row reads them
     assert finished_rows(seeds0, tmp_path) == rows[:1]
     other = cfg.model_copy(deep=True)
     other.main.lr *= 2  # another setting: nothing kept

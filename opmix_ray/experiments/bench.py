@@ -55,6 +55,7 @@ def fingerprint(cfg: ExperimentConfig) -> dict:
     d = cfg.model_dump(mode="json")
     which = ("seeds", "methods", "oracle_runs", "noise_orders", "fidelity_mixtures", "max_concurrent")
     d["bench"] = {k: v for k, v in d["bench"].items() if k not in which}
+    d.pop("schedule", None)  # the continual stages: no bench row reads them
     return d
 
 
