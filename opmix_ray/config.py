@@ -216,6 +216,9 @@ class RaySection(Section):
                          "a dashboard (what it listens on: cluster/README.md).")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
                                  "main.cpus_per_worker (the main run idles while a round runs).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs a local Ray declares; null = the GPUs Ray finds on "
+                                 "this machine. Declared GPUs that are not there rehearse a placement: the processes "
+                                 "granted one run on the CPU.")
 
 
 class Config(Section):

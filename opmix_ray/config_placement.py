@@ -57,6 +57,10 @@ def placement_problem(cfg) -> str | None:
             return (f"model.device: cuda runs every part of a run on a GPU, but placement.{idle[0]} is 0 "
                     f"(fix: give {', '.join('placement.' + f for f in idle)} a GPU share such as 0.25, "
                     "or model.device: auto to run those parts on CPUs)")
+    if cfg.main.num_workers > 1 and 0 < p.main_gpus < 1:
+        # Ray packs fractions onto one GPU, and DDP's nccl refuses two ranks on one GPU
+        return (f"placement.main_gpus={p.main_gpus:g} with main.num_workers: {cfg.main.num_workers} would put several "
+                "DDP workers on one GPU, which nccl refuses (fix: placement.main_gpus: 1, or main.num_workers: 1)")
     if cfg.search.scorer_pool and p.trial_gpus > 0:
         # a pooled scorer is a separate process holding no Ray resources: it cannot use the trial's GPU
         return (f"search.scorer_pool: true scores in processes that hold no GPU, but placement.trial_gpus="

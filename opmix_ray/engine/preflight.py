@@ -306,7 +306,7 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
     nodes: each alive node's resources (cluster_nodes()); None = the Ray this process joined, or
     the local Ray this config starts (ray.num_cpus, or the cores plus the main run's CPUs) before
     it starts; a cluster not joined yet (ray.address) is checked by the driver once joined, and so
-    are the GPUs of a local Ray, which Ray finds when it starts. GPUs: engine/placement.py."""
+    are the GPUs of a local Ray that Ray finds when it starts (ray.num_gpus: null). GPUs: engine/placement.py."""
     import ray
 
     from opmix_ray.engine.placement import gpu_problem
@@ -318,7 +318,8 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
         elif joins_cluster(cfg):
             return
         else:
-            nodes, gpus_known = [{"CPU": float(local_cpus(cfg))}], False
+            gpus = cfg.ray.num_gpus
+            nodes, gpus_known = [{"CPU": float(local_cpus(cfg)), "GPU": float(gpus or 0)}], gpus is not None
     problem = gpu_problem(cfg, nodes) if gpus_known else None
     if problem:
         raise ConfigError(problem)
