@@ -16,11 +16,11 @@ import os
 from typing import TYPE_CHECKING
 
 import ray
-import torch
 
 from opmix_ray.config import Config
 
-if TYPE_CHECKING:  # imported where used: a search trial process needs only the device functions
+if TYPE_CHECKING:  # imported where used: the preflight's checks need neither torch nor Ray Train
+    import torch
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -95,6 +95,7 @@ def worker_device(cfg: Config, share: float) -> torch.device:
 def granted_device(share: float, pref: str = "auto") -> torch.device:
     """The GPU Ray granted this process when its role's share is > 0 and torch sees a CUDA device here,
     else the CPU (pref: model.device; cuda refuses the fallback, cpu never takes a GPU)."""
+    import torch
     ids = [str(i) for i in ray.get_gpu_ids()] if share > 0 and pref != "cpu" and ray.is_initialized() else []
     if ids and torch.cuda.is_available():
         # Ray narrows CUDA_VISIBLE_DEVICES to the granted GPUs (Ray Train: to those of the node's
