@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from opmix_ray.config_base import SAFE_NAME, Section, name_problem  # noqa: F401 (re-exported)
+from opmix_ray.config_placement import PlacementSection, placement_problem
 from opmix_ray.config_round import AdaptersSection, DecisionSection, SearchSection
 from opmix_ray.errors import ConfigError
 from opmix_ray.yaml_load import safe_load_unique
@@ -116,7 +117,10 @@ class ModelSection(Section):
     num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size into heads of an even "
                            "width: rotary position embeddings turn pairs of dimensions).")
     intermediate_size: int = Field(384, gt=0, description="MLP width.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present, else cpu.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a process that placement.* gives a "
+                                                   "GPU share uses it (cuda, when torch sees it there), every other "
+                                                   "one the CPU; cpu: CPUs only; cuda: every part on a GPU (each "
+                                                   "placement.*_gpus > 0). A trainer of your own: cuda if present.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16: matmuls of the main run, the "
                                                        "adapters and their evaluation autocast to bfloat16 (weights, "
                                                        "optimizer state and the loss stay fp32); auto = bf16 on "
@@ -142,8 +146,8 @@ class MainSection(Section):
                             "accumulation steps (the global batch): the run's steps, rounds and draws do "
                             "not depend on how it is split.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers of the main run (DDP: gloo on CPU, "
-                             "nccl on GPU). Each holds main.cpus_per_worker CPUs (a GPU each on a GPU "
-                             "cluster) and trains batch_size / (num_workers x grad_accum_steps) sequences "
+                             "nccl on GPU). Each holds main.cpus_per_worker CPUs (and placement.main_gpus "
+                             "GPUs) and trains batch_size / (num_workers x grad_accum_steps) sequences "
                              "per micro-step.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step on each worker "
                                   "(gradients summed before the step): the same global batch in less memory.")
@@ -212,6 +216,9 @@ class RaySection(Section):
                          "a dashboard (what it listens on: cluster/README.md).")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for local Ray; null = cores + "
                                  "main.cpus_per_worker (the main run idles while a round runs).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs a local Ray declares; null = the GPUs Ray finds on "
+                                 "this machine. Declared GPUs that are not there rehearse a placement: the processes "
+                                 "granted one run on the CPU.")
 
 
 class Config(Section):
@@ -225,6 +232,7 @@ class Config(Section):
     decision: DecisionSection = Field(default_factory=DecisionSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     ray: RaySection = Field(default_factory=RaySection)
+    placement: PlacementSection = Field(default_factory=PlacementSection)
 
     # Sections of a config file that only `opmix-ray bench` and `opmix-ray continual` read
     # (opmix_ray/experiments/experiment_config.py validates them). A run skips them, so one file serves both,
@@ -242,6 +250,8 @@ class Config(Section):
             if bad or not sum(self.search.objective_weights.values()) > 0:
                 raise ValueError(f"search.objective_weights={self.search.objective_weights} needs finite "
                                  "weights >= 0 with a positive sum (fix: e.g. {python: 1.0})")
+        if problem := placement_problem(self):
+            raise ValueError(problem)
         return self
 
     def to_yaml(self) -> str:

@@ -16,16 +16,27 @@ from opmix_ray.data.tokenizer import write_checkpoint_files
 
 
 def pick_device(pref: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """(device, autocast dtype or None for fp32) for model.device and model.precision."""
+    """(device, autocast dtype or None for fp32) for model.device and model.precision, in a process
+    outside the engine's placement (a trainer of your own); the engine's workers take theirs from
+    engine/placement.py."""
     device = torch.device("cuda") if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else \
         torch.device("cpu")
+    return device, autocast_for(device, precision)
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype model.precision means on `device` (None: fp32)."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return device, torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if bf16 else None
 
 
-def on_device(model, model_cfg: ModelSection):
-    """`model` moved to model.device, its forward passes in lm_loss autocast as model.precision says."""
-    device, dtype = pick_device(model_cfg.device, model_cfg.precision)
+def on_device(model, model_cfg: ModelSection, device: torch.device | None = None):
+    """`model` moved to `device` (None: model.device, as pick_device says), its forward passes in
+    lm_loss autocast as model.precision says on that device."""
+    if device is None:
+        device, dtype = pick_device(model_cfg.device, model_cfg.precision)
+    else:
+        dtype = autocast_for(device, model_cfg.precision)
     model = model.to(device)
     model._opmix_autocast = dtype  # read through PEFT and DDP wrappers by autocast_dtype
     return model

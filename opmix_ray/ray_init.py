@@ -73,5 +73,5 @@ def _init_local(cfg: Config) -> None:
     cpus = local_cpus(cfg)
     # No dashboard. Ray cannot be kept on loopback: ray.init turns 127.0.0.1 into the machine's
     # routable address and its servers bind every interface (cluster/README.md, tests/test_security.py).
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbosity() == "verbose",
-             logging_level="INFO" if verbosity() == "verbose" else "ERROR")
+    ray.init(num_cpus=cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+             log_to_driver=verbosity() == "verbose", logging_level="INFO" if verbosity() == "verbose" else "ERROR")

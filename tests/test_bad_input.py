@@ -269,6 +269,10 @@ CASES = [
     ("main-workers-beyond-the-cluster", "main.num_workers", lambda tmp, cfg, data: (
         cfg["main"].update(num_workers=8), cfg.update(ray={"num_cpus": 4}), ["run", _write(tmp, cfg)])[-1]),
     ("adapter-workers-beyond-the-cluster", "adapters.num_workers", _with("adapters", num_workers=10_000)),
+    ("gpus-beyond-the-cluster", "placement.main_gpus", lambda tmp, cfg, data: (
+        cfg.update(placement={"main_gpus": 1}, ray={"num_gpus": 0}), ["run", _write(tmp, cfg)])[-1]),
+    ("round-gpus-beside-a-main-run-holding-the-gpu", "placement.trial_gpus", lambda tmp, cfg, data: (
+        cfg.update(placement={"main_gpus": 1, "trial_gpus": 0.5}, ray={"num_gpus": 1}), ["run", _write(tmp, cfg)])[-1]),
     # model shapes the architecture cannot build
     ("head-width-odd", "model", _with("model", hidden_size=6, num_heads=2)),
     ("checkpoint-kv-heads-not-dividing", "model.path", lambda tmp, cfg, data: (

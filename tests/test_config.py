@@ -166,7 +166,7 @@ def test_config_help_lists_every_section_and_field():
             assert any(line.startswith(f"  {name}: ") for line in lines), (section, name)
             assert field.description and field.description in text
     assert set(Config.model_fields) == {"run", "data", "model", "main", "rounds", "adapters", "search", "decision",
-                                        "tracking", "ray"}
+                                        "tracking", "ray", "placement"}
     assert set(ExperimentConfig.model_fields) == set(Config.model_fields) | set(Config.experiment_sections)
 
 

@@ -25,7 +25,7 @@ import ray
 import ray.train
 import torch
 from peft import LoraConfig, get_peft_model
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from opmix_ray import rundir
@@ -33,8 +33,9 @@ from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.engine.faults import alive_nodes, lost_since, on_driver_node
+from opmix_ray.engine.placement import adapter_scaling, adapter_torch_config, adapter_workers, worker_device
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import lm_loss, load_checkpoint, n_params, on_device, pick_device, set_threads
+from opmix_ray.model import lm_loss, load_checkpoint, n_params, on_device, set_threads
 from opmix_ray.storage import write_json
 from opmix_ray.training import optimizer_step
 
@@ -106,11 +107,11 @@ def lora_config(cfg: Config, model) -> LoraConfig:
 
 
 def train_one(cfg: Config, shards, base_path: str, name: str, weights: dict, seeds: tuple[int, int], lr: float,
-              device="cpu") -> dict:
+              device: torch.device = torch.device("cpu")) -> dict:
     """One LoRA adapter (adapters.kind: full: one fully fine-tuned component model) on `base_path`
     trained on mixture `weights`; returns the model and stats."""
     init_seed, seed = seeds
-    model = on_device(load_checkpoint(base_path), cfg.model)
+    model = on_device(load_checkpoint(base_path), cfg.model, device)
     full = cfg.adapters.kind == "full"
     if not full:
         torch.manual_seed(init_seed)  # LoRA's A is drawn from torch's global RNG
@@ -156,8 +157,8 @@ def adapter_loop(loop_cfg: dict) -> None:
     shards = ray.get(loop_cfg["shards_ref"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(loop_cfg["cpus_per_worker"])
-    device, _ = pick_device(cfg.model.device, cfg.model.precision)
+    set_threads(cfg.placement.adapter_cpus)
+    device = worker_device(cfg, cfg.placement.adapter_gpus)
     with tempfile.TemporaryDirectory() as tmp:
         for name, weights in loop_cfg["plan"][rank::world]:
             t0 = time.time()
@@ -190,19 +191,16 @@ ADAPTER_NODE_RETRIES = 1  # reruns of a round's adapter job after a node died un
 
 
 def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int, run_dir: str, lr: float):
-    # Workers follow the CPUs free now, so a rerun after a node loss fits on what is left.
-    free = int(ray.available_resources().get("CPU", 1))
     from ray.util.queue import Queue
     # each worker puts an adapter's name when it is saved; on the driver's node, which a run never loses
     done = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_driver_node()})
-    workers = cfg.adapters.num_workers or max(1, min(len(plan), free))
+    workers = adapter_workers(cfg, len(plan), ray.available_resources())
     trainer = TorchTrainer(
         adapter_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref, "plan": plan,
-                           "base_path": base_path, "round": round_idx, "cpus_per_worker": 1, "lr": lr,
+                           "base_path": base_path, "round": round_idx, "lr": lr,
                            "run_dir": run_dir, "progress": done},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available(),
-                                     resources_per_worker={"CPU": 1}),
+        scaling_config=adapter_scaling(cfg, workers), torch_config=adapter_torch_config(),
         # controller_failure_limit: Train's default retries a worker group that cannot start
         # forever, which after a node loss means a hang; one more try, then it is ours to handle.
         run_config=RunConfig(storage_path=run_dir, name=rundir.adapters_job(round_idx),

@@ -27,8 +27,9 @@ import numpy as np
 from opmix_ray.config import Config
 from opmix_ray.engine.adapters import REPLICATE, adapter_seeds, train_one
 from opmix_ray.engine.decision import adapter_noise_var, paired_se, weighted
+from opmix_ray.engine.placement import confirm_options, worker_device
 from opmix_ray.evaluate import window_losses
-from opmix_ray.model import load_checkpoint, on_device, pick_device, set_threads
+from opmix_ray.model import load_checkpoint, on_device, set_threads
 
 
 def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, float], lr: float, round_idx: int,
@@ -38,7 +39,7 @@ def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, floa
     from peft import PeftModel
 
     set_threads(cpus)
-    device, _ = pick_device(cfg.model.device, cfg.model.precision)
+    device = worker_device(cfg, cfg.placement.confirm_gpus)
     t0 = time.time()
     out = train_one(cfg, shards, base_path, "confirm", mixture, adapter_seeds(cfg, round_idx, "old"), lr, device)
     tokens = cfg.search.eval_tokens_per_domain
@@ -47,8 +48,8 @@ def confirm_windows(cfg: Config, shards, base_path: str, mixture: dict[str, floa
            "train_s": time.time() - t0, "tokens": out["tokens"], "drawn": out["drawn"]}
     for name in ("old", REPLICATE):
         if name in adapter_dirs:
-            model = on_device(load_checkpoint(adapter_dirs[name]), cfg.model) if cfg.adapters.kind == "full" else \
-                PeftModel.from_pretrained(on_device(load_checkpoint(base_path), cfg.model), adapter_dirs[name])
+            model = on_device(load_checkpoint(adapter_dirs[name]), cfg.model, device) if cfg.adapters.kind == "full" \
+                else PeftModel.from_pretrained(on_device(load_checkpoint(base_path), cfg.model, device), adapter_dirs[name])
             res[name] = window_losses(model, val, max_tokens=tokens, device=device)
     return res
 
@@ -76,15 +77,16 @@ def confirm_rule(windows: dict, weights: dict[str, float], k: float) -> tuple[bo
 
 def confirm_move(cfg: Config, shards_ref, base_path: str, mixture: dict[str, float], lr: float, round_idx: int,
                  adapter_dirs: dict[str, str], weights: dict[str, float]) -> tuple[bool, str, dict]:
-    """Train and score the confirmation adapter as one Ray task holding the CPUs free now (the main run
-    idles during a round); (move?, reason, figures incl. wall_s and the adapter's tokens)."""
+    """Train and score the confirmation adapter as one Ray task holding what placement.confirm_* says
+    (by default the CPUs free now: the main run idles during a round); (move?, reason, figures incl.
+    wall_s and the adapter's tokens)."""
     import ray
-    import torch
 
     t0 = time.time()
-    cpus = max(1, min(8, int(ray.available_resources().get("CPU", 1))))
-    task = ray.remote(num_cpus=cpus, num_gpus=int(torch.cuda.is_available()))(confirm_windows)
-    windows = ray.get(task.remote(cfg, shards_ref, base_path, mixture, lr, round_idx, adapter_dirs, cpus))
+    options = confirm_options(cfg, ray.available_resources())
+    task = ray.remote(**options)(confirm_windows)
+    windows = ray.get(task.remote(cfg, shards_ref, base_path, mixture, lr, round_idx, adapter_dirs,
+                                  options["num_cpus"]))
     moved, reason, figures = confirm_rule(windows, weights, cfg.decision.k)
     return moved, reason, {**figures, "wall_s": time.time() - t0, "train_s": windows["train_s"],
                            "tokens": windows["tokens"], "drawn": windows["drawn"]}

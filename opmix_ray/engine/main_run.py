@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, RunConfig
 from ray.train.torch import TorchTrainer
 
 from opmix_ray import rundir
@@ -28,12 +28,13 @@ from opmix_ray.data.feed import OpMixSampler
 from opmix_ray.data.tokenizer import write_checkpoint_files
 from opmix_ray.engine.controller import controller_name
 from opmix_ray.engine.faults import on_driver_node
+from opmix_ray.engine.placement import main_scaling, main_torch_config, worker_device
 from opmix_ray.engine.ranks import from_rank0, gather_on_rank0, mean_over_ranks, rank_rows
 from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.tracking import MainRunLog
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import build_model, load_checkpoint, n_params, on_device, pick_device, set_threads
+from opmix_ray.model import build_model, load_checkpoint, n_params, on_device, set_threads
 from opmix_ray.rundir import STATE_JSON, STATE_TENSORS
 from opmix_ray.storage import atomic_write_bytes
 from opmix_ray.training import accumulated_step, make_optimizer
@@ -150,16 +151,14 @@ def main_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(cfg.main.cpus_per_worker)
-    device, _ = pick_device(cfg.model.device, cfg.model.precision)
-    if device.type == "cuda" and world > 1:
-        device = ray.train.torch.get_device()  # this worker's own GPU
+    device = worker_device(cfg, cfg.placement.main_gpus)  # this worker's own GPU, or the CPU
     resume = loop_cfg.get("resume")
     ckpt = checkpoint_path(loop_cfg["run_dir"], resume["round"]) if resume else None
     if resume:
-        model = on_device(load_checkpoint(ckpt), cfg.model).to(device)
+        model = on_device(load_checkpoint(ckpt), cfg.model, device)
         model.train()
     else:
-        model = on_device(build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed), cfg.model).to(device)
+        model = on_device(build_model(cfg.model, shards.vocab_size, shards.seq_len, seed=cfg.run.seed), cfg.model, device)
     plain = model  # rank 0 evaluates and saves the module itself, never through DDP's collectives
     if world > 1:
         # the only buffers are rotary frequencies, equal on every rank: no broadcast per forward
@@ -325,8 +324,7 @@ def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, resum
         main_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref,
                            "run_dir": run_dir, "namespace": namespace, "resume": resume},
-        scaling_config=ScalingConfig(num_workers=cfg.main.num_workers, use_gpu=torch.cuda.is_available(),
-                                     resources_per_worker={"CPU": cfg.main.cpus_per_worker}),
+        scaling_config=main_scaling(cfg), torch_config=main_torch_config(cfg),
         run_config=RunConfig(storage_path=run_dir, name=rundir.MAIN),
     )
     # pinned to the driver's node: Train puts its controller where fit() is called (engine/faults.py)

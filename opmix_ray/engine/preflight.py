@@ -305,17 +305,24 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
 
     nodes: each alive node's resources (cluster_nodes()); None = the Ray this process joined, or
     the local Ray this config starts (ray.num_cpus, or the cores plus the main run's CPUs) before
-    it starts; a cluster not joined yet (ray.address) is checked by the driver once joined."""
+    it starts; a cluster not joined yet (ray.address) is checked by the driver once joined, and so
+    are the GPUs of a local Ray that Ray finds when it starts (ray.num_gpus: null). GPUs: engine/placement.py."""
     import ray
 
+    from opmix_ray.engine.placement import gpu_problem
     from opmix_ray.ray_init import joins_cluster, local_cpus
+    gpus_known = True
     if nodes is None:
         if ray.is_initialized():
             nodes = cluster_nodes()
         elif joins_cluster(cfg):
             return
         else:
-            nodes = [{"CPU": float(local_cpus(cfg))}]
+            gpus = cfg.ray.num_gpus
+            nodes, gpus_known = [{"CPU": float(local_cpus(cfg)), "GPU": float(gpus or 0)}], gpus is not None
+    problem = gpu_problem(cfg, nodes) if gpus_known else None
+    if problem:
+        raise ConfigError(problem)
     cpus = [float(n.get("CPU", 0.0)) for n in nodes]
     total, largest = sum(cpus), max(cpus, default=0.0)
     has = f"the cluster has {total:g} CPUs" + (f", at most {largest:g} on one node" if len(cpus) > 1 else "")
@@ -340,11 +347,16 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
         raise ConfigError(f"config error at search.cpus_per_trial: {trial:g} CPUs per trial, but {has} and the main "
                           f"run holds {held:g} of them while a round runs, so a trial could never start (fix: at most "
                           f"{min(left, largest):g}, {more})")
+    p = cfg.placement
+    for field, cpus in (("placement.adapter_cpus", p.adapter_cpus), ("placement.confirm_cpus", p.confirm_cpus or 0)):
+        if cpus > min(left, largest):
+            raise ConfigError(f"config error at {field}: {cpus:g} CPUs, but {has} and the main run holds {held:g} of "
+                              f"them while a round runs (fix: at most {min(left, largest):g}, {more})")
     workers = cfg.adapters.num_workers
-    if workers is not None and workers > left:
-        raise ConfigError(f"config error at adapters.num_workers: {workers} adapter workers of 1 CPU each, but {has} "
-                          f"and the main run holds {held:g} of them while a round runs (fix: at most {left:g}, or null "
-                          f"to use the CPUs free, {more})")
+    if workers is not None and workers * p.adapter_cpus > left:
+        raise ConfigError(f"config error at adapters.num_workers: {workers} adapter workers of {p.adapter_cpus:g} CPU(s) "
+                          f"each, but {has} and the main run holds {held:g} of them while a round runs (fix: at most "
+                          f"{int(left // p.adapter_cpus)}, or null to use the CPUs free, {more})")
 
 
 def preflight(cfg: Config, overwrite: bool = False) -> tuple[Path, TokenShards]:

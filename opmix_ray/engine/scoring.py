@@ -12,13 +12,14 @@ from ray import tune
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from opmix_ray.engine.merge import MergedModel
+from opmix_ray.engine.placement import granted_device
 from opmix_ray.evaluate import domain_losses, objective
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import set_threads
 from opmix_ray.searchers import METRIC
 from search_spaces import SimplexSpace
 
-_CACHE: dict = {}  # per trial-actor process: round key -> MergedModel (reuse_actors=True keeps it)
+_CACHE: dict = {}  # per trial-actor process: (round key, device) -> MergedModel (reuse_actors=True keeps it)
 
 
 def candidate_mixture(c, a: np.ndarray) -> Mixture:
@@ -26,34 +27,39 @@ def candidate_mixture(c, a: np.ndarray) -> Mixture:
     return expand_collapsed(c.coords, a, c.current)
 
 
-def merged_model(c) -> MergedModel:
-    if c.key not in _CACHE:
+def merged_model(c, device: torch.device = torch.device("cpu")) -> MergedModel:
+    """The round's base model with its adapters' deltas, on `device` (built once per process and device)."""
+    key = (c.key, str(device))
+    if key not in _CACHE:
         _CACHE.clear()
         conf = AutoConfig.for_model(**c.model_config)
         model = AutoModelForCausalLM.from_config(conf)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in c.base_state.items()}, strict=True)
-        _CACHE[c.key] = MergedModel(model.eval(), c.stacked, c.norm_to)
-    return _CACHE[c.key]
+        # moved before the merge holds the base weights: dense deltas then merge on the device too
+        _CACHE[key] = MergedModel(model.to(device).eval(), c.stacked, c.norm_to)
+    return _CACHE[key]
 
 
-def score(c, a: np.ndarray) -> dict:
-    """Merge with weights a, evaluate, return the trial's metrics."""
-    mm = merged_model(c)
+def score(c, a: np.ndarray, device: torch.device = torch.device("cpu")) -> dict:
+    """Merge with weights a, evaluate on `device`, return the trial's metrics."""
+    mm = merged_model(c, device)
     mm.apply(c.full(a))
-    losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens)
+    losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens, device=device)
     mix = candidate_mixture(c, a)
     return {METRIC: objective(losses, c.objective_weights), **{f"loss_{d}": v for d, v in losses.items()},
             **{f"mix_{d}": w for d, w in mix.as_dict().items()}, **{f"a_{k}": float(x) for k, x in zip(c.coords, a)}}
 
 
-def score_all(c, params: list[dict], cpus: float) -> list[dict]:
-    """Trial configs (the space's params) scored in order with one torch thread per CPU held."""
+def score_all(c, params: list[dict], cpus: float, gpus: float = 0.0, device_pref: str = "auto") -> list[dict]:
+    """Trial configs (the space's params) scored in order with one torch thread per CPU held, on the
+    GPU the trial was granted (placement.trial_gpus = gpus > 0; device_pref: model.device), else the CPU."""
     set_threads(cpus)
+    device = granted_device(gpus, device_pref)
     space = c.space or SimplexSpace(c.coords)
-    return [score(c, space.weights(p)) for p in params]
+    return [score(c, space.weights(p), device) for p in params]
 
 
-def merged_trial(config: dict, candidates, cpus: float) -> None:
+def merged_trial(config: dict, candidates, cpus: float, gpus: float = 0.0, device_pref: str = "auto") -> None:
     """The Tune trainable: one candidate, one merge, one evaluation."""
-    (row,) = score_all(candidates, [config], cpus)
+    (row,) = score_all(candidates, [config], cpus, gpus, device_pref)
     tune.report({**row, "node_id": ray.get_runtime_context().get_node_id()})

@@ -21,6 +21,7 @@ from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
 from opmix_ray.engine.candidates import Candidates, trial_weights
+from opmix_ray.engine.placement import trial_resources
 from opmix_ray.engine.rerun import ActorDeaths, RetryCounter, candidate_records, rescore
 from opmix_ray.engine.scoring import candidate_mixture, merged_trial
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial, start_scorers
@@ -153,5 +154,6 @@ def _trainable(cfg: Config, candidates: Candidates):
         fn = tune.with_parameters(pooled_trial, box=[ray.put(candidates), candidates.key], cpus=cpus)
     else:
         fn = tune.with_parameters(merged_trial if cfg.search.candidates_per_trial == 1 else batch_trial,
-                                  candidates=candidates, cpus=cpus)
-    return tune.with_resources(fn, {"cpu": cpus}), pool
+                                  candidates=candidates, cpus=cpus, gpus=cfg.placement.trial_gpus,
+                                  device_pref=cfg.model.device)
+    return tune.with_resources(fn, trial_resources(cfg)), pool

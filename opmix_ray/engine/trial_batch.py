@@ -102,10 +102,11 @@ def _report(config: dict, rows: list[dict]) -> None:
     tune.report(pack(rows, extra) if BATCH in config else {**rows[0], **extra})
 
 
-def batch_trial(config: dict, candidates, cpus: float) -> None:
-    """The Tune trainable for k > 1 in the trial's own process: the batch's candidates in order."""
+def batch_trial(config: dict, candidates, cpus: float, gpus: float = 0.0, device_pref: str = "auto") -> None:
+    """The Tune trainable for k > 1 in the trial's own process: the batch's candidates in order, on
+    the trial's device (engine/scoring.py)."""
     from opmix_ray.engine.scoring import score_all
-    _report(config, score_all(candidates, _params(config), cpus))
+    _report(config, score_all(candidates, _params(config), cpus, gpus, device_pref))
 
 
 def pooled_trial(config: dict, box: list, cpus: float) -> None:
