@@ -25,15 +25,18 @@ def main() -> int:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_bf16_flops(name)
     print(f"device: {name}; dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name}; peak unknown")
-    print("| run | main tokens | train s | tokens/s | MFU |\n|---|---|---|---|---|")
+    print("| run | main tokens | train s | tokens/s | MFU | candidates/s per round | search / main FLOPs |\n"
+          "|---|---|---|---|---|---|---|")
     for summary in sorted((out / "runs").glob("*/summary.json")):
         s = json.loads(summary.read_text())
         if not s.get("main_train_s"):
             continue
         n = s["main_flops"] / (6.0 * s["main_tokens"])
         u = mfu(n, s["main_tokens"], s["main_train_s"], peak)
+        rates = ", ".join(f"{r:.2f}" for r in s.get("candidates_per_s") or [] if r) or "-"
         print(f"| {s['run']} | {s['main_tokens']} | {s['main_train_s']:.1f} | {s['main_tokens_per_s']:.0f} | "
-              + (f"{100 * u:.1f}% |" if u is not None else "- |"))
+              + (f"{100 * u:.1f}% |" if u is not None else "- |")
+              + f" {rates} | {s['search_flops'] / s['main_flops']:.2f} |")
     print()
     print((out / "results.md").read_text())
     return 0

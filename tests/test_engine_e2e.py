@@ -56,6 +56,7 @@ def test_history_is_complete(tiny_run):
     # step timing for tokens/s and MFU: inside the run's wall time, every trained token counted
     assert 0 < summary["main_train_s"] < summary["wall_s"] and summary["main_tokens"] == h["final"]["tokens"]
     assert summary["main_tokens_per_s"] == pytest.approx(summary["main_tokens"] / summary["main_train_s"])
+    assert summary["candidates_per_s"] == pytest.approx([r["n_trials"] / r["wall_s"]["search"] for r in h["rounds"]])
     run_dir = summary["run_dir"]
     for name in ("history.parquet", "summary.json", "config.yaml", "data_manifest.json",
                  "rounds/round_0_trials.parquet", "main/round_0/model.safetensors",

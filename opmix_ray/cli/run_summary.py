@@ -19,6 +19,9 @@ def print_run(summary: dict, baseline: dict | None = None, cfg=None) -> None:
             print(objective_line(summary, baseline, weights, *measured_noise(cfg, weights)))
     print(f"search FLOPs {summary['search_flops']:.3g} vs main-run FLOPs {summary['main_flops']:.3g}; "
           f"wall {summary['wall_s']:.0f}s")
+    rates = [f"round {k}: {r:.2f}" for k, r in enumerate(summary.get("candidates_per_s") or []) if r]
+    if rates:
+        print(f"candidates scored per second of search: {', '.join(rates)}")
     print(f"plot: {png}\nhistory: {summary['run_dir']}/{rundir.HISTORY} (+ {rundir.HISTORY_PARQUET})")
 
 

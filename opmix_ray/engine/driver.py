@@ -289,6 +289,8 @@ def finish(cfg: Config, store: RunStore, shards, history: dict, current: Mixture
                "search_flops": sum(r["flops"]["adapters"] + r["flops"]["search"] for r in history["rounds"]),
                "main_train_s": final.get("train_s", 0.0), "main_tokens": final["tokens"],
                "main_tokens_per_s": final["tokens"] / final["train_s"] if final.get("train_s") else None,
+               "candidates_per_s": [r["n_trials"] / r["wall_s"]["search"] if r["wall_s"].get("search") else None
+                                    for r in history["rounds"]],  # per round: the search's throughput
                "wall_s": time.time() - t_start}
     if unapplied:
         summary["unapplied_domain_changes"] = unapplied
