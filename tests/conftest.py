@@ -34,7 +34,7 @@ def experiment_results(tmp_path):
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def good_data(tmp_path_factory) -> Path:
     """Two small real-text domains (a slice of the bundled corpus): enough for the base config."""
     d = tmp_path_factory.mktemp("data")
