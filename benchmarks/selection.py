@@ -1,7 +1,7 @@
 """Which way of picking the mixture from merged candidates trains better: TPE's argmin or the mixing law.
 
     .venv/bin/python benchmarks/selection.py --levers bench_runs/levers_v2 --seeds 0 1
-        # the default proxy's adapters (--variant): ~15 min on 2 cores once the levers exist
+        # the default proxy's adapters (--variant); 24 exact 240-step continuations: about an hour on 2 cores
 
 On each base run's round 0 (made by benchmarks/fidelity_levers.py in --levers), with one proxy
 variant's adapters and per objective (mean, target):
