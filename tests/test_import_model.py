@@ -64,6 +64,7 @@ def test_the_smollm2_continual_config_tokenizes_with_the_models_tokenizer(smollm
     from opmix_ray.experiments.continual import check_schedule
     cfg = load_experiment_config("opmix_ray/configs/continual_smollm2.yaml",
                                  {"model": {"path": str(smollm2_dir), "device": "cpu"},
+                                  "placement": {"main_gpus": 0, "adapter_gpus": 0, "trial_gpus": 0, "confirm_gpus": 0},
                                   "run": {"storage_path": str(tmp_path)}})
     cfg.data.domains = check_schedule(cfg)[-1]
     shards = build_shards(cfg)
