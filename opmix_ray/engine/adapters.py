@@ -153,7 +153,7 @@ def _base_relative_to_run(adapter_dir: str, base_path: str, run_dir: str) -> Non
 
 def adapter_loop(loop_cfg: dict) -> None:
     """Ray Train worker loop: rank r trains its share of the plan and reports them as one checkpoint."""
-    cfg = Config.model_validate(loop_cfg["config"])
+    cfg: Config = loop_cfg["config"]
     shards = ray.get(loop_cfg["shards_ref"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -197,7 +197,7 @@ def _fit_adapters(cfg: Config, shards_ref, base_path: str, plan, round_idx: int,
     workers = adapter_workers(cfg, len(plan), ray.available_resources())
     trainer = TorchTrainer(
         adapter_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref, "plan": plan,
+        train_loop_config={"config": cfg, "shards_ref": shards_ref, "plan": plan,
                            "base_path": base_path, "round": round_idx, "lr": lr,
                            "run_dir": run_dir, "progress": done},
         scaling_config=adapter_scaling(cfg, workers), torch_config=adapter_torch_config(),

@@ -15,6 +15,7 @@ import asyncio
 import ray
 
 from opmix_ray import rundir
+from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.mixture import Mixture
 from opmix_ray.storage import RunStore
 
@@ -47,8 +48,8 @@ class MixtureController:
         self.meta = dict(meta or {})
         self.history: list[dict] = [dict(r) for r in history or []]
         self.version = self.history[-1]["mixture_version"] if self.history else 0
-        self.boundaries: dict[int, dict] = {}
-        self.final: dict | None = None
+        self.boundaries: dict[int, BoundaryInfo] = {}
+        self.final: dict | None = None  # the end of run's BoundaryInfo, as history.json records it
         self._boundary_evt: dict[int, asyncio.Event] = {}
         self._push_evt: dict[int, asyncio.Event] = {}
         self.progress: list[dict] = []
@@ -63,7 +64,7 @@ class MixtureController:
         return self.version, self.mixture
 
     # --- main run side ---
-    async def report_boundary(self, round_idx: int, info: dict) -> None:
+    async def report_boundary(self, round_idx: int, info: BoundaryInfo) -> None:
         """The main run wrote round `round_idx`'s checkpoint; info has step, tokens, path, draws."""
         self.boundaries[round_idx] = info
         self._evt(self._boundary_evt, round_idx).set()
@@ -83,12 +84,12 @@ class MixtureController:
     async def get_progress(self, since: int = 0) -> list[dict]:
         return self.progress[since:]
 
-    async def report_final(self, info: dict) -> None:
-        self.final = info
+    async def report_final(self, info: BoundaryInfo) -> None:
+        self.final = info.as_dict()
         self._persist()
 
     # --- driver side ---
-    async def wait_boundary(self, round_idx: int) -> dict:
+    async def wait_boundary(self, round_idx: int) -> BoundaryInfo:
         await self._evt(self._boundary_evt, round_idx).wait()
         return self.boundaries[round_idx]
 

@@ -239,7 +239,7 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
                 k = _latest_boundary(ctl, k, len(boundaries))  # skip snapshots a long round overtook
                 if k is None:
                     break  # the main run ended while the last round ran
-            info = BoundaryInfo.from_dict(_wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen))
+            info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
             shards, new_ref, current, affected, changes = _domain_changes(cfg, ctl, k, shards, current, store)
             shards_ref = new_ref or shards_ref
             if changes and not affected:

@@ -145,7 +145,7 @@ def load_train_state(path: str, opt, sched, sampler, rank: int = 0, world: int =
 def main_loop(loop_cfg: dict) -> None:
     """Ray Train worker loop (one per worker). loop_cfg["resume"] = {"round": k, "weights": pushed
     winner or None} restarts from main/round_k with its saved state (opmix_ray/engine/resume.py)."""
-    cfg = Config.model_validate(loop_cfg["config"])
+    cfg: Config = loop_cfg["config"]
     shards = ray.get(loop_cfg["shards_ref"])
     ctl = ray.get_actor(controller_name(cfg.run.name), namespace=loop_cfg["namespace"])
     ctx = ray.train.get_context()
@@ -178,7 +178,8 @@ def main_loop(loop_cfg: dict) -> None:
         start, losses = saved["step"], list(saved["losses"])
         sampler.rows_drawn = start * cfg.main.batch_size  # one global batch per step: where the push rule counts from
         push.stall_s, push.applied_step = dict(saved["stall_s"]), dict(saved["applied_step"])
-        train_s = float(saved["info"].get("train_s", 0.0))
+        saved_info = BoundaryInfo.from_dict(saved["info"])  # train_state.json holds it as JSON
+        train_s = saved_info.train_s
         if resume["weights"] is not None:  # the round was pushed: train on its winner, as the run did
             caps = shards.cap_tokens(cfg)
             for d in resume.get("revised", []):  # revised live after this checkpoint was written
@@ -194,7 +195,7 @@ def main_loop(loop_cfg: dict) -> None:
                 # (mid-round resume) or go straight on (the round was pushed)
                 if resume["weights"] is None:
                     if rank == 0:
-                        ray.get(ctl.report_boundary.remote(k, saved["info"]))
+                        ray.get(ctl.report_boundary.remote(k, saved_info))
                     push.expect(k, step)
             else:
                 ranks = gather_on_rank0(rank_state(sampler), world) if k != "final" else None
@@ -208,15 +209,15 @@ def main_loop(loop_cfg: dict) -> None:
                         wall_s=time.time() - t0, path=checkpoint_path(loop_cfg["run_dir"], k),
                         lr=float(sched.get_last_lr()[0]), drawn_tokens=dict(sampler.drawn_total),
                         total_steps=total, tokens_per_step=tokens_per_step,
-                        stall_s=dict(push.stall_s), applied_step=dict(push.applied_step), train_s=train_s).as_dict()
+                        stall_s=dict(push.stall_s), applied_step=dict(push.applied_step), train_s=train_s)
                     if ranks is not None:
                         state = _train_state(opt, sched, sampler, {
-                            "round": k, "step": step, "losses": losses[-50:], "info": info,
+                            "round": k, "step": step, "losses": losses[-50:], "info": info.as_dict(),
                             "stall_s": push.stall_s, "applied_step": push.applied_step}, ranks)
                     log.boundary(step, val)
                     metrics["mean_val_loss"] = float(np.mean(list(val.values())))
                 _report_checkpoint(plain, f"round_{k}", metrics, push.shards.tokenizer_files, state,
-                                   info and info["path"])
+                                   info and info.path)
                 if rank == 0:
                     ray.get(ctl.report_final.remote(info) if k == "final" else ctl.report_boundary.remote(k, info))
                 if k == "final":
@@ -322,7 +323,7 @@ def launch_main_run(cfg: Config, shards_ref, run_dir: str, namespace: str, resum
     its final metrics. resume={"round": k, "weights": ...|None} continues from main/round_k (see main_loop)."""
     trainer = TorchTrainer(
         main_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "shards_ref": shards_ref,
+        train_loop_config={"config": cfg, "shards_ref": shards_ref,
                            "run_dir": run_dir, "namespace": namespace, "resume": resume},
         scaling_config=main_scaling(cfg), torch_config=main_torch_config(cfg),
         run_config=RunConfig(storage_path=run_dir, name=rundir.MAIN),

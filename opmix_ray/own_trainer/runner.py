@@ -75,7 +75,7 @@ def start_runner(cfg: Config, shards, run_dir: str):
     from opmix_ray.ray_init import init_ray
     init_ray(cfg)
     ref = ray.put(shards)
-    runner = RoundRunner.options(scheduling_strategy=_here()).remote(cfg.model_dump(mode="json"), [ref], run_dir)
+    runner = RoundRunner.options(scheduling_strategy=_here()).remote(cfg, [ref], run_dir)
     return ref, runner
 
 
@@ -115,8 +115,8 @@ def _result(rec: dict, reused: bool) -> dict:
 
 @ray.remote(num_cpus=0)
 class RoundRunner:
-    def __init__(self, cfg: dict, shards_box: list, run_dir: str):
-        self.cfg = Config.model_validate(cfg)
+    def __init__(self, cfg: Config, shards_box: list, run_dir: str):
+        self.cfg = cfg
         self.shards_ref = shards_box[0]
         self.shards = ray.get(self.shards_ref)
         self.store = RunStore(Path(run_dir))
