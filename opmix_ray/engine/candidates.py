@@ -28,6 +28,7 @@ from opmix_ray.engine.trial_batch import start_scorers
 from opmix_ray.evaluate import domain_losses, objective
 from opmix_ray.mixture import Mixture
 from opmix_ray.model import load_checkpoint
+from opmix_ray.searchers import TrialResult
 from opmix_ray.storage import sha256_file
 from search_spaces import SimplexSpace
 
@@ -173,5 +174,6 @@ def objective_weights(cfg: Config, shards) -> dict[str, float]:
 
 
 def trial_weights(c: Candidates, metrics: dict) -> np.ndarray:
-    """The adapter weights a trial scored (its `a_` metrics; `mix_` ones are only the record)."""
-    return np.array([metrics[f"a_{k}"] for k in c.coords], dtype=np.float64)
+    """The adapter weights a trial scored, in coordinate order (its mixture is only the record)."""
+    w = TrialResult.from_row(metrics).weights
+    return np.array([w[k] for k in c.coords], dtype=np.float64)

@@ -16,7 +16,7 @@ from opmix_ray.engine.placement import granted_device
 from opmix_ray.evaluate import domain_losses, objective
 from opmix_ray.mixture import Mixture, expand_collapsed
 from opmix_ray.model import set_threads
-from opmix_ray.searchers import METRIC
+from opmix_ray.searchers import TrialResult
 from search_spaces import SimplexSpace
 
 _CACHE: dict = {}  # per trial-actor process: (round key, device) -> MergedModel (reuse_actors=True keeps it)
@@ -46,8 +46,8 @@ def score(c, a: np.ndarray, device: torch.device = torch.device("cpu")) -> dict:
     mm.apply(c.full(a))
     losses = domain_losses(mm.model, c.val, max_tokens=c.max_tokens, device=device)
     mix = candidate_mixture(c, a)
-    return {METRIC: objective(losses, c.objective_weights), **{f"loss_{d}": v for d, v in losses.items()},
-            **{f"mix_{d}": w for d, w in mix.as_dict().items()}, **{f"a_{k}": float(x) for k, x in zip(c.coords, a)}}
+    return TrialResult(objective(losses, c.objective_weights), losses, mix.as_dict(),
+                       {k: float(x) for k, x in zip(c.coords, a)}).as_row()
 
 
 def score_all(c, params: list[dict], cpus: float, gpus: float = 0.0, device_pref: str = "auto") -> list[dict]:

@@ -20,14 +20,14 @@ from ray.tune.search import ConcurrencyLimiter
 from opmix_ray import rundir
 from opmix_ray.config import Config
 from opmix_ray.console import Progress, say
-from opmix_ray.engine.candidates import Candidates, trial_weights
+from opmix_ray.engine.candidates import Candidates
 from opmix_ray.engine.placement import trial_resources
 from opmix_ray.engine.rerun import ActorDeaths, RetryCounter, candidate_records, rescore
 from opmix_ray.engine.scoring import candidate_mixture, merged_trial
 from opmix_ray.engine.trial_batch import BATCH, ROWS, BatchSearcher, batch_trial, pooled_trial, start_scorers
 from opmix_ray.engine.tracking import trial_callbacks
 from opmix_ray.mixture import Mixture
-from opmix_ray.searchers import METRIC, MODE, create_searcher, journal
+from opmix_ray.searchers import METRIC, MODE, TrialResult, create_searcher, journal
 from search_spaces import SimplexSpace
 
 TRIAL_RETRIES = 2  # reruns of a trial whose process died, before it counts as failed
@@ -136,11 +136,11 @@ def run_search(cfg: Config, candidates: Candidates, round_idx: int, run_dir: str
     if not trials:
         raise RuntimeError(f"round {round_idx}: every search trial failed (fix: see the trial errors in "
                            f"{run_dir}/{rundir.search_job(round_idx)})")
-    best = min(trials, key=lambda m: m[METRIC])
-    weights = {k: best[f"a_{k}"] for k in candidates.coords}
-    mixture = candidate_mixture(candidates, trial_weights(candidates, best))
-    keep = lambda m: {k: v for k, v in m.items() if k in (METRIC, "node_id") or k[:2] in ("lo", "mi", "a_")}
-    return SearchOutcome(mixture, weights, float(best[METRIC]), {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
+    best = TrialResult.from_row(min(trials, key=lambda m: m[METRIC]))
+    weights = {k: best.weights[k] for k in candidates.coords}
+    mixture = candidate_mixture(candidates, np.array(list(weights.values()), dtype=np.float64))
+    keep = lambda m: {**TrialResult.from_row(m).as_row(), **({"node_id": m["node_id"]} if "node_id" in m else {})}
+    return SearchOutcome(mixture, weights, best.objective, best.losses,
                          len(ran) + len(reused), len(ran) + len(reused) - len(trials), time.time() - t0,
                          [keep(m) for m in trials],
                          retries.n, len(deaths.trials))

@@ -12,7 +12,13 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from opmix_ray.searchers.base import METRIC, MODE, MixtureSearcher, SearcherError
+from opmix_ray.searchers.base import (
+    METRIC,
+    MODE,
+    MixtureSearcher,
+    SearcherError,
+    TrialResult,
+)
 
 _REGISTRY = {
     "optuna-tpe": "opmix_ray.searchers._optuna:make_tpe",
@@ -29,7 +35,8 @@ CONTEXT_KWARGS = ("objective_weights", "journal_path")
 # the mixing-law math, shared with the Olmix baseline (loaded on first use: it needs scipy)
 _LAW = ("KL_LAMBDA", "fit_laws", "propose_mixture")
 
-__all__ = ["create_searcher", "registered", "METRIC", "MODE", "MixtureSearcher", "SearcherError", *_LAW]
+__all__ = ["create_searcher", "registered", "METRIC", "MODE", "MixtureSearcher", "SearcherError", "TrialResult",
+           *_LAW]
 
 
 def __getattr__(name: str):

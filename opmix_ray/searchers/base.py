@@ -28,6 +28,7 @@ import functools
 import json
 import math
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 from ray.tune.search import Searcher
@@ -69,6 +70,25 @@ def as_floats(d: dict | None, prefix: str) -> dict[str, float]:
             if math.isfinite(v):
                 out[k[len(prefix):]] = v
     return out
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One scored candidate. Between processes (Tune, the scorer pool, the trials parquet) it travels
+    as the flat row of scalars searchers read: objective, loss_<domain>, mix_<domain>,
+    a_<coordinate>. as_row writes that row and from_row reads it; nothing else builds or slices one."""
+    objective: float
+    losses: dict[str, float]  # val loss per domain scored
+    mixture: dict[str, float]  # the mixture over domains the candidate stands for
+    weights: dict[str, float]  # the adapter weight per search coordinate (what was merged)
+
+    def as_row(self) -> dict[str, float]:
+        return {METRIC: self.objective, **{f"loss_{d}": v for d, v in self.losses.items()},
+                **{f"mix_{d}": w for d, w in self.mixture.items()}, **{f"a_{k}": w for k, w in self.weights.items()}}
+
+    @classmethod
+    def from_row(cls, row: dict) -> TrialResult:
+        return cls(float(row[METRIC]), as_floats(row, "loss_"), as_floats(row, "mix_"), as_floats(row, "a_"))
 
 
 class MixtureSearcher(Searcher, metaclass=ABCMeta):
