@@ -88,7 +88,7 @@ def main() -> int:
         picks = [(obj, pick(rp, m, w, args.samples, 1000 * seed + j)) for obj, w in objs.items()
                  for j, m in enumerate(("tpe", "mixing-law"))]
         # what a round that does not move pushes: the current mixture within the caps left
-        from opmix_ray.engine.decision import reference_mixture
+        from opmix_ray.engine.rule import reference_mixture
         ref = reference_mixture(rp.candidates.current.as_dict(), rp.candidates.caps_share)
         picks += [(obj, {"method": "stay within caps", "mixture": ref, "a": None}) for obj in objs]
         from opmix_ray.mixture import Mixture

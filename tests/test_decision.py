@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from opmix_ray.config import load_config
-from opmix_ray.engine.decision import adapter_noise_var, difference_var_factor, matched_stay, paired_se, safe_rule
+from opmix_ray.engine.rule import adapter_noise_var, difference_var_factor, matched_stay, paired_se, safe_rule
 from opmix_ray.engine.candidates import Candidates
 from opmix_ray.engine.decision import decide
 from opmix_ray.engine.search import SearchOutcome
@@ -115,7 +115,7 @@ def stay_run(tmp_path_factory):
 def test_a_stay_within_caps_pushes_the_current_mixture_held_to_the_caps_left(tmp_path):
     """The default safe rule with a binding cap: the round keeps the mixture, and what it pushes is
     the current one with licenses at the share its cap allows for the rest of the run."""
-    from opmix_ray.engine.decision import reference_mixture
+    from opmix_ray.engine.rule import reference_mixture
     from opmix_ray.engine.driver import run
     cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
                       {"run": {"storage_path": str(tmp_path), "name": "within"}, "rounds": {"num_rounds": 1},
@@ -261,7 +261,7 @@ def test_a_run_that_always_stays_is_the_fixed_mixture_run(stay_run):
 
 
 def test_reference_mixture_keeps_the_current_one_within_the_caps_left():
-    from opmix_ray.engine.decision import reference_mixture
+    from opmix_ray.engine.rule import reference_mixture
     p = {"python": .2, "bible": .2, "dictionary": .2, "fortunes": .2, "licenses": .2}
     assert reference_mixture(p, None) == p and reference_mixture(p, {"python": 0.5}) == pytest.approx(p)
     r = reference_mixture(p, {"fortunes": 0.128, "licenses": 0.014})
@@ -275,7 +275,7 @@ def test_reference_mixture_keeps_the_current_one_within_the_caps_left():
 
 
 def test_matched_stay_stands_for_the_reference_mixture():
-    from opmix_ray.engine.decision import reference_mixture
+    from opmix_ray.engine.rule import reference_mixture
     from opmix_ray.mixture import Mixture, expand_collapsed
     p = {"a": .4, "b": .4, "c": .2}
     ref = reference_mixture(p, {"c": 0.05})

@@ -11,6 +11,7 @@
     rerun.py         candidates whose trial process died, scored again after the search
     decision.py      what the round pushes: the leader (trials or the mixing law) vs stay, paired
                      standard error plus adapter noise, the Decision record
+    rule.py          the safe rule's arithmetic (numpy only): the stay reference, the noise terms
     confirm.py       a move confirmed by an adapter trained on the leader's mixture
     controller.py    the MixtureController actor: pushes the decision into the main run
     domains.py       domain-set changes queued on a live run, applied at a boundary

@@ -26,7 +26,7 @@ import numpy as np
 
 from opmix_ray.config import Config
 from opmix_ray.engine.adapters import REPLICATE, adapter_seeds, train_one
-from opmix_ray.engine.decision import adapter_noise_var, paired_se, weighted
+from opmix_ray.engine.rule import adapter_noise_var, paired_se, weighted
 from opmix_ray.engine.placement import confirm_options, worker_device
 from opmix_ray.evaluate import window_losses
 from opmix_ray.model import load_checkpoint, on_device, set_threads

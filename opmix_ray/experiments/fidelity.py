@@ -59,7 +59,7 @@ def scores(candidates: list[dict], proxy_key: str, weights: dict[str, float]) ->
 
 
 def _candidate_weights(cands, rec: dict, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
-    from opmix_ray.engine.decision import matched_stay, reference_mixture
+    from opmix_ray.engine.rule import matched_stay, reference_mixture
     k = len(cands.coords)
     out = [("stay", np.eye(k)[cands.coords.index("old")])] if "old" in cands.coords else []
     cur = cands.current.as_dict()

@@ -1,5 +1,5 @@
 """The mixtures that cost nothing to find."""
-from opmix_ray.engine.decision import reference_mixture
+from opmix_ray.engine.rule import reference_mixture
 from opmix_ray.experiments.baselines.base import BaselineContext, BaselineResult
 from opmix_ray.mixture import Mixture
 
