@@ -183,6 +183,12 @@ class RoundsSection(Section):
     initial: Literal["uniform", "natural"] | dict[str, float] = Field(
         "uniform", description="Mixture for the prefix: uniform, natural, or explicit weights per domain "
         "(zeros allowed: a domain that has not arrived yet; `opmix-ray continual` sets this per stage).")
+    initial_stay: dict[str, float] | None = Field(
+        None, description="What the first round keeps when it does not move (decision.rule: safe), when not "
+        "rounds.initial: weights per domain that give data rounds.initial leaves at 0 a prior share, so staying "
+        "trains on it. The domains without their own adapter (adapters.domains) must keep rounds.initial's "
+        "proportions among themselves. null: staying keeps rounds.initial. `opmix-ray continual` sets this "
+        "per stage (schedule.stay).")
 
 
 class TrackingSection(Section):

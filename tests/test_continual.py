@@ -14,7 +14,7 @@ from opmix_ray.config import ConfigError
 from opmix_ray.experiments.experiment_config import load_experiment_config
 from opmix_ray.engine.adapters import adapter_plan
 from opmix_ray.engine.preflight import preflight
-from opmix_ray.experiments.continual import _carry, check_schedule, fixed_plans, schedule_steps
+from opmix_ray.experiments.continual import _carry, check_schedule, fixed_plans, schedule_steps, stage_stay
 from opmix_ray.mixture import Mixture
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
@@ -144,6 +144,11 @@ def test_the_revisions_dir_partitions_bible_and_strips_python_comments(tmp_path,
     ({"adapters": {"domains": ["klingon"]}}, "adapters.domains"),
     ({"adapters": {"domains": ["python"], "include_old": False}}, "adapters.domains"),
     ({"rounds": {"initial": {"bible": 0.5, "python": 0.2}}}, "rounds.initial"),
+    ({"rounds": {"initial_stay": {"bible": 0.5, "python": 0.2}}}, "rounds.initial_stay"),
+    # uniform start, python alone with an adapter: bible may not move apart from the other old domains
+    ({"adapters": {"domains": ["python"]}, "rounds": {"initial_stay": {
+        "bible": 0.5, "dictionary": 0.1, "fortunes": 0.1, "licenses": 0.1, "manpages": 0.1, "python": 0.1}}},
+     "rounds.initial_stay"),
 ])
 def test_bad_stage_settings_fail_in_preflight(tmp_path, over, field):
     cfg = _tiny({"run": {"storage_path": str(tmp_path)}, **over}, name="tiny.yaml")
@@ -159,6 +164,11 @@ def test_explicit_initial_mixture_with_a_domain_not_yet_arrived(tmp_path):
     _, shards = preflight(cfg)
     from opmix_ray.engine.driver import initial_mixture
     assert initial_mixture(cfg, shards).as_dict() == init
+    # staying may give the domains not yet trained on a prior share when they have their own adapters
+    stay = {d: (0.25 if d in ("bible", "python") else 0.125) for d in doms}
+    cfg = _tiny({"run": {"storage_path": str(tmp_path / "s")}, "rounds": {"initial": init, "initial_stay": stay}},
+                name="tiny.yaml")
+    preflight(cfg)
 
 
 @pytest.mark.slow
@@ -192,3 +202,35 @@ def test_tiny_mixed_continual_end_to_end(experiment_results, tmp_path):
     assert by[("naive", 4)]["mixture"]["python_v2"] == 1.0
     assert by[("opmix", 4)]["mean_loss"] == pytest.approx(
         sum(by[("opmix", 4)]["val_loss"][d] for d in res["seen_by_stage"][4]) / len(res["seen_by_stage"][4]))
+
+
+def test_each_stage_of_the_mixed_sequence_stays_with_its_new_data_drawn():
+    """schedule.stay: prior: no stage's stay leaves a current domain at 0 (an arrival 1/n, a split's
+    parts their parent's weight by tokens, a revision the old version's); current: the new data at 0."""
+    cfg = _tiny(name="continual_mixed.yaml")
+    steps = schedule_steps(cfg)
+    doms = list(dict.fromkeys(d for st in steps for d in st["new"] + st["current"]))
+    tokens = {d: 1000 * (i + 1) for i, d in enumerate(doms)}
+    mix = {d: (0.5 if d in steps[0]["current"] else 0.0) for d in doms}
+    for s in range(1, len(steps)):
+        stay = stage_stay(cfg, doms, s, steps[s]["current"], mix, tokens)
+        if not steps[s]["new"]:  # a removal: nothing to search, the mixture is renormalised
+            assert stay is None
+            mix = {d: mix[d] if d in steps[s]["current"] else 0.0 for d in doms}
+            mix = {d: w / sum(mix.values()) for d, w in mix.items()}
+            continue
+        assert sum(stay.values()) == pytest.approx(1.0)
+        assert all(stay[d] > 0 for d in steps[s]["current"]), (s, stay)
+        assert all(stay[d] == 0 for d in doms if d not in steps[s]["current"])
+        mix = stay
+    st = cfg.schedule.stages
+    split = next(i for i, x in enumerate(st) if x.split)
+    parent, parts = next(iter(st[split].split.items()))
+    before = {d: 0.25 for d in doms if d in steps[split - 1]["current"]}
+    before = {d: before.get(d, 0.0) for d in doms}
+    got = stage_stay(cfg, doms, split, steps[split]["current"], before, tokens)
+    assert got[parts[0]] / got[parts[1]] == pytest.approx(tokens[parts[0]] / tokens[parts[1]])
+    assert got[parts[0]] + got[parts[1]] == pytest.approx(before[parent])
+    cur = cfg.model_copy(deep=True)
+    cur.schedule.stay = "current"
+    assert stage_stay(cur, doms, split, steps[split]["current"], before, tokens) is None

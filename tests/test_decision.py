@@ -89,6 +89,15 @@ def test_a_round_whose_candidates_are_all_within_noise_ends_in_no_move():
     assert argmin.moved and argmin.stay_objective is None  # the old behaviour: the best trial, however small its lead
 
 
+def test_a_round_that_stays_where_new_data_arrived_pushes_the_new_data_at_its_prior_share():
+    cfg = load_config({"search": {"searcher": "random"}})
+    c = _synthetic_candidates(1e-7)
+    c.current, c.stay = Mixture.from_dict({"a": 1.0, "b": 0.0}), {"a": 0.5, "b": 0.5}  # b just arrived
+    d = decide(cfg, c, _outcome(c), 0)
+    assert not d.moved and "keeping the new data at its prior share" in d.reason
+    assert d.stay_mixture == pytest.approx({"a": 0.5, "b": 0.5})  # what the round pushes: b is drawn
+
+
 def test_trust_region_keeps_far_candidates_from_leading():
     cfg = load_config({"search": {"searcher": "random"}, "decision": {"max_l1_step": 0.1, "rule": "argmin"}})
     c = _synthetic_candidates(1e-7)
@@ -287,3 +296,27 @@ def test_matched_stay_stands_for_the_reference_mixture():
     # a domain without its own adapter moves only with old: the reference cannot be met, and the
     # stay is the one matched to p
     assert matched_stay({"old": 0.6, "a": 0.4}, p, ref) == matched_stay({"old": 0.6, "a": 0.4}, p)
+
+
+def test_a_prior_stay_gives_new_data_its_share_and_the_stay_stands_for_it():
+    from opmix_ray.engine.rule import prior_stay, stay_old_share
+    from opmix_ray.mixture import Mixture, expand_collapsed
+    prev = {"a": 0.6, "b": 0.4}
+    # an arrival: 1/n of the mixture (the continual analogue of uniform), the others keep their ratios
+    assert prior_stay(prev, ["a", "b", "c"], added=["c"]) == pytest.approx({"a": 0.4, "b": 0.8 / 3, "c": 1 / 3})
+    # a split: the parts share the parent's weight by tokens; a revision keeps the old version's weight
+    assert prior_stay(prev, ["a", "b1", "b2"], replaced={"b": ["b1", "b2"]}, tokens={"b1": 1, "b2": 3}) == \
+        pytest.approx({"a": 0.6, "b1": 0.1, "b2": 0.3})
+    assert prior_stay(prev, ["a", "b2"], replaced={"b": ["b2"]}) == pytest.approx({"a": 0.6, "b2": 0.4})
+    # the stay stands for the prior exactly, whatever the leader's a_old: old (a, b at their ratios)
+    # is pinned at 1 - 1/3 because a and b have no adapter of their own
+    p = {"a": 0.6, "b": 0.4, "c": 0.0}
+    target = prior_stay(prev, ["a", "b", "c"], added=["c"])
+    assert stay_old_share(p, target, {"c"}) == pytest.approx(2 / 3)
+    for leader in ({"old": 0.2, "c": 0.8}, {"old": 0.95, "c": 0.05}):
+        s = matched_stay(leader, p, target)
+        assert s == pytest.approx({"old": 2 / 3, "c": 1 / 3})
+        e = expand_collapsed(tuple(s), np.array(list(s.values())), Mixture.from_dict(p))
+        assert e.as_dict() == pytest.approx(target)
+    # a prior the adapters cannot make (b moved apart from a without its own adapter) is refused
+    assert stay_old_share(p, {"a": 0.5, "b": 0.2, "c": 0.3}, {"c"}) is None

@@ -90,7 +90,7 @@ def test_arrive_collapses_untouched_domains_and_zeroes_the_affected(tmp_path):
     changes = [{"op": "remove", "name": "dictionary"}, {"op": "add", "name": "fortunes", "file": "f.parquet"},
                {"op": "revise", "name": "python", "file": "m.parquet"}]
     before = cfg.model_dump()
-    new, old, affected = arrive(cfg, tmp_path, sh, current, changes)
+    new, old, affected, stay = arrive(cfg, tmp_path, sh, current, changes)
     assert new.domains == ("bible", "python", "fortunes")
     # old = the untouched domains with their ratios frozen: only bible is left untouched
     assert old.as_dict() == {"bible": 1.0, "python": 0.0, "fortunes": 0.0}
@@ -98,8 +98,14 @@ def test_arrive_collapses_untouched_domains_and_zeroes_the_affected(tmp_path):
     # the plan: 'old' plus the affected domains, from the argument; the user's config is untouched
     assert [n for n, _ in adapter_plan(old, cfg, affected)][:3] == ["old", "python", "fortunes"]
     assert cfg.model_dump() == before
-    _, renorm, none = arrive(cfg, tmp_path, sh, current, changes[:1])  # a removal alone: no search
-    assert none == [] and renorm.as_dict() == pytest.approx({"bible": 0.5 / 0.7, "python": 0.2 / 0.7})
+    # staying does not ignore the new data: the revision keeps python's weight, and what arrived with a
+    # removal takes the removed domain's place
+    assert stay == pytest.approx({"bible": 0.5, "python": 0.2, "fortunes": 0.3})
+    _, renorm, none, no_stay = arrive(cfg, tmp_path, sh, current, changes[:1])  # a removal alone: no search
+    assert none == [] and no_stay is None
+    assert renorm.as_dict() == pytest.approx({"bible": 0.5 / 0.7, "python": 0.2 / 0.7})
+    _, _, _, stay = arrive(cfg, tmp_path, sh, current, changes[1:2])  # an arrival alone: 1/n of the mixture
+    assert stay == pytest.approx({"bible": 0.375, "dictionary": 0.225, "python": 0.15, "fortunes": 0.25})
 
 
 def test_a_stale_live_json_is_found_in_seconds_and_nothing_is_copied(tmp_path):

@@ -52,6 +52,7 @@ class Candidates:
     norm_to: float | None = None  # search.delta_norm: matched -> every merge has the 'old' delta's norm
     fingerprint: str = ""  # what trials are scored on (adapters, base, scale, space): a journal is reused only on it
     caps_share: dict[str, float] | None = None  # per domain, the share of the rest of the run its cap allows
+    stay: dict[str, float] | None = None  # what staying stands for when not `current`: new data at a prior share
 
     def full(self, a) -> np.ndarray:
         """Weights over coords + extra (the extra adapters at 0)."""
@@ -65,9 +66,11 @@ class Candidates:
 
 
 def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[str, str], shards,
-                     current: Mixture, info: BoundaryInfo | None = None, segment_tokens: int | None = None) -> Candidates:
+                     current: Mixture, info: BoundaryInfo | None = None, segment_tokens: int | None = None,
+                     stay: dict[str, float] | None = None) -> Candidates:
     """info: the boundary's report (caps need drawn_tokens, total_steps, tokens_per_step, step);
-    segment_tokens: the main-run tokens until the next decision (delta_scale: auto)."""
+    segment_tokens: the main-run tokens until the next decision (delta_scale: auto); stay: the
+    mixture staying stands for, when new data gets a prior share (engine/rule.py prior_stay)."""
     if cfg.search.scorer_pool and ray.is_initialized():
         start_scorers(cfg)  # a no-op once the run started them; else their imports overlap the loading below
     model = load_checkpoint(base_path)
@@ -88,7 +91,8 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     # round twice) must never score one build's candidates on another's cached merged model
     key = f"{key}/{uuid.uuid4().hex}"
     cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.selection(), current,
-                       objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra, caps_share=caps)
+                       objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra, caps_share=caps,
+                       stay=dict(stay) if stay else None)
     ratio = segment_tokens / adapter_tokens(cfg, shards.seq_len) if segment_tokens else None
     scale = delta_scale(cfg, cands, model, ratio)
     if scale != 1.0:

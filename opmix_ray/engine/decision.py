@@ -31,6 +31,12 @@ them. Staying is therefore the reference mixture: the current one where the caps
 the excess of a capped domain spread over the others in proportion to their weights
 (`reference_mixture`). The rule compares the leader with the stay that stands for it, and a round
 that does not move pushes it (when it is the current mixture, a stay pushes nothing).
+
+Where new data arrives (a live domain change, or rounds.initial_stay at a continual stage) the current
+mixture gives it weight 0, so staying would ignore it. There the reference is the prior-share stay
+(engine/rule.py prior_stay): a new domain at the continual analogue of uniform, the parts of a split
+at their parent's weight by tokens, a revision at the old version's weight. The 'old' adapter is
+still trained on the current mixture; the stay blends it with the new domains' adapters.
 """
 from __future__ import annotations
 
@@ -120,7 +126,8 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
     if best is None and source == "trial":
         return Decision(moved=False, reason=f"no candidate within decision.max_l1_step={cfg.decision.max_l1_step}",
                         stay_objective=None, leader_objective=None, se=None, se_eval=None, se_adapter=None, **common)
-    ref = reference_mixture(cur.as_dict(), candidates.caps_share if cfg.decision.stay_within_caps else None)
+    base = {d: candidates.stay.get(d, 0.0) for d in cur.domains} if candidates.stay else cur.as_dict()
+    ref = reference_mixture(base, candidates.caps_share if cfg.decision.stay_within_caps else None)
     stay_a = matched_stay(named, cur.as_dict(), ref)
     mm = merged_model(candidates)
     scored = {}
@@ -143,7 +150,8 @@ def decide(cfg: Config, candidates: Candidates, out: SearchOutcome, round_idx: i
     if any(abs(ref[d] - x) > 1e-12 for d, x in cur.as_dict().items()):
         stay_mix = candidate_mixture(candidates, np.array([stay_a[c] for c in candidates.coords])).as_dict()
         if not moved:
-            reason = reason.replace("keeping the current mixture", "keeping the current mixture within its caps")
+            what = "the new data at its prior share" if candidates.stay else "the current mixture within its caps"
+            reason = reason.replace("keeping the current mixture", f"keeping {what}")
     if law:
         reason += f"; law loo_spearman {law.get('loo_spearman')}"
     return Decision(moved=moved, reason=reason, stay_mixture=stay_mix, **figures, **common)

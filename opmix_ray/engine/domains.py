@@ -59,7 +59,11 @@ def apply_changes(cfg: Config, run_dir: Path, shards, changes: list[dict]):
 
 def arrive(cfg: Config, run_dir: Path, shards, current, changes: list[dict]):
     """(new shards, the old mixture over them: affected domains at 0 and the rest renormalised,
-    the affected domains: this round trains adapters for them plus 'old'; none means no search)."""
+    the affected domains: this round trains adapters for them plus 'old'; none means no search,
+    what staying stands for: the new data at a prior share, engine/rule.py prior_stay; None when
+    nothing arrived). A revised domain keeps its weight; domains added with others removed in the
+    same change (a split) share the removed weight by tokens; otherwise each added domain gets 1/n."""
+    from opmix_ray.engine.rule import prior_stay
     from opmix_ray.mixture import Mixture
     shards = apply_changes(cfg, run_dir, shards, changes)
     affected = list(dict.fromkeys(c["name"] for c in changes if c["op"] != "remove"))
@@ -67,7 +71,16 @@ def arrive(cfg: Config, run_dir: Path, shards, current, changes: list[dict]):
     if sum(old.values()) <= 0:  # every weighted domain changed: the old coordinate is uniform
         old = dict.fromkeys(shards.domains, 1.0)
     mix = Mixture.normalised(shards.domains, [old[d] for d in shards.domains], shards.data_hash)
-    return shards, mix, affected
+    if not affected:
+        return shards, mix, affected, None
+    added = [c["name"] for c in changes if c["op"] == "add"]
+    removed = [c["name"] for c in changes if c["op"] == "remove"]
+    replaced = {c["name"]: [c["name"]] for c in changes if c["op"] == "revise"}
+    if added and removed:
+        replaced.update({r: added for r in removed})
+        added = []
+    stay = prior_stay(current.as_dict(), shards.domains, added, replaced, shards.train_tokens())
+    return shards, mix, affected, stay
 
 
 def replay_changes(cfg: Config, run_dir: Path, shards, meta: dict):

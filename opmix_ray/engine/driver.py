@@ -112,23 +112,25 @@ def _domain_changes(cfg: Config, ctl, k: int, shards, current: Mixture, store: R
     plus 'old'; [] when nothing needs a search; None when nothing changed), the changes)."""
     changes = ray.get(ctl.take_changes.remote())
     if not changes:
-        return shards, None, current, None, []
-    shards, current, affected = arrive(cfg, store.local_dir, shards, current, changes)
+        return shards, None, current, None, [], None
+    shards, current, affected, stay = arrive(cfg, store.local_dir, shards, current, changes)
     ref = ray.put(shards)
     ray.get(ctl.domains_changed.remote(k, current, [ref], changes))
     store.write_json(rundir.DATA_MANIFEST, shard_manifest(shards))
     what = ", ".join(f"{c['op']} {c['name']}" for c in changes)
     _say(f"round {k}: domain changes ({what}); " + (f"adapters for {affected} plus 'old' "
          "(the other domains, ratios frozen)" if affected else "no new data: pushing the renormalised mixture"))
-    return shards, ref, current, affected, changes
+    return shards, ref, current, affected, changes, stay
 
 
 def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards, shards_ref, store: RunStore,
-              affected: list[str] | None = None, next_step: int | None = None) -> tuple[Mixture, RoundRecord]:
+              affected: list[str] | None = None, next_step: int | None = None,
+              stay: dict[str, float] | None = None) -> tuple[Mixture, RoundRecord]:
     """One round on the boundary checkpoint info.path: adapters -> candidates -> search -> decision ->
     confirmation; returns (the mixture to train on next, the round's record). next_step: the step of
     the next decision (the run's next boundary or its end; None: from the config's schedule), which
-    sizes the segment a candidate stands for. The main run's driver and a trainer of your own
+    sizes the segment a candidate stands for; stay: what staying stands for when new data arrived
+    (None: the current mixture). The main run's driver and a trainer of your own
     (opmix_ray/own_trainer/) both run rounds through here."""
     run_dir = store.local_dir
     t0 = time.time()
@@ -143,7 +145,7 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
     per_step = info.tokens_per_step or cfg.main.batch_size * shards.seq_len
     with failing_step(f"round {k}: loading the adapters and the checkpoint"):
         cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
-                                 (next_step - info.step) * per_step)
+                                 (next_step - info.step) * per_step, stay)
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
     with failing_step(f"round {k}: the search"):
@@ -240,12 +242,14 @@ def drive(cfg: Config, store: RunStore, shards, current: Mixture, meta: dict, t_
                 if k is None:
                     break  # the main run ended while the last round ran
             info = _wait(ctl.wait_boundary.remote(k), main_ref, ctl, seen)
-            shards, new_ref, current, affected, changes = _domain_changes(cfg, ctl, k, shards, current, store)
+            shards, new_ref, current, affected, changes, stay = _domain_changes(cfg, ctl, k, shards, current, store)
             shards_ref = new_ref or shards_ref
+            if stay is None and k == 0:
+                stay = cfg.rounds.initial_stay  # new data at a prior share from the start (opmix-ray continual)
             if changes and not affected:
                 record = RoundRecord.reuse(info, current)
             else:
-                current, record = run_round(cfg, k, info, current, shards, shards_ref, store, affected)
+                current, record = run_round(cfg, k, info, current, shards, shards_ref, store, affected, stay=stay)
             if changes:
                 record.domain_changes = [f"{c['op']} {c['name']}" for c in changes]
             ray.get(ctl.push.remote(k, current, record.as_dict()))

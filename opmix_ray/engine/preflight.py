@@ -286,9 +286,28 @@ def check_against_data(cfg: Config, shards: TokenShards, vocab: int | None) -> N
             Mixture.from_dict(cfg.rounds.initial, shards.domains)
         except MixtureError as exc:
             raise ConfigError(f"config error at rounds.initial: {exc}") from None
+    if cfg.rounds.initial_stay is not None:
+        _check_initial_stay(cfg, shards)
     problem = vocab_problem(vocab, shards.vocab_size) if vocab is not None else None
     if problem:
         raise ConfigError(f"config error at model.path: {problem}")
+
+
+def _check_initial_stay(cfg: Config, shards: TokenShards) -> None:
+    from opmix_ray.engine.rule import stay_old_share
+    try:
+        stay = Mixture.from_dict(cfg.rounds.initial_stay, shards.domains).as_dict()
+    except MixtureError as exc:
+        raise ConfigError(f"config error at rounds.initial_stay: {exc}") from None
+    init = cfg.rounds.initial
+    start = (Mixture.from_dict(init, shards.domains) if isinstance(init, dict)
+             else shards.natural() if init == "natural" else shards.uniform()).as_dict()
+    own = set(cfg.adapters.domains or shards.domains)
+    if stay_old_share(start, stay, own) is None:
+        raise ConfigError("config error at rounds.initial_stay: the domains without their own adapter move only with "
+                          "'old', so they must keep rounds.initial's proportions, and no domain with an adapter may "
+                          "fall below them (fix: give those domains rounds.initial's ratios, or list them in "
+                          "adapters.domains)")
 
 
 def cluster_nodes() -> list[dict[str, float]]:

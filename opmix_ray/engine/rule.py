@@ -62,19 +62,37 @@ def reference_mixture(current: dict[str, float], caps_share: dict[str, float] | 
     return {d: v / total for d, v in w.items()}
 
 
+def stay_old_share(current: dict[str, float], target: dict[str, float], own: set[str]) -> float | None:
+    """The a_old at which old (on `current`) plus the domain adapters in `own` make exactly `target`:
+    the domains without their own adapter move only with old, so they must all keep target/current
+    at one ratio r, which is a_old; None when they do not, or when an own domain would need a
+    negative weight (target below r * current)."""
+    rest = [d for d in current if d not in own]
+    if any(current[d] <= 0 < target[d] for d in rest):
+        return None
+    ratios = {target[d] / current[d] for d in rest if current[d] > 0}
+    r = min(ratios) if ratios else min([target[d] / current[d] for d in current if current[d] > 0] or [1.0])
+    if any(abs(target[d] - r * current[d]) > 1e-9 for d in rest) or any(target[d] < r * current[d] - 1e-12 for d in own):
+        return None
+    return r
+
+
 def matched_stay(a: dict[str, float], current: dict[str, float],
                  target: dict[str, float] | None = None) -> dict[str, float]:
     """The leader's a_old, the rest of the weight on the domain adapters in the current mixture's
     proportions: E(s) = p, with the leader's blend of adapters. Domains without their own adapter
     (collapsed into old) only move with old, so their share stays with old. target: stand for this
-    mixture instead of p (the reference mixture): a_old is lowered until every domain's target share
-    covers a_old * p_d, and the domain adapters make up the rest; p when that cannot be done (a
-    domain without its own adapter would have to move apart from old)."""
+    mixture instead of p (the reference mixture within caps, or a prior share for new data): a_old is
+    lowered until every domain's target share covers a_old * p_d, and the domain adapters make up the
+    rest; when the domains without an adapter pin a_old (target = r * p on all of them), a_old is r
+    whatever the leader's; p when neither can be done."""
     if target is not None and "old" in a and any(abs(target[d] - current[d]) > 1e-12 for d in current):
         own = {d for d in current if d in a}
         ratios = [target[d] / current[d] for d in current if current[d] > 0]
         s_old = min([a["old"], *ratios])
-        if all(abs(target[d] - s_old * current[d]) <= 1e-9 for d in current if d not in own):
+        if not all(abs(target[d] - s_old * current[d]) <= 1e-9 for d in current if d not in own):
+            s_old = stay_old_share(current, target, own)
+        if s_old is not None:
             s = {"old": s_old, **{d: max(0.0, target[d] - s_old * current[d]) for d in own}}
             total = sum(s.values())
             return {c: s.get(c, 0.0) / total for c in a}
@@ -86,6 +104,31 @@ def matched_stay(a: dict[str, float], current: dict[str, float],
     s = {"old": a["old"] + rest * (1.0 - p_own)}
     s.update({d: rest * current[d] for d in own})
     return {c: s.get(c, 0.0) for c in a}
+
+
+def prior_stay(previous: dict[str, float], domains, added=(), replaced: dict | None = None,
+               tokens: dict[str, int] | None = None) -> dict[str, float]:
+    """What staying means where new data arrives: the previous mixture with the new data at a prior
+    share, not at 0. `replaced` maps a domain that is gone to what took its place (the parts of a
+    split, a revised version, or itself when revised in place): they share its weight in proportion
+    to their tokens. Each domain in `added` (new to the run, replacing nothing) gets 1/n of the
+    mixture, n = len(domains), the continual analogue of uniform, and the rest keep their ratios."""
+    replaced, tokens = dict(replaced or {}), tokens or {}
+    parts = {p for ps in replaced.values() for p in ps}
+    w = {d: max(0.0, float(previous.get(d, 0.0))) for d in domains if d not in added and d not in parts}
+    for gone, ps in replaced.items():
+        size = {p: float(tokens.get(p, 1)) for p in ps}
+        for p in ps:
+            w[p] = w.get(p, 0.0) + max(0.0, float(previous.get(gone, 0.0))) * size[p] / sum(size.values())
+    total = sum(w.values())
+    w = {d: v / total for d, v in w.items()} if total > 0 else dict.fromkeys(w, 1.0 / len(w)) if w else {}
+    n_new = len([d for d in added if d in domains])
+    keep = 1.0 - n_new / len(domains) if w else 0.0
+    out = {d: keep * w.get(d, 0.0) for d in domains}
+    for d in added:
+        if d in out:
+            out[d] = 1.0 / len(domains) if w else 1.0 / n_new
+    return out
 
 
 def difference_var_factor(a: dict[str, float], s: dict[str, float] | None = None) -> float:

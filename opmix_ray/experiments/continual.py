@@ -139,13 +139,26 @@ def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage):
                      method=method, stage=stage)
 
 
-def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out) -> dict:
+def stage_stay(cfg: ExperimentConfig, doms, s: int, seen, previous: dict[str, float], tokens) -> dict | None:
+    """What OP-Mix's stage-s round keeps when it does not move (schedule.stay): None = the previous
+    mixture (new data at 0); prior = the new data at a prior share (engine/rule.py prior_stay)."""
+    from opmix_ray.engine.rule import prior_stay
+    st = cfg.schedule.stages[s]
+    if cfg.schedule.stay != "prior" or not (st.add or st.split or st.revise):
+        return None
+    replaced = {**{d: list(ps) for d, ps in st.split.items()}, **{d: [v] for d, v in st.revise.items()}}
+    prior = prior_stay(previous, list(seen), list(st.add), replaced, tokens)
+    return {d: prior.get(d, 0.0) for d in doms}
+
+
+def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out, stay=None) -> dict:
     from opmix_ray.engine.driver import run
     c = cfg.run_config()
     c.run.name, c.run.storage_path, c.run.baseline = f"{method}-stage{stage}", str(out / "runs"), "none"
     c.model.path = init
     c.main.total_tokens = cfg.schedule.stages[stage].tokens
     c.rounds.uniform_prefix, c.rounds.initial = 0.0, prev_mix  # the round at step 0 picks the stage's mixture
+    c.rounds.initial_stay = stay
     c.adapters.domains = list(new) if method == "opmix" else list(seen)
     c.adapters.include_old = True
     c.search.objective_weights = {d: 1.0 for d in seen}
@@ -218,7 +231,8 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
                                         "wall_s": res["wall_s"]}
         for m in [m for m in methods if m.startswith("opmix") and m not in results]:
             say(f"stage {s}: {steps[s]['label']}; {m} (adapters for {new if m == 'opmix' else seen} + old)")
-            results[m] = _opmix_stage(cfg, m, s, seen, new, _weights(doms, _carry(mix[m], old)), ckpt[m], out)
+            results[m] = _opmix_stage(cfg, m, s, seen, new, _weights(doms, _carry(mix[m], old)), ckpt[m], out,
+                                      stage_stay(cfg, doms, s, seen, mix[m], shards.train_tokens()))
         for m, res in results.items():
             ckpt[m], mix[m] = res["ckpt"], res["mixture"]
             flops[m]["main"] += res["main_flops"]

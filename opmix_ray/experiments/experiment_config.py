@@ -106,6 +106,11 @@ class ScheduleSection(Section):
         "checkpoint (what a user does without a mixing method); naive: 100% new; replay: new + replay_share old; "
         "retrain: the stage-0 checkpoint retrained on every current domain.")
     replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
+    stay: Literal["prior", "current"] = Field(
+        "prior", description="What an OP-Mix stage keeps when its round does not move: prior = the new data at a "
+        "prior share (an added domain 1/n of the mixture, the parts of a split their parent's weight by tokens, a "
+        "revised version the old one's weight; rounds.initial_stay); current = the previous mixture, the new "
+        "data at 0 (docs/DECISIONS.md).")
     instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
                                 "on the instruction tasks in data.path (exact match and answer loss, held-out and "
                                 "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "
