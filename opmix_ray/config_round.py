@@ -61,6 +61,12 @@ class SearchSection(Section):
                                              "for the searcher, e.g. {n_init: 12} for mixing-law, "
                                              "{n_startup_trials: 8} for optuna-*, {resolution: 3} for grid.")
     num_samples: int = Field(24, gt=0, description="Candidates (Tune trials) per round.")
+    budget_fraction: float | None = Field(
+        None, gt=0, le=10, description="At most this fraction of the main-run FLOPs of the segment a round "
+        "decides (its boundary to the next decision) goes to the round's search: adapter training plus scoring "
+        "the candidates. A round whose adapters.steps and search.num_samples would cost more scales both down by "
+        "one factor (to at least 5 steps and 4 candidates) and records what it used (history.json: budget). "
+        "null: no limit.")
     max_concurrent: int = Field(2, ge=1, description="Trials in flight; Bayesian search degrades toward "
                                 "random as this grows, so keep it small.")
     eval_tokens_per_domain: int | None = Field(None, gt=0, description="Val tokens per domain a trial "

@@ -24,6 +24,7 @@ from opmix_ray.console import Progress
 from opmix_ray.console import say as _say
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, train_adapters
+from opmix_ray.engine.budget import sized
 from opmix_ray.engine.confirm import confirm_move
 from opmix_ray.engine.controller import MixtureController, controller_name
 from opmix_ray.engine.domains import arrive, clear_live, write_live
@@ -134,15 +135,21 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
     (opmix_ray/own_trainer/) both run rounds through here."""
     run_dir = store.local_dir
     t0 = time.time()
-    _say(f"round {k}: training {len(adapter_plan(current, cfg, affected))} LoRA adapters on the "
-         f"step-{info.step} checkpoint")
-    with failing_step(f"round {k}: training the adapters"):
-        dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
-    t_adapters = time.time() - t0
     if next_step is None:
         total, boundaries = steps_and_boundaries(cfg)
         next_step = next((b for b in boundaries if b > info.step), total)
     per_step = info.tokens_per_step or cfg.main.batch_size * shards.seq_len
+    n_adapters = len(adapter_plan(current, cfg, affected))
+    cfg, budget = sized(cfg, info.n_params, shards.seq_len, n_adapters, (next_step - info.step) * per_step,
+                        [v.shape[0] * shards.seq_len for v in shards.selection().values()])
+    if budget:
+        _say(f"round {k}: search.budget_fraction {cfg.search.budget_fraction:g}: {budget['adapter_steps']} adapter "
+             f"steps, {budget['num_samples']} candidates, {budget['eval_tokens_per_domain']} selection tokens per "
+             "domain" + (" (the minimum: over budget)" if budget["at_minimum"] else ""))
+    _say(f"round {k}: training {n_adapters} LoRA adapters on the step-{info.step} checkpoint")
+    with failing_step(f"round {k}: training the adapters"):
+        dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
+    t_adapters = time.time() - t0
     with failing_step(f"round {k}: loading the adapters and the checkpoint"):
         cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
                                  (next_step - info.step) * per_step, stay)
@@ -189,7 +196,7 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
         flops={"main_so_far": info.flops, "adapters": flops["adapters"], "search": flops["trials"]},
         wall_s={"adapters": t_adapters, "search": out.wall_s,
                 **({"confirm": decision.confirm["wall_s"]} if decision.confirm else {})},
-        searcher=cfg.search.searcher)
+        searcher=cfg.search.searcher, budget=budget)
     _say(f"round {k}: best objective {out.objective:.4f} after {out.n_trials} trials ({out.wall_s:.0f}s); "
          f"{decision.reason}; pushing {pushed}")
     return pushed, record

@@ -70,6 +70,7 @@ class RoundRecord:
     search_space: str | None = None
     cap_shares: dict[str, float] | None = None
     domain_changes: list[str] | None = None
+    budget: dict | None = None  # search.budget_fraction: the adapter steps and candidates the round was sized to
 
     @classmethod
     def reuse(cls, info: BoundaryInfo, current: Mixture) -> RoundRecord:
@@ -83,5 +84,5 @@ class RoundRecord:
         """The history.json entry; optional fields a round did not have are left out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["weights"] = self.weights.as_dict()
-        optional = ("decision", "delta_scale", "search_space", "cap_shares", "domain_changes")
+        optional = ("decision", "delta_scale", "search_space", "cap_shares", "domain_changes", "budget")
         return {k: v for k, v in out.items() if not (k in optional and v is None)}
