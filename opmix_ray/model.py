@@ -107,3 +107,19 @@ def lm_loss(model, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tenso
         logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none")
     ce = ce.view(tokens.size(0), -1)
     return ce.mean() if reduction == "mean" else ce.mean(dim=1)
+
+
+def distill_loss(model, teacher, tokens: torch.Tensor, old_rows: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """The continual `distill` baseline's loss over windows [B, seq_len + 1]: next-token cross-entropy
+    on the new data's rows, and on the old data's rows (old_rows, bool [B]) kl_weight x KL(teacher ||
+    model) per token, toward the frozen previous checkpoint's predictions; the mean over rows."""
+    per_row = lm_loss(model, tokens, reduction="none")
+    if bool(old_rows.any()):
+        x = tokens[old_rows, :-1]
+        with torch.no_grad():
+            t_logp = torch.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
+        s_logp = torch.log_softmax(model(input_ids=x).logits.float(), dim=-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean(-1)
+        per_row = per_row.clone()
+        per_row[old_rows] = kl_weight * kl
+    return per_row.mean()

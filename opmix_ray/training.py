@@ -21,7 +21,7 @@ from opmix_ray.config import MainSection, ModelSection
 from opmix_ray.data.sampler import MixtureSampler
 from opmix_ray.evaluate import domain_losses
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import build_model, lm_loss, load_checkpoint, n_params, save_checkpoint
+from opmix_ray.model import build_model, distill_loss, lm_loss, load_checkpoint, n_params, save_checkpoint
 
 
 def lr_lambda(warmup: int, total: int, kind: str = "cosine", anneal_at: list[int] | tuple = (),
@@ -99,12 +99,14 @@ def accumulated_step(model, opt, sched, micro: list[np.ndarray], device="cpu") -
 def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mixture, tokens: int,
                 seed: int, caps: dict[str, float] | None = None, init_path: str | None = None,
                 schedule: tuple[int, int] | None = None, eval_tokens: int | None = None,
-                save_path: str | None = None, data_seed: int | None = None) -> dict:
+                save_path: str | None = None, data_seed: int | None = None, distill: dict | None = None) -> dict:
     """Train on one fixed mixture for `tokens` tokens; return final per-domain val loss and FLOPs.
 
     From scratch (seeded exactly as the main run: model seed, sampler 1000 x data_seed, which
     defaults to seed) unless init_path names a checkpoint; schedule=(start_step, total_steps)
-    continues a main run's lr schedule.
+    continues a main run's lr schedule. distill={"teacher": checkpoint, "old": [domains],
+    "kl_weight": w}: the rows drawn from the old domains train toward the teacher's predictions
+    (model.distill_loss) instead of their tokens; the teacher's forward passes count as FLOPs.
     """
     t0 = time.time()
     model = load_checkpoint(init_path) if init_path else build_model(model_cfg, shards.vocab_size, shards.seq_len, seed)
@@ -113,17 +115,28 @@ def train_fixed(model_cfg: ModelSection, main: MainSection, shards, mixture: Mix
     opt, sched = make_optimizer(model, main, total, start)
     sampler = MixtureSampler(shards.train, mixture, shards.seq_len, caps,
                              seed=1000 * (seed if data_seed is None else data_seed))
+    teacher, old_idx, teacher_tokens = None, set(), 0
+    if distill:
+        teacher = load_checkpoint(distill["teacher"]).eval()
+        old_idx = {sampler.domains.index(d) for d in distill["old"] if d in sampler.domains}
     model.train()
     for _ in range(steps):
-        batch, _ = sampler.next_batch(main.batch_size)
-        train_step(model, opt, sched, batch)
+        batch, which = sampler.next_batch(main.batch_size)
+        if teacher is None:
+            train_step(model, opt, sched, batch)
+            continue
+        old_rows = torch.as_tensor(np.isin(which, list(old_idx)))
+        teacher_tokens += int(old_rows.sum()) * shards.seq_len
+        optimizer_step(model, opt, sched, distill_loss(model, teacher, torch.as_tensor(batch), old_rows,
+                                                       distill.get("kl_weight", 1.0)))
     val = domain_losses(model, shards.val, max_tokens=eval_tokens)
     if save_path:
         save_checkpoint(model, save_path, shards.tokenizer_files)
     n, t = n_params(model), steps * main.batch_size * shards.seq_len
     eval_t = sum(min(v.shape[0], (eval_tokens or 10**12) // shards.seq_len) * shards.seq_len for v in shards.val.values())
     return {"val_loss": val, "drawn": {d: sampler.drawn_total[d] / t for d in sampler.domains},
-            "n_params": n, "tokens": t, "flops": train_flops(n, t) + eval_flops(n, eval_t), "wall_s": time.time() - t0}
+            "n_params": n, "tokens": t, "flops": train_flops(n, t) + eval_flops(n, eval_t + teacher_tokens),
+            "teacher_flops": eval_flops(n, teacher_tokens), "wall_s": time.time() - t0}
 
 
 class FixedJob(TypedDict, total=False):
@@ -139,6 +152,7 @@ class FixedJob(TypedDict, total=False):
     save_path: str | None  # write the final HF checkpoint here
     schedule: dict | None  # an lr schedule other than main's
     eval_tokens: int | None  # val tokens per domain scored at the end (default: all)
+    distill: dict | None  # {"teacher": checkpoint, "old": [domains], "kl_weight": w}: see train_fixed
     # any other key is a label, copied into the job's row (label, order, method, stage, ...)
 
 
@@ -163,8 +177,9 @@ def _fixed_trainable(config: dict, jobs: list[FixedJob], shards) -> dict:
     mixture = Mixture.from_dict(job["weights"], shards.domains)
     out = train_fixed(ModelSection(**job["model"]), MainSection(**job["main"]), shards, mixture, job["tokens"],
                       job["seed"], job.get("caps"), job.get("init_path"), job.get("schedule"), job.get("eval_tokens"),
-                      job.get("save_path"), job.get("data_seed"))
+                      job.get("save_path"), job.get("data_seed"), job.get("distill"))
     return {"job": config["job"], "flops": out["flops"], "wall_s": out["wall_s"], "n_params": out["n_params"],
+            "teacher_flops": out["teacher_flops"],
             **{f"loss_{d}": v for d, v in out["val_loss"].items()},
             **{f"drawn_{d}": v for d, v in out["drawn"].items()}}
 
@@ -205,7 +220,8 @@ def _row(jobs: list[dict], m: dict) -> dict:
     return {**{k: v for k, v in jobs[m["job"]].items() if k not in ("model", "main", "caps")},
             "val_loss": {k[5:]: v for k, v in m.items() if k.startswith("loss_")},
             "drawn": {k[6:]: v for k, v in m.items() if k.startswith("drawn_")},
-            "flops": m["flops"], "wall_s": m["wall_s"], "n_params": m["n_params"]}
+            "flops": m["flops"], "wall_s": m["wall_s"], "n_params": m["n_params"],
+            "teacher_flops": m.get("teacher_flops", 0.0)}
 
 
 def _row_callback(jobs: list[dict], on_row):

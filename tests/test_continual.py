@@ -234,3 +234,48 @@ def test_each_stage_of_the_mixed_sequence_stays_with_its_new_data_drawn():
     cur = cfg.model_copy(deep=True)
     cur.schedule.stay = "current"
     assert stage_stay(cur, doms, split, steps[split]["current"], before, tokens) is None
+
+
+def kl_rows(student, teacher, tokens):
+    import torch
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=tokens[:, :-1]).logits.float(), -1)
+        s = torch.log_softmax(student(input_ids=tokens[:, :-1]).logits.float(), -1)
+    return float((t.exp() * (t - s)).sum(-1).mean(-1).sum())
+
+
+def test_the_distill_baseline_trains_old_rows_toward_the_previous_checkpoint():
+    """model.distill_loss: cross-entropy on the new rows, KL(teacher || model) on the old rows; a copy
+    of the teacher has nothing to learn on old rows, and a step pulls a drifted model back to it."""
+    import copy
+
+    import torch
+
+    from opmix_ray.config import ModelSection
+    from opmix_ray.model import build_model, distill_loss, lm_loss
+    teacher = build_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 64, 16, seed=0)
+    teacher.eval()
+    tokens = torch.randint(0, 64, (6, 17), generator=torch.Generator().manual_seed(0))
+    old = torch.tensor([True, True, True, False, False, False])
+    student = copy.deepcopy(teacher)
+    assert float(distill_loss(student, teacher, tokens, torch.zeros(6, dtype=torch.bool), 1.0)) == \
+        pytest.approx(float(lm_loss(student, tokens)))
+    assert float(distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0)) == pytest.approx(0, abs=1e-6)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = lambda: float(distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0))
+    before = kl()
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0).backward()
+    opt.step()
+    assert 0 < kl() < before
+    # mixed rows: the mean of the new rows' cross-entropy and the old rows' KL
+    mixed = float(distill_loss(student, teacher, tokens, old, 2.0))
+    ce = lm_loss(student, tokens, reduction="none")
+    assert mixed == pytest.approx((float(ce[3:].sum()) + 2.0 * kl_rows(student, teacher, tokens[:3])) / 6, rel=1e-4)
+    cfg = _tiny(name="continual_mixed.yaml")
+    steps = schedule_steps(cfg)
+    doms = list(dict.fromkeys(d for st in steps for d in st["new"] + st["current"]))
+    w, _, init = fixed_plans(cfg, doms, dict.fromkeys(doms, 1000), steps, 1, {}, {"distill": "prev"}, "p")["distill"]
+    assert init == "prev" and w == fixed_plans(cfg, doms, dict.fromkeys(doms, 1000), steps, 1, {}, {}, "p")["replay"][0]

@@ -20,6 +20,10 @@ its old domains are the rest of the current set:
 | natural-seen    | every current domain at its token share, likewise                            |
 | naive           | 100% new data                                                               |
 | replay          | new data plus replay_share of the old domains (uniform over them)            |
+| distill         | replay's draws; the old rows train toward the previous checkpoint's         |
+|                 | predictions (KL, the teacher's forward passes counted) instead of their     |
+|                 | tokens: the closest we run to the paper's on-policy distillation without    |
+|                 | sampling from the student                                                    |
 | retrain         | the stage-0 checkpoint retrained on every current domain (uniform), for     |
 |                 | all tokens of stages 1..s                                                   |
 
@@ -127,6 +131,9 @@ def fixed_plans(cfg: ExperimentConfig, doms, train_tokens: dict[str, int], steps
                       T, ckpt.get("naive")),
             "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
                                 if new and old else _carry(mix.get("replay", {}), seen)), T, ckpt.get("replay")),
+            # replay's draws, but the old rows train toward the previous checkpoint's predictions
+            "distill": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
+                                 if new and old else _carry(mix.get("distill", {}), seen)), T, ckpt.get("distill")),
             "uniform-seen": (_weights(doms, dict.fromkeys(seen, 1.0)), T, ckpt.get("uniform-seen")),
             "natural-seen": (_weights(doms, {d: float(train_tokens[d]) for d in seen}), T, ckpt.get("natural-seen")),
             "retrain": (_weights(doms, dict.fromkeys(seen, 1.0)),
@@ -222,12 +229,17 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
             plans["opmix"] = (_weights(doms, _carry(mix["opmix"], seen)), T, ckpt["opmix"])
         jobs = [_fixed_job(cfg, shards, m, w, tok, init, str(out / f"stage_{s}" / m), s)
                 for m, (w, tok, init) in plans.items() if m in methods]
+        for j in jobs:
+            if j["method"] == "distill" and new and old:
+                j["distill"] = {"teacher": ckpt["distill"], "old": old, "kl_weight": cfg.schedule.distill_kl_weight}
         results = {}
         if jobs:
             say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials")
             for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
                 results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "ckpt": j["save_path"],
-                                        "main_flops": train_flops(res["n_params"], j["tokens"]), "search_flops": 0.0,
+                                        # distill: the teacher's forward passes on the old rows count too
+                                        "main_flops": train_flops(res["n_params"], j["tokens"]) + res["teacher_flops"],
+                                        "search_flops": 0.0,
                                         "wall_s": res["wall_s"]}
         for m in [m for m in methods if m.startswith("opmix") and m not in results]:
             say(f"stage {s}: {steps[s]['label']}; {m} (adapters for {new if m == 'opmix' else seen} + old)")

@@ -97,15 +97,20 @@ class ScheduleSection(Section):
     stages: list[Stage] = Field(default_factory=list, description="Stage 0 pretrains (uniform over its "
                                 "domains, shared by every method); each later stage adds, removes, splits or "
                                 "revises domains.")
-    methods: list[Literal["opmix", "opmix-recompute", "uniform-seen", "natural-seen", "naive", "replay", "retrain"]] = Field(
+    methods: list[Literal["opmix", "opmix-recompute", "uniform-seen", "natural-seen", "naive", "replay", "distill",
+                          "retrain"]] = Field(
         default_factory=lambda: ["opmix", "opmix-recompute", "uniform-seen", "naive", "replay", "retrain"], min_length=1,
         description="New data = the stage's added domains, split parts and revised versions. opmix: adapters "
         "for the new data + old, search over {old, new} (mixture reuse; a stage with no new data keeps the "
         "previous mixture, renormalised, with no search); opmix-recompute: adapters for every current domain; "
         "uniform-seen / natural-seen: every current domain at an equal / token share, from the method's own last "
         "checkpoint (what a user does without a mixing method); naive: 100% new; replay: new + replay_share old; "
-        "retrain: the stage-0 checkpoint retrained on every current domain.")
-    replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay baseline.")
+        "distill: replay's draws, the old rows trained toward the previous checkpoint's predictions (KL, "
+        "distill_kl_weight) instead of their tokens; retrain: the stage-0 checkpoint retrained on every current "
+        "domain.")
+    replay_share: float = Field(0.1, gt=0, lt=1, description="Old-data share of the replay and distill baselines.")
+    distill_kl_weight: float = Field(1.0, gt=0, description="distill: weight of the KL term on the old data's rows "
+                                     "against the cross-entropy on the new data's.")
     stay: Literal["prior", "current"] = Field(
         "prior", description="What an OP-Mix stage keeps when its round does not move: prior = the new data at a "
         "prior share (an added domain 1/n of the mixture, the parts of a split their parent's weight by tokens, a "
