@@ -258,21 +258,21 @@ def test_the_distill_baseline_trains_old_rows_toward_the_previous_checkpoint():
     tokens = torch.randint(0, 64, (6, 17), generator=torch.Generator().manual_seed(0))
     old = torch.tensor([True, True, True, False, False, False])
     student = copy.deepcopy(teacher)
-    assert float(distill_loss(student, teacher, tokens, torch.zeros(6, dtype=torch.bool), 1.0)) == \
-        pytest.approx(float(lm_loss(student, tokens)))
-    assert float(distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0)) == pytest.approx(0, abs=1e-6)
+    assert float(distill_loss(student, teacher, tokens, torch.zeros(6, dtype=torch.bool), 1.0).detach()) == \
+        pytest.approx(float(lm_loss(student, tokens).detach()))
+    assert float(distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0).detach()) == pytest.approx(0, abs=1e-6)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    kl = lambda: float(distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0))
+    kl = lambda: float(distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0).detach())
     before = kl()
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
     distill_loss(student, teacher, tokens, torch.ones(6, dtype=torch.bool), 1.0).backward()
     opt.step()
     assert 0 < kl() < before
     # mixed rows: the mean of the new rows' cross-entropy and the old rows' KL
-    mixed = float(distill_loss(student, teacher, tokens, old, 2.0))
-    ce = lm_loss(student, tokens, reduction="none")
+    mixed = float(distill_loss(student, teacher, tokens, old, 2.0).detach())
+    ce = lm_loss(student, tokens, reduction="none").detach()
     assert mixed == pytest.approx((float(ce[3:].sum()) + 2.0 * kl_rows(student, teacher, tokens[:3])) / 6, rel=1e-4)
     cfg = _tiny(name="continual_mixed.yaml")
     steps = schedule_steps(cfg)
