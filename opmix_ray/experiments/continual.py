@@ -170,7 +170,8 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out, stay=None) 
     c.adapters.include_old = True
     c.search.objective_weights = {d: 1.0 for d in seen}
     s = run(c, overwrite=True)
-    return {"val_loss": s["final_val_loss"], "mixture": s["final_mixture"], "main_flops": s["main_flops"],
+    return {"val_loss": s["final_val_loss"], "mixture": s["final_mixture"], "drawn": s["drawn_last_segment"],
+            "main_flops": s["main_flops"],
             "search_flops": s["search_flops"], "ckpt": str(rundir.at(s["run_dir"], rundir.checkpoint(rundir.FINAL))),
             "wall_s": s["wall_s"]}
 
@@ -219,7 +220,8 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     mix = dict.fromkeys(methods, _weights(doms, dict.fromkeys(st0.add, 1.0)))
     flops = {m: {"main": train_flops(pre["n_params"], st0.tokens), "search": 0.0} for m in methods}
     zero_shot = scorer(str(out / "stage_0" / "pretrained"), doms)  # every task, before any is trained on
-    rows = [{"method": m, "stage": 0, "val_loss": pre["val_loss"], "mixture": mix[m],
+    rows = [{"method": m, "stage": 0, "seed": cfg.run.seed, "val_loss": pre["val_loss"], "mixture": mix[m],
+             "total_flops": flops[m]["main"],
              **_score(pre["val_loss"], st0.add), **zero_shot} for m in methods]
     for s in range(1, len(steps)):
         seen, new, T = steps[s]["current"], steps[s]["new"], cfg.schedule.stages[s].tokens
@@ -236,7 +238,8 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
         if jobs:
             say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials")
             for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
-                results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "ckpt": j["save_path"],
+                results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "drawn": res["drawn"],
+                                        "ckpt": j["save_path"],
                                         # distill: the teacher's forward passes on the old rows count too
                                         "main_flops": train_flops(res["n_params"], j["tokens"]) + res["teacher_flops"],
                                         "search_flops": 0.0,
@@ -249,8 +252,10 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
             ckpt[m], mix[m] = res["ckpt"], res["mixture"]
             flops[m]["main"] += res["main_flops"]
             flops[m]["search"] += res["search_flops"]
-            rows.append({"method": m, "stage": s, "val_loss": res["val_loss"], "mixture": res["mixture"],
-                         "stage_search_flops": res["search_flops"], "flops_so_far": dict(flops[m]),
+            rows.append({"method": m, "stage": s, "seed": cfg.run.seed, "val_loss": res["val_loss"],
+                         "mixture": res["mixture"], "drawn": res["drawn"], "stage_search_flops": res["search_flops"],
+                         "stage_main_flops": res["main_flops"], "flops_so_far": dict(flops[m]),
+                         "total_flops": flops[m]["main"] + flops[m]["search"],
                          "wall_s": res["wall_s"], **_score(res["val_loss"], seen), **scorer(res["ckpt"], seen)})
             em = ", ".join(f"{t} {v['heldout']['em']:.2f}/{v['trained']['em']:.2f}"
                            for t, v in rows[-1].get("instruct", {}).items())
