@@ -2,6 +2,7 @@
 
     preflight.py     every input checked before anything is written or Ray starts
     main_run.py      the main run (one Ray Train job for the whole run), checkpoint at each boundary
+    budget.py        search.budget_fraction: a round's search sized to a share of its segment
     adapters.py      one LoRA adapter per domain (and 'old') on the live checkpoint
     merge.py         the exact weight-space merge  W0 + c * sum_i a_i * delta_i
     candidates.py    a round's candidates: the stacked deltas, the caps polytope, the delta scale
