@@ -76,7 +76,10 @@ def test_the_verbosity_flags_work_anywhere_on_the_line(monkeypatch):
     monkeypatch.delenv("OPMIX_VERBOSITY")
 
 
-@pytest.mark.parametrize("quiet", [False, pytest.param(True, marks=pytest.mark.slow)])  # quiet: test_quiet_prints_nothing_while_working
+# the default suite: the Progress lines above, and test_resume's stop-and-resume, whose run writes to a
+# file and whose resume to a pipe, checked for the same plain lines
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [False, True])  # quiet: test_quiet_prints_nothing_while_working
 def test_a_real_run_in_a_pipe(tmp_path, quiet):
     cmd = [sys.executable, "-m", "opmix_ray.cli", *(["--quiet"] if quiet else []), "run",
            str(ROOT / "opmix_ray" / "configs" / "tiny.yaml"), f"run.storage_path={tmp_path}", "rounds.num_rounds=1",

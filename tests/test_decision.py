@@ -98,6 +98,19 @@ def test_a_round_that_stays_where_new_data_arrived_pushes_the_new_data_at_its_pr
     assert d.stay_mixture == pytest.approx({"a": 0.5, "b": 0.5})  # what the round pushes: b is drawn
 
 
+def test_a_round_that_stays_within_caps_pushes_the_current_mixture_held_to_the_caps_left():
+    cfg = load_config({"search": {"searcher": "random"}})
+    assert cfg.decision.stay_within_caps  # the default
+    c = _synthetic_candidates(1e-7)
+    c.caps_share = {"a": 0.2}  # a's cap allows a fifth of the rest of the run; the current mixture draws half
+    d = decide(cfg, c, _outcome(c), 0)
+    assert not d.moved and "within its caps" in d.reason
+    assert d.stay_mixture == pytest.approx({"a": 0.2, "b": 0.8})
+    plain = decide(load_config({"search": {"searcher": "random"}, "decision": {"stay_within_caps": False}}),
+                   c, _outcome(c), 0)
+    assert not plain.moved and plain.stay_mixture is None  # a plain stay pushes nothing
+
+
 def test_trust_region_keeps_far_candidates_from_leading():
     cfg = load_config({"search": {"searcher": "random"}, "decision": {"max_l1_step": 0.1, "rule": "argmin"}})
     c = _synthetic_candidates(1e-7)
@@ -121,6 +134,7 @@ def stay_run(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.slow  # the default suite: the same decision on synthetic candidates (test_a_round_that_stays_within...)
 def test_a_stay_within_caps_pushes_the_current_mixture_held_to_the_caps_left(tmp_path):
     """The default safe rule with a binding cap: the round keeps the mixture, and what it pushes is
     the current one with licenses at the share its cap allows for the rest of the run."""
@@ -234,6 +248,7 @@ def test_the_confirmation_adapter_is_the_old_adapter_but_for_its_mixture(stay_ru
     assert other["confirm"]["python"].mean() < same["confirm"]["python"].mean()  # it learnt python
 
 
+@pytest.mark.slow  # the default suite: the confirmation rule and the confirmation adapter, above
 def test_a_move_is_confirmed_or_refused_by_real_training_before_it_is_pushed(tmp_path):
     """k = 0 and an objective of python alone: a python-heavier leader beats stay, so the round goes to
     the confirmation adapter; what is pushed is the leader only when the confirmation says so, and its

@@ -120,6 +120,8 @@ def runs(tmp_path_factory):
     return tmp, out
 
 
+@pytest.mark.slow  # the default suite: the micro-batch split and accumulation above, and test_own_trainer's
+# two-worker Ray Train loop (every rank trains its rows of the global batch and switches at one step)
 def test_two_workers_follow_one_workers_loss_curve_and_draws_at_the_same_global_batch(runs):
     _, out = runs
     one, two = _losses(out["one"]["run_dir"]), _losses(out["two"]["run_dir"])
