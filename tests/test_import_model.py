@@ -72,6 +72,23 @@ def test_the_smollm2_continual_config_tokenizes_with_the_models_tokenizer(smollm
     check_against_data(cfg, shards, None)  # budgets, caps and windows fit this tokenizer's token counts
 
 
+def test_the_gpu_checks_config_fits_the_models_tokens_and_asks_for_two_rounds(smollm2_dir, tmp_path):
+    """benchmarks/gpu_smollm2.sh's run (configs/smollm2_gpu.yaml), checked on CPU as far as it can be:
+    its budget, caps and windows fit SmolLM2's token counts of the bundled domains."""
+    from opmix_ray.config import load_config
+    from opmix_ray.data.read import build_shards
+    from opmix_ray.engine.main_run import steps_and_boundaries
+    from opmix_ray.engine.preflight import check_against_data
+    cfg = load_config("opmix_ray/configs/smollm2_gpu.yaml",
+                      {"model": {"path": str(smollm2_dir), "device": "cpu"},
+                       "placement": {"main_gpus": 0, "adapter_gpus": 0, "trial_gpus": 0, "confirm_gpus": 0},
+                       "run": {"storage_path": str(tmp_path)}})
+    shards = build_shards(cfg)
+    assert shards.vocab_size == 49152
+    check_against_data(cfg, shards, None)
+    assert steps_and_boundaries(cfg) == (300, [60, 180])
+
+
 def test_mfu_is_six_n_t_over_the_peak():
     assert peak_bf16_flops("NVIDIA H200") == 989e12 and peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("cpu") is None
