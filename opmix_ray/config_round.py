@@ -64,9 +64,9 @@ class SearchSection(Section):
     budget_fraction: float | None = Field(
         None, gt=0, le=10, description="At most this fraction of the main-run FLOPs of the segment a round "
         "decides (its boundary to the next decision) goes to the round's search: adapter training plus scoring "
-        "the candidates. A round whose adapters.steps and search.num_samples would cost more scales both down by "
-        "one factor (to at least 5 steps and 4 candidates) and records what it used (history.json: budget). "
-        "null: no limit.")
+        "the candidates. A round whose adapters.steps, search.num_samples and selection tokens per domain would "
+        "cost more scales all three down by one factor (to at least 5 steps, 4 candidates and 4 windows per "
+        "domain) and records what it used in its round record (budget). null: no limit.")
     max_concurrent: int = Field(2, ge=1, description="Trials in flight; Bayesian search degrades toward "
                                 "random as this grows, so keep it small.")
     eval_tokens_per_domain: int | None = Field(None, gt=0, description="Val tokens per domain a trial "
