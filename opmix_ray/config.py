@@ -122,7 +122,8 @@ class ModelSection(Section):
                                                    "one the CPU; cpu: CPUs only; cuda: every part on a GPU (each "
                                                    "placement.*_gpus > 0). A trainer of your own: cuda if present.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16: matmuls of the main run, the "
-                                                       "adapters and their evaluation autocast to bfloat16 (weights, "
+                                                       "adapters, the candidates scored and their evaluation "
+                                                       "autocast to bfloat16 (weights, "
                                                        "optimizer state and the loss stay fp32); auto = bf16 on "
                                                        "cuda, fp32 on cpu.")
 

@@ -57,3 +57,28 @@ def test_an_adapter_trains_under_bf16(tmp_path):
         torch.nn.Linear.forward = orig
     assert seen and set(seen) == {torch.bfloat16}
     assert out["final_loss"] == out["final_loss"] and out["tokens"] > 0  # finite, trained
+
+
+@pytest.mark.parametrize("precision, want", [("bf16", torch.bfloat16), ("auto", None)])
+def test_candidates_are_scored_under_the_main_runs_autocast(precision, want):
+    """A trial's merged model autocasts as model.precision says on its device (on a CPU, auto is fp32)."""
+    import numpy as np
+
+    from opmix_ray.engine.candidates import Candidates
+    from opmix_ray.engine.scoring import merged_model, score
+    from opmix_ray.mixture import Mixture
+    from opmix_ray.model import autocast_dtype
+    model = build_model(ModelSection(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 64, 16, seed=0)
+    stacked = {n: np.zeros((2, *m.weight.shape), dtype=np.float32) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.endswith("proj")}
+    val = {"a": np.random.default_rng(0).integers(0, 64, size=(4, 17))}
+    c = Candidates(f"precision/{precision}", ("old", "a"), model.config.to_dict(),
+                   {k: v.detach().numpy() for k, v in model.state_dict().items()}, stacked, val,
+                   Mixture.from_dict({"a": 1.0}), None, None, precision=precision)
+    assert autocast_dtype(merged_model(c).model) is want
+    row = score(c, np.array([1.0, 0.0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=want is not None):
+        ref = float(torch.nn.functional.cross_entropy(
+            model(input_ids=torch.as_tensor(val["a"][:, :-1])).logits.float().reshape(-1, 64),
+            torch.as_tensor(val["a"][:, 1:]).reshape(-1)))
+    assert row["objective"] == pytest.approx(ref, rel=1e-5)

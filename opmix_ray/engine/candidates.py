@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from opmix_ray.config import Config
 from opmix_ray.console import say
@@ -27,7 +28,7 @@ from opmix_ray.engine.records import BoundaryInfo
 from opmix_ray.engine.trial_batch import start_scorers
 from opmix_ray.evaluate import domain_losses, objective
 from opmix_ray.mixture import Mixture
-from opmix_ray.model import load_checkpoint
+from opmix_ray.model import autocast_for, load_checkpoint
 from opmix_ray.searchers import TrialResult
 from opmix_ray.storage import sha256_file
 from search_spaces import SimplexSpace
@@ -53,6 +54,7 @@ class Candidates:
     fingerprint: str = ""  # what trials are scored on (adapters, base, scale, space): a journal is reused only on it
     caps_share: dict[str, float] | None = None  # per domain, the share of the rest of the run its cap allows
     stay: dict[str, float] | None = None  # what staying stands for when not `current`: new data at a prior share
+    precision: str = "auto"  # model.precision: candidates are scored under the main run's autocast
 
     def full(self, a) -> np.ndarray:
         """Weights over coords + extra (the extra adapters at 0)."""
@@ -74,6 +76,7 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     if cfg.search.scorer_pool and ray.is_initialized():
         start_scorers(cfg)  # a no-op once the run started them; else their imports overlap the loading below
     model = load_checkpoint(base_path)
+    model._opmix_autocast = autocast_for(torch.device("cpu"), cfg.model.precision)  # the driver's own scoring
     coords = tuple(c for c in adapter_dirs if c != REPLICATE)
     extra = (REPLICATE,) if REPLICATE in adapter_dirs else ()
     if cfg.adapters.kind == "full":  # full components are dense by nature
@@ -92,7 +95,7 @@ def build_candidates(cfg: Config, key: str, base_path: str, adapter_dirs: dict[s
     key = f"{key}/{uuid.uuid4().hex}"
     cands = Candidates(key, coords, model.config.to_dict(), base_state, stacked, shards.selection(), current,
                        objective_weights(cfg, shards), cfg.search.eval_tokens_per_domain, space, extra, caps_share=caps,
-                       stay=dict(stay) if stay else None)
+                       stay=dict(stay) if stay else None, precision=cfg.model.precision)
     ratio = segment_tokens / adapter_tokens(cfg, shards.seq_len) if segment_tokens else None
     scale = delta_scale(cfg, cands, model, ratio)
     if scale != 1.0:

@@ -15,7 +15,7 @@ from opmix_ray.engine.merge import MergedModel
 from opmix_ray.engine.placement import granted_device
 from opmix_ray.evaluate import domain_losses, objective
 from opmix_ray.mixture import Mixture, expand_collapsed
-from opmix_ray.model import set_threads
+from opmix_ray.model import autocast_for, set_threads
 from opmix_ray.searchers import TrialResult
 from search_spaces import SimplexSpace
 
@@ -36,7 +36,9 @@ def merged_model(c, device: torch.device = torch.device("cpu")) -> MergedModel:
         model = AutoModelForCausalLM.from_config(conf)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in c.base_state.items()}, strict=True)
         # moved before the merge holds the base weights: dense deltas then merge on the device too
-        _CACHE[key] = MergedModel(model.to(device).eval(), c.stacked, c.norm_to)
+        model = model.to(device).eval()
+        model._opmix_autocast = autocast_for(device, c.precision)  # lm_loss autocasts as the main run does
+        _CACHE[key] = MergedModel(model, c.stacked, c.norm_to)
     return _CACHE[key]
 
 
