@@ -299,6 +299,12 @@ def markdown(result: dict) -> str:
     if tasks:
         from opmix_ray.experiments.instruct_eval import markdown as instruct_markdown
         lines += ["", instruct_markdown(rows, tasks, result.get("instruct_majority_em")).rstrip("\n")]
+    searched = [r for r in rows if r["stage"] > 0 and r.get("stage_search_flops") and r.get("stage_main_flops")]
+    if searched:
+        lines += ["", "Search FLOPs / the stage's training FLOPs:", ""]
+        for m in dict.fromkeys(r["method"] for r in searched):
+            lines.append(f"- {m}: " + ", ".join(f"stage {r['stage']} {r['stage_search_flops'] / r['stage_main_flops']:.2f}"
+                                              for r in searched if r["method"] == m))
     lines += ["", "Stage mixtures (token shares):", ""]
     for r in rows:
         if r["stage"] > 0:
