@@ -171,9 +171,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_a_stop_signal_mid_round_ends_the_run_in_seconds_and_it_resumes(tmp_path, sig, to_group):
     signum = getattr(signal, sig)
     run_dir = tmp_path / "stopped"
-    printed = open(tmp_path / "stdout.txt", "w")  # not a terminal: plain lines, as in a pipe
     proc = subprocess.Popen([sys.executable, "-m", "opmix_ray.cli", "run", TINY, *_sets(tmp_path, "stopped")],
-                            cwd=ROOT, process_group=0, stdout=printed, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, process_group=0, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_env())
     deadline = time.time() + 900  # round 1's adapter job has started: mid-round
     while time.time() < deadline and proc.poll() is None and not (run_dir / "adapters_round_1").exists():
@@ -199,11 +198,10 @@ def test_a_stop_signal_mid_round_ends_the_run_in_seconds_and_it_resumes(tmp_path
     out = _cli("resume", str(run_dir), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert [r["round"] for r in _rounds(run_dir)] == [0, 1] and (run_dir / "summary.json").is_file()
-    # what a file and a pipe get: plain progress lines, no bar, no library chatter (test_console.py)
-    printed.close()
-    for text, what in (((tmp_path / "stdout.txt").read_text(), "round 0 adapters"), (out.stdout, "mixture per round")):
-        assert what in text and "\x1b[" not in text and "\r" not in text, text[-3000:]
-        assert "Loading weights" not in text and "worker processes have been started" not in text
+    # what a pipe gets from the resumed run: plain progress lines, no bar redrawn in place (test_console.py)
+    text = out.stdout
+    assert "[opmix " in text and "mixture per round" in text, text[-3000:]
+    assert "\x1b[" not in text and "\r" not in text, text[-3000:]
 
 
 @pytest.mark.slow  # the default suite: test_bad_input's full-disk message and free-space preflight, this file's stop-and-resume

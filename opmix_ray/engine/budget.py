@@ -6,8 +6,8 @@ decides is. Where segments are short (a continual stage of a few dozen steps) th
 more than the stage's training. With a budget the round scales adapters.steps, search.num_samples
 and the selection tokens per domain by one factor f, the largest for which
 
-    n_adapters * lora(N, steps * batch * L) + (samples + DECISION_EVALS) * eval(N, eval tokens)
-        <= budget_fraction * train(N, segment tokens)
+    n_adapters * lora_flops(N, steps * batch * L) + (samples + DECISION_EVALS) * eval_flops(N, eval tokens)
+        <= budget_fraction * train_flops(N, segment tokens)
 
 keeping at least MIN_STEPS steps, MIN_SAMPLES candidates and MIN_WINDOWS windows per domain (a
 round that cannot fit even those runs at the minimum and says so in its record).
