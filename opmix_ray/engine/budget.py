@@ -32,12 +32,17 @@ def _plan(cfg: Config, f: float, seq_len: int, available: list[int]) -> tuple[in
     return steps, samples, tokens
 
 
+def eval_tokens(per_domain: int | None, available: list[int]) -> int:
+    """Tokens one candidate is scored on: each domain's selection tokens, at most per_domain (None: all)."""
+    return sum(min(a, per_domain or a) for a in available)
+
+
 def _cost(cfg: Config, plan: tuple[int, int, int], n_params: int, seq_len: int, n_adapters: int,
           available: list[int]) -> float:
     steps, samples, per_domain = plan
-    eval_tokens = sum(min(a, per_domain) for a in available)
+    scored = eval_tokens(per_domain, available)
     return (n_adapters * lora_flops(n_params, steps * cfg.adapters.batch_size * seq_len)
-            + (samples + DECISION_EVALS) * eval_flops(n_params, eval_tokens))
+            + (samples + DECISION_EVALS) * eval_flops(n_params, scored))
 
 
 def sized(cfg: Config, n_params: int, seq_len: int, n_adapters: int, segment_tokens: int,

@@ -24,7 +24,7 @@ from opmix_ray.console import Progress
 from opmix_ray.console import say as _say
 from opmix_ray.data.shards import shard_manifest
 from opmix_ray.engine.adapters import adapter_lr, adapter_plan, adapter_tokens, train_adapters
-from opmix_ray.engine.budget import sized
+from opmix_ray.engine.budget import eval_tokens, sized
 from opmix_ray.engine.confirm import confirm_move
 from opmix_ray.engine.controller import MixtureController, controller_name
 from opmix_ray.engine.domains import arrive, clear_live, write_live
@@ -138,10 +138,10 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
     if next_step is None:
         total, boundaries = steps_and_boundaries(cfg)
         next_step = next((b for b in boundaries if b > info.step), total)
-    per_step = info.tokens_per_step or cfg.main.batch_size * shards.seq_len
+    segment = (next_step - info.step) * (info.tokens_per_step or cfg.main.batch_size * shards.seq_len)
+    available = [v.shape[0] * shards.seq_len for v in shards.selection().values()]  # selection tokens per domain
     n_adapters = len(adapter_plan(current, cfg, affected))
-    cfg, budget = sized(cfg, info.n_params, shards.seq_len, n_adapters, (next_step - info.step) * per_step,
-                        [v.shape[0] * shards.seq_len for v in shards.selection().values()])
+    cfg, budget = sized(cfg, info.n_params, shards.seq_len, n_adapters, segment, available)
     if budget:
         _say(f"round {k}: search.budget_fraction {cfg.search.budget_fraction:g}: {budget['adapter_steps']} adapter "
              f"steps, {budget['num_samples']} candidates, {budget['eval_tokens_per_domain']} selection tokens per "
@@ -151,8 +151,7 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
         dirs = train_adapters(cfg, shards_ref, info.path, current, k, str(run_dir), info.lr, affected)
     t_adapters = time.time() - t0
     with failing_step(f"round {k}: loading the adapters and the checkpoint"):
-        cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info,
-                                 (next_step - info.step) * per_step, stay)
+        cands = build_candidates(cfg, f"{cfg.run.name}/{k}", info.path, dirs, shards, current, info, segment, stay)
     _say(f"round {k}: adapters done in {t_adapters:.0f}s; searching {cfg.search.num_samples} merged "
          f"candidates with {cfg.search.searcher}")
     with failing_step(f"round {k}: the search"):
@@ -181,10 +180,9 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
         # later still leaves every finished round in the bucket.
         for rel in (rundir.checkpoint(k), rundir.adapter_root(k), rundir.search_job(k)):
             store.upload_dir(rel)
-    eval_tokens = sum(min(v.shape[0] * shards.seq_len, cfg.search.eval_tokens_per_domain or 10**12)
-                      for v in shards.selection().values())
     flops = round_search_flops(info.n_params, adapter_tokens(cfg, shards.seq_len),
-                               len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed, eval_tokens,
+                               len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed,
+                               eval_tokens(cfg.search.eval_tokens_per_domain, available),
                                full=cfg.adapters.kind == "full")
     record = RoundRecord(
         step=info.step, tokens=info.tokens, weights=pushed, adapter_weights=out.weights, objective=out.objective,

@@ -127,13 +127,13 @@ def fixed_plans(cfg: ExperimentConfig, doms, train_tokens: dict[str, int], steps
     seen, new, T = steps[s]["current"], steps[s]["new"], cfg.schedule.stages[s].tokens
     old = [d for d in seen if d not in new]
     r = cfg.schedule.replay_share
+    replayed = lambda m: _weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
+                                  if new and old else _carry(mix.get(m, {}), seen))
     return {"naive": (_weights(doms, dict.fromkeys(new, 1.0) if new else _carry(mix.get("naive", {}), seen)),
                       T, ckpt.get("naive")),
-            "replay": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
-                                if new and old else _carry(mix.get("replay", {}), seen)), T, ckpt.get("replay")),
+            "replay": (replayed("replay"), T, ckpt.get("replay")),
             # replay's draws, but the old rows train toward the previous checkpoint's predictions
-            "distill": (_weights(doms, {**{d: (1 - r) / len(new) for d in new}, **{d: r / len(old) for d in old}}
-                                 if new and old else _carry(mix.get("distill", {}), seen)), T, ckpt.get("distill")),
+            "distill": (replayed("distill"), T, ckpt.get("distill")),
             "uniform-seen": (_weights(doms, dict.fromkeys(seen, 1.0)), T, ckpt.get("uniform-seen")),
             "natural-seen": (_weights(doms, {d: float(train_tokens[d]) for d in seen}), T, ckpt.get("natural-seen")),
             "retrain": (_weights(doms, dict.fromkeys(seen, 1.0)),
