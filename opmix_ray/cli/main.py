@@ -213,7 +213,7 @@ def cmd_fidelity(args) -> int:
 
 def cmd_continual(args) -> int:
     return _experiment_run(args, "opmix_ray.experiments.continual:run_continual",
-                           "opmix_ray.experiments.continual:markdown", "results.json and results.md")
+                           "opmix_ray.experiments.continual_report:markdown", "results.json and results.md")
 
 
 def cmd_data_build(args) -> int:

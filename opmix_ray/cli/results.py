@@ -43,7 +43,7 @@ def cmd_results(args) -> int:
             from opmix_ray.experiments.bench_report import markdown
             print(markdown(result))
         else:
-            from opmix_ray.experiments.continual import markdown
+            from opmix_ray.experiments.continual_report import markdown
             print(markdown(result))
         return 0
     from opmix_ray.report import load_run, mixture_table

@@ -140,10 +140,11 @@ def fixed_plans(cfg: ExperimentConfig, doms, train_tokens: dict[str, int], steps
                         sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), pretrained)}
 
 
-def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage):
+def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage, order: int = 0):
+    from opmix_ray.experiments.headroom import order_seed
     from opmix_ray.training import fixed_job
-    return fixed_job(cfg, cfg.run.seed, shards, weights, tokens=tokens, init_path=init, save_path=save,
-                     method=method, stage=stage)
+    return fixed_job(cfg, cfg.run.seed, shards, weights, data_seed=order_seed(cfg.run.seed, order), tokens=tokens,
+                     init_path=init, save_path=save, method=method, stage=stage, order=order)
 
 
 def stage_stay(cfg: ExperimentConfig, doms, s: int, seen, previous: dict[str, float], tokens) -> dict | None:
@@ -191,17 +192,53 @@ def _instruct_scorer(cfg: ExperimentConfig, shards):
 
 
 def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
-    from opmix_ray.data.read import build_shards
-    from opmix_ray.engine.preflight import check_against_data
-    from opmix_ray.ray_init import init_ray
-    from opmix_ray.training import run_fixed_jobs
+    """The sequence on run.seed into OUT, or on each of schedule.seeds into OUT/seed_N with every
+    seed's rows together in OUT/results.json (continual_report.combine)."""
+    from opmix_ray.experiments.continual_report import combine, markdown
+    from opmix_ray.storage import read_json
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
     steps = schedule_steps(cfg)
-    seen_by_stage = [st['current'] for st in steps]
     if (out / "results.json").exists() and not overwrite:
         raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
+    if not cfg.schedule.seeds:
+        return _sequence(cfg, out, steps, overwrite)
+    results = {}
+    for seed in cfg.schedule.seeds:
+        c = cfg.model_copy(deep=True)
+        c.run.seed, c.schedule.seeds = seed, []
+        d = out / f"seed_{seed}"
+        prior = read_json(d / "results.json") if (d / "results.json").is_file() else None
+        if prior and prior.get("config") == _expanded(c, steps).model_dump(mode="json"):
+            say(f"seed {seed}: keeping {d / 'results.json'} (the same config)")
+            results[seed] = prior
+        else:
+            say(f"seed {seed}: the whole sequence -> {d}")
+            results[seed] = _sequence(c, d, steps, overwrite)
+    result = {**combine(results), "wall_s": time.time() - t0, "config": cfg.model_dump(mode="json")}
+    write_json(out / "results.json", result)
+    atomic_write_bytes(out / "results.md", markdown(result).encode())
+    return result
+
+
+def _expanded(cfg: ExperimentConfig, steps: list[dict]) -> ExperimentConfig:
+    """cfg with data.domains = every domain of the sequence, in order of arrival (what a run records)."""
     cfg = cfg.model_copy(deep=True)
     cfg.data.domains = list(dict.fromkeys(d for st in steps for d in st['new'] + st['current']))
+    return cfg
+
+
+def _sequence(cfg: ExperimentConfig, out: Path, steps: list[dict], overwrite: bool) -> dict:
+    """One seed's whole sequence into `out`: its rows, FLOPs, uniform-seen's data-order noise."""
+    from opmix_ray.data.read import build_shards
+    from opmix_ray.engine.preflight import check_against_data
+    from opmix_ray.experiments.continual_report import markdown, stage_noise
+    from opmix_ray.ray_init import init_ray
+    from opmix_ray.training import run_fixed_jobs
+    t0 = time.time()
+    if (out / "results.json").exists() and not overwrite:
+        raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
+    seen_by_stage = [st['current'] for st in steps]
+    cfg = _expanded(cfg, steps)
     if cfg.schedule.instruct_eval:
         from opmix_ray.data.instruct import ensure_built
         ensure_built(cfg.data.path)  # deterministic, seconds; verifies the sha256s when already built
@@ -223,6 +260,7 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     rows = [{"method": m, "stage": 0, "seed": cfg.run.seed, "val_loss": pre["val_loss"], "mixture": mix[m],
              "total_flops": flops[m]["main"],
              **_score(pre["val_loss"], st0.add), **zero_shot} for m in methods]
+    noise: list[dict] = []
     for s in range(1, len(steps)):
         seen, new, T = steps[s]["current"], steps[s]["new"], cfg.schedule.stages[s].tokens
         old = [d for d in seen if d not in new]
@@ -234,10 +272,19 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
         for j in jobs:
             if j["method"] == "distill" and new and old:
                 j["distill"] = {"teacher": ckpt["distill"], "old": old, "kl_weight": cfg.schedule.distill_kl_weight}
+        # uniform-seen's stage again from the same checkpoint on more data orders: the stage's noise
+        w, tok, init = plans["uniform-seen"]
+        orders = [_fixed_job(cfg, shards, "uniform-seen", w, tok, init, None, s, order=k)
+                  for k in range(1, cfg.schedule.noise_orders + 1)] if "uniform-seen" in methods else []
         results = {}
         if jobs:
-            say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials")
-            for j, res in zip(jobs, run_fixed_jobs(jobs, shards, str(out / "tune"), f"stage_{s}", 2)):
+            say(f"stage {s}: {steps[s]['label']}; {', '.join(j['method'] for j in jobs)} as Tune trials"
+                + (f", and uniform-seen on {len(orders)} more data orders" if orders else ""))
+            done = run_fixed_jobs(jobs + orders, shards, str(out / "tune"), f"stage_{s}", 2)
+            if orders:
+                us = done[[j["method"] for j in jobs].index("uniform-seen")]
+                noise.append(stage_noise(s, [_score(r["val_loss"], seen)["mean_loss"] for r in [us, *done[len(jobs):]]]))
+            for j, res in zip(jobs, done):
                 results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "drawn": res["drawn"],
                                         "ckpt": j["save_path"],
                                         # distill: the teacher's forward passes on the old rows count too
@@ -262,7 +309,9 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
             say(f"stage {s}: {m} mean val loss over {len(seen)} seen domains {rows[-1]['mean_loss']:.4f}"
                  + (f"; EM held-out/trained {em}" if em else ""))
         write_json(out / "rows_partial.json", rows)
-    result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage,
+    last = noise[-1] if noise and noise[-1]["stage"] == len(steps) - 1 else None
+    result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage, "seed": cfg.run.seed,
+              "noise": last["noise"] if last else None, "noise_by_stage": noise,
               "changes": [st["label"] for st in steps], "wall_s": time.time() - t0,
               "config": cfg.model_dump(mode="json"), **({"instruct_majority_em": majority} if majority else {})}
     write_json(out / "results.json", result)
@@ -274,40 +323,3 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
 def _score(val_loss: dict[str, float], seen) -> dict:
     return {"mean_loss": float(np.mean([val_loss[d] for d in seen])),
             "mean_ppl": float(np.mean([math.exp(val_loss[d]) for d in seen]))}
-
-
-def markdown(result: dict) -> str:
-    rows, seen = result["rows"], result["seen_by_stage"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    S = len(seen)
-    labels = result.get("changes") or ["+" + ",".join(seen[s][len(seen[s - 1]) if s else 0:]) for s in range(S)]
-    head = ["method"] + [f"stage {s} ({labels[s]})" for s in range(S)] + ["final mean ppl", "search FLOPs", "total FLOPs"]
-    lines = ["Mean val loss over the stage's current domains (all seen so far, less removed and replaced ones), "
-             "after each stage:", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        by = {r["stage"]: r for r in rows if r["method"] == m}
-        f = result["flops"][m]
-        lines.append(f"| {m} | " + " | ".join(f"{by[s]['mean_loss']:.4f}" if s in by else "-" for s in range(S))
-                     + f" | {by[S - 1]['mean_ppl']:.2f} | {f['search']:.3g} | {f['main'] + f['search']:.3g} |")
-    last = {r["method"]: r for r in rows if r["stage"] == S - 1}
-    lines += ["", "Final per-domain val loss:", "", "| method | " + " | ".join(seen[-1]) + " |",
-              "|" + "---|" * (len(seen[-1]) + 1)]
-    for m, r in last.items():
-        lines.append(f"| {m} | " + " | ".join(f"{r['val_loss'][d]:.4f}" for d in seen[-1]) + " |")
-    tasks = [d for d in seen[-1] if any(d in r.get("instruct", {}) for r in rows if r["stage"] > 0)]
-    if tasks:
-        from opmix_ray.experiments.instruct_eval import markdown as instruct_markdown
-        lines += ["", instruct_markdown(rows, tasks, result.get("instruct_majority_em")).rstrip("\n")]
-    searched = [r for r in rows if r["stage"] > 0 and r.get("stage_search_flops") and r.get("stage_main_flops")]
-    if searched:
-        lines += ["", "Search FLOPs / the stage's training FLOPs:", ""]
-        for m in dict.fromkeys(r["method"] for r in searched):
-            lines.append(f"- {m}: " + ", ".join(f"stage {r['stage']} {r['stage_search_flops'] / r['stage_main_flops']:.2f}"
-                                              for r in searched if r["method"] == m))
-    lines += ["", "Stage mixtures (token shares):", ""]
-    for r in rows:
-        if r["stage"] > 0:
-            mix = ", ".join(f"{d} {w:.2f}" for d, w in r["mixture"].items() if w > 0.005)
-            lines.append(f"- stage {r['stage']} {r['method']}: {mix}")
-    return "\n".join(lines) + "\n"

@@ -116,10 +116,24 @@ class ScheduleSection(Section):
         "prior share (an added domain 1/n of the mixture, the parts of a split their parent's weight by tokens, a "
         "revised version the old one's weight; rounds.initial_stay); current = the previous mixture, the new "
         "data at 0 (docs/DECISIONS.md).")
+    seeds: list[int] = Field(default_factory=list, description="Init and split seeds to run the whole sequence "
+                             "on, each into OUT/seed_N (a seed whose results.json is there for the same config is "
+                             "kept), their rows together in OUT/results.json; empty = run.seed alone, into OUT.")
+    noise_orders: int = Field(0, ge=0, le=16, description="At every later stage uniform-seen also trains from its own "
+                              "previous checkpoint on this many more data orders (run.data_seed; not kept): the sd "
+                              "over its orders of the stage's mean val loss is the data-order noise of one stage, "
+                              "x sqrt(2) the noise of a one-order comparison of two methods. 0 = not measured; "
+                              "use 3 or more to read it.")
     instruct_eval: bool = Field(False, description="Continual instruction tuning: score every stage's checkpoints "
                                 "on the instruction tasks in data.path (exact match and answer loss, held-out and "
                                 "trained-sample); the tasks are built there by `python -m opmix_ray.data.instruct` "
                                 "when data.path has no instruct.json.")
+
+    @model_validator(mode="after")
+    def _seeds_once(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeats a seed (fix: list each seed once)")
+        return self
 
 
 class ExperimentConfig(Config):

@@ -1,0 +1,65 @@
+"""`opmix-ray continual` over several seeds, with uniform-seen's data-order noise per stage.
+
+    pytest tests/test_continual_seeds.py            # seconds: the noise, the pooling, the table
+    pytest -m slow tests/test_continual_seeds.py    # + a tiny sequence on 2 seeds with its noise (~1 min)
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from opmix_ray.config import ConfigError
+from opmix_ray.experiments.continual_report import combine, markdown, stage_noise
+from opmix_ray.experiments.experiment_config import load_experiment_config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "opmix_ray", "configs")
+
+
+def test_stage_noise_is_sqrt2_times_the_sd_over_orders():
+    n = stage_noise(3, [5.0, 5.1, 4.9])
+    assert n["stage"] == 3 and n["sd"] == pytest.approx(0.1) and n["noise"] == pytest.approx(0.1 * math.sqrt(2))
+
+
+def _seq(seed, losses, noise):
+    rows = [{"method": m, "stage": s, "seed": seed, "mean_loss": l + 0.1 * (1 - s), "total_flops": 1e12 * (s + 1)}
+            for m, l in losses.items() for s in (0, 1)]
+    return {"rows": rows, "seen_by_stage": [["a"], ["a", "b"]], "changes": ["+a", "+b"], "flops": {}, "wall_s": 1.0,
+            "noise": noise, "noise_by_stage": [stage_noise(1, [5.0, 5.0 + noise])]}
+
+
+def test_combine_pools_the_seeds_noise_and_the_table_counts_beyond_twice_it():
+    res = combine({0: _seq(0, {"uniform-seen": 5.0, "opmix": 4.8}, 0.03),
+                   1: _seq(1, {"uniform-seen": 5.0, "opmix": 5.05}, 0.04)})
+    assert res["seeds"] == [0, 1] and {r["seed"] for r in res["rows"]} == {0, 1}
+    assert res["noise"] == pytest.approx(math.sqrt((0.03 ** 2 + 0.04 ** 2) / 2))
+    md = markdown(res)
+    row = next(line for line in md.splitlines() if line.startswith("| opmix |"))
+    # seed 0: -0.2 beyond 2 x 0.0354 (better); seed 1: +0.05 within it
+    assert "-0.2000, +0.0500" in row and "| 1 / 0 of 2 |" in row
+
+
+def test_seeds_are_listed_once():
+    with pytest.raises(ConfigError, match=r"schedule.*repeats a seed"):
+        load_experiment_config(os.path.join(CONFIGS, "continual_tiny.yaml"), {"schedule": {"seeds": [0, 1, 0]}})
+
+
+@pytest.mark.slow  # ~1 min: the default suite checks the formulas and the table above
+def test_two_seeds_of_uniform_seen_with_its_noise_end_to_end(experiment_results):
+    res = experiment_results("continual", "continual_tiny.yaml", "--set", "schedule.seeds=[0, 1]",
+                             "--set", "schedule.stages=[{add: [bible, dictionary], tokens: 20480}, "
+                             "{add: [python], tokens: 10240}]",
+                             "--set", "schedule.methods=[uniform-seen]", "--set", "schedule.noise_orders=2")
+    assert res["seeds"] == [0, 1]
+    for seed in (0, 1):
+        rows = [r for r in res["rows"] if r["seed"] == seed]
+        assert {(r["method"], r["stage"]) for r in rows} == {("uniform-seen", 0), ("uniform-seen", 1)}
+        (noise,) = res["noise_by_seed"][str(seed)]
+        assert noise["stage"] == 1 and len(noise["mean_loss"]) == 3
+        # order 0 is the row itself; the other orders differ (another data order from the same checkpoint)
+        assert noise["mean_loss"][0] == rows[1]["mean_loss"] and len(set(noise["mean_loss"])) == 3
+        assert noise["noise"] == pytest.approx(math.sqrt(2) * np.std(noise["mean_loss"], ddof=1))
+    # the seeds differ (init and split); the pooled noise is the root mean square of theirs
+    finals = [res["noise_by_seed"][str(s)][-1]["noise"] for s in (0, 1)]
+    assert res["noise"] == pytest.approx(math.sqrt(np.mean(np.square(finals))))
+    assert len({r["mean_loss"] for r in res["rows"] if r["stage"] == 1}) == 2
