@@ -222,6 +222,21 @@ def test_confirm_rule_needs_a_gain_beyond_eval_and_adapter_noise():
     assert not moved and "keeping the current mixture" in reason and fig["se_adapter"] > fig["gain"]
 
 
+def test_a_move_is_confirmed_against_the_stays_own_adapter_when_the_stay_is_not_the_current_mixture():
+    """New data at 0 in the current mixture: the leader beats 'old' by far, but staying would give the
+    new data its prior share; only a gain over the stay's adapter moves the round."""
+    from opmix_ray.engine.confirm import confirm_rule
+    rng = np.random.default_rng(4)
+    old, conf = _windows(rng, shift=-0.3)  # far better than the current mixture
+    stay = {d: v - 0.3 for d, v in old.items()}  # but no better than the stay
+    rep = {d: v + 0.001 for d, v in old.items()}
+    moved, reason, fig = confirm_rule({"old": old, "confirm": conf, "old#2": rep, "stay": stay}, W, k=2.0)
+    assert not moved and "over the stay's adapter" in reason and "keeping the stay" in reason
+    assert fig["gain"] == pytest.approx(0.0, abs=0.005) and fig["stay_objective"] is not None
+    moved, reason, _ = confirm_rule({"old": old, "confirm": conf, "old#2": rep}, W, k=2.0)
+    assert moved and "beats 'old'" in reason  # against the current mixture it would have moved
+
+
 def test_the_confirmation_adapter_is_the_old_adapter_but_for_its_mixture(stay_run):
     """Trained on the current mixture, the confirmation adapter is the 'old' adapter again (same init,
     data seed, lr and steps), so it confirms nothing; on another mixture it is another model."""
@@ -243,6 +258,10 @@ def test_the_confirmation_adapter_is_the_old_adapter_but_for_its_mixture(stay_ru
         np.testing.assert_allclose(same["confirm"][d], same["old"][d], atol=1e-4)
     moved, _, fig = confirm_rule(same, {d: 1.0 for d in shards.domains}, k=2.0)
     assert not moved and abs(fig["gain"]) < 1e-4 and fig["se_adapter"] > 0
+    # the stay's adapter is trained the same way: on the current mixture it is 'old' again
+    with_stay = confirm_windows(cfg, shards, base, r["mixture_before"], lr, 0, dirs, cpus=1, stay=r["mixture_before"])
+    for d in same["old"]:
+        np.testing.assert_allclose(with_stay["stay"][d], same["old"][d], atol=1e-4)
     other = confirm_windows(cfg, shards, base, {d: float(d == "python") for d in shards.domains}, lr, 0, dirs, cpus=1)
     assert other["drawn"]["python"] == pytest.approx(1.0)
     assert other["confirm"]["python"].mean() < same["confirm"]["python"].mean()  # it learnt python

@@ -160,11 +160,15 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
         decision = decide(cfg, cands, out, k)
     confirmed = decision.moved and cfg.decision.rule == "safe" and cfg.decision.confirm and "old" in dirs
     if confirmed:
-        _say(f"round {k}: {decision.reason}; confirming with an adapter trained on the leader's mixture")
+        # a stay that is not the current mixture (the caps left, new data's prior share) gets its own adapter
+        stay_mix = decision.stay_mixture
+        _say(f"round {k}: {decision.reason}; confirming with an adapter trained on the leader's mixture"
+             + (" against one trained on the stay" if stay_mix else ""))
         with failing_step(f"round {k}: the confirmation adapter"):
             decision = decision.with_confirmation(*confirm_move(
                 cfg, shards_ref, info.path, decision.leader_mixture, adapter_lr(cfg, info.lr), k, dirs,
-                cands.objective_weights))
+                cands.objective_weights, stay_mix))
+    n_confirm = decision.confirm["adapters"] if decision.confirm else 0
     doms = current.domains
     # A stay on the current mixture changes nothing: the sampler keeps its weights, counters and cap
     # handling, so a run that always stays is the fixed-mixture run bit for bit (docs/DECISIONS.md). A
@@ -181,7 +185,7 @@ def run_round(cfg: Config, k: int, info: BoundaryInfo, current: Mixture, shards,
         for rel in (rundir.checkpoint(k), rundir.adapter_root(k), rundir.search_job(k)):
             store.upload_dir(rel)
     flops = round_search_flops(info.n_params, adapter_tokens(cfg, shards.seq_len),
-                               len(dirs) + confirmed, out.n_trials + cands.driver_evals + 3 * confirmed,
+                               len(dirs) + n_confirm, out.n_trials + cands.driver_evals + 3 * confirmed + (n_confirm > 1),
                                eval_tokens(cfg.search.eval_tokens_per_domain, available),
                                full=cfg.adapters.kind == "full")
     record = RoundRecord(
