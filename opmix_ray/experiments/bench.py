@@ -115,7 +115,7 @@ def _opmix_rows(cfg: ExperimentConfig, seed: int, shards, out_dir: Path, method:
         if VARIANTS[method]:
             c = load_config(c.model_dump(mode="json"), VARIANTS[method])
         c.run.name, c.search.objective_weights = f"{method}-{name}-s{seed}", obj
-        say(f"seed {seed}: OP-Mix ({name}) -> {c.run.storage_path}/{c.run.name}")
+        say(f"seed {seed}: {'OP-Mix' if method == 'opmix' else method} ({name}) -> {c.run.storage_path}/{c.run.name}")
         s = run(c, overwrite=True)
         hist = read_json(rundir.at(s["run_dir"], rundir.HISTORY))
         wall = sum(sum(r["wall_s"].values()) for r in hist["rounds"])  # adapters, search, confirm
