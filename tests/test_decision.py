@@ -119,17 +119,12 @@ def test_trust_region_keeps_far_candidates_from_leading():
 
 
 @pytest.fixture(scope="module")
-def stay_run(tmp_path_factory):
-    from opmix_ray.engine.driver import run
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"),
-                      {"run": {"storage_path": str(storage), "name": "stay"}, "rounds": {"num_rounds": 1},
-                       "data": {"max_epochs": {"licenses": 0.05}},  # binds: uniform would draw past it
-                       "search": {"num_samples": 3, "searcher": "random"},
-                       # the plain stay (the current mixture, the sampler left to enforce the cap): the
-                       # exact-baseline guarantees below are about it; staying within caps has its own test
-                       "decision": {"k": 1e9, "stay_within_caps": False}})
-    summary = run(cfg)
+def stay_run(one_round_run):
+    """conftest's one-round run (a binding cap, a round that always stays), with Ray up for the tests
+    that start work on it."""
+    from opmix_ray.ray_init import init_ray
+    cfg, summary = one_round_run
+    init_ray(cfg)
     yield cfg, summary
     ray.shutdown()
 
@@ -294,7 +289,9 @@ def test_a_run_that_always_stays_is_the_fixed_mixture_run(stay_run):
     as the uniform baseline of the same seed and budget, also when a repetition cap binds."""
     from opmix_ray.engine.driver import run
     cfg, summary = stay_run
-    fixed = run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "fixed", "baseline": "uniform"})}))
+    fixed = run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "fixed", "baseline": "uniform"}),
+                                       "tracking": cfg.tracking.model_copy(update={"tensorboard": False, "mlflow": False,
+                                                                                 "wandb": False})}))
     with open(os.path.join(summary["run_dir"], "history.json")) as f:
         h = json.load(f)
     assert h["rounds"][0]["decision"]["moved"] is False

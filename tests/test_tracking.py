@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 
 from opmix_ray.config import load_config
 
@@ -19,17 +18,11 @@ TINY = Path(__file__).resolve().parent.parent / "opmix_ray" / "configs" / "tiny.
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
+def tracked_run(one_round_run):
+    """conftest's one-round run, tracked by every backend (the tests here need MLflow and W&B)."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
-    from opmix_ray.engine.driver import run
-    cfg = load_config(TINY, {"run": {"storage_path": str(tmp_path_factory.mktemp("runs"))},
-                             "rounds": {"num_rounds": 1}, "search": {"num_samples": 4, "max_concurrent": 1},
-                             "tracking": {"tensorboard": True, "mlflow": True, "wandb": True}})
-    try:
-        yield cfg, run(cfg)
-    finally:
-        ray.shutdown()
+    return one_round_run
 
 
 def _events(path):
