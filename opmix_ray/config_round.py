@@ -142,8 +142,10 @@ class DecisionSection(Section):
                                    "capped domains are drawn until their caps are spent, then never again "
                                    "(docs/DECISIONS.md).")
     confirm: bool = Field(True, description="safe rule: before a move is pushed, train one more adapter on the "
-                          "leader's mixture and push only if it beats the 'old' adapter (trained on the current "
-                          "mixture) by k standard errors; costs one adapter training per move (engine/confirm.py).")
+                          "leader's mixture and push only if it beats the stay's adapter by k standard errors: "
+                          "'old' (trained on the current mixture), or, when staying pushes another mixture (caps "
+                          "left, new data's prior share), one more adapter trained on that; costs one or two "
+                          "adapter trainings per move (engine/confirm.py).")
     law_min_loo_spearman: float = Field(0.7, ge=-1, le=1, description="mixing-law searcher: its KL-regularised "
                                         "proposal leads when the law's leave-one-out Spearman on the trials "
                                         "reaches this; below it the best trial leads.")
