@@ -41,7 +41,7 @@ def seeds_markdown(result: dict) -> str:
              + (f"(noise: sd of a one-order difference of two runs {noise:.4f} nats; a difference beyond "
                 f"2 x noise = {2 * noise:.4f} counts)" if noise else "(no noise measured: schedule.noise_orders)"),
              "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs uniform-seen, by seed | "
-             "better / worse beyond 2 x noise | total FLOPs (mean) |", "|" + "---|" * (len(seeds) + 6)]
+             "better / worse beyond 2 x noise | total FLOPs (mean) |", "|" + "---|" * (len(seeds) + 5)]
     ref = {s: final[("uniform-seen", s)]["mean_loss"] for s in seeds if ("uniform-seen", s) in final}
     for m in methods:
         loss = {s: final[(m, s)]["mean_loss"] for s in seeds if (m, s) in final}
