@@ -198,10 +198,9 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     from opmix_ray.storage import read_json
     t0, out = time.time(), Path(out_dir).expanduser().resolve()
     steps = schedule_steps(cfg)
-    if (out / "results.json").exists() and not overwrite:
-        raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
     if not cfg.schedule.seeds:
         return _sequence(cfg, out, steps, overwrite)
+    _refuse_finished(out, overwrite)
     results = {}
     for seed in cfg.schedule.seeds:
         c = cfg.model_copy(deep=True)
@@ -220,6 +219,11 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
     return result
 
 
+def _refuse_finished(out: Path, overwrite: bool) -> None:
+    if (out / "results.json").exists() and not overwrite:
+        raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
+
+
 def _expanded(cfg: ExperimentConfig, steps: list[dict]) -> ExperimentConfig:
     """cfg with data.domains = every domain of the sequence, in order of arrival (what a run records)."""
     cfg = cfg.model_copy(deep=True)
@@ -235,8 +239,7 @@ def _sequence(cfg: ExperimentConfig, out: Path, steps: list[dict], overwrite: bo
     from opmix_ray.ray_init import init_ray
     from opmix_ray.training import run_fixed_jobs
     t0 = time.time()
-    if (out / "results.json").exists() and not overwrite:
-        raise ConfigError(f"config error at --out: {out} holds a finished run (fix: --overwrite or another --out)")
+    _refuse_finished(out, overwrite)
     seen_by_stage = [st['current'] for st in steps]
     cfg = _expanded(cfg, steps)
     if cfg.schedule.instruct_eval:
