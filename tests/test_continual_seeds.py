@@ -39,6 +39,21 @@ def test_combine_pools_the_seeds_noise_and_the_table_counts_beyond_twice_it():
     assert "-0.2000, +0.0500" in row and "| 1 / 0 of 2 |" in row
 
 
+def test_each_stage_draws_its_own_data_order():
+    from opmix_ray.data.sampler import MixtureSampler
+    from opmix_ray.experiments.continual import stage_data_seed
+    from opmix_ray.mixture import Mixture
+    seeds = {(seed, stage, order): stage_data_seed(seed, stage, order)
+             for seed in range(4) for stage in range(10) for order in range(6)}
+    assert all((v is None) == (stage == 0 and order == 0) for (_, stage, order), v in seeds.items())
+    assert len({v for v in seeds.values() if v is not None}) == len(seeds) - 4
+    # one domain's first windows at stage 1 and 2: another stage reads other windows, not the same again
+    tokens = {"a": np.arange(64 * 100, dtype=np.int32)}
+    first = [MixtureSampler(tokens, Mixture.from_dict({"a": 1.0}, ["a"]), 64, seed=1000 * stage_data_seed(0, s))
+             .next_batch(4)[0] for s in (1, 2)]
+    assert not np.array_equal(first[0], first[1])
+
+
 def test_seeds_are_listed_once():
     with pytest.raises(ConfigError, match=r"schedule.*repeats a seed"):
         load_experiment_config(os.path.join(CONFIGS, "continual_tiny.yaml"), {"schedule": {"seeds": [0, 1, 0]}})

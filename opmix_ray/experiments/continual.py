@@ -35,12 +35,14 @@ the later stages add instruction tasks (opmix_ray/data/instruct.py), and every c
 scored on the tasks seen so far: exact match and answer loss, held-out and trained-sample
 (opmix_ray/experiments/instruct_eval.py); the stage-0 checkpoint is scored zero-shot on every task.
 Fixed-mixture stages run as Tune trials (training.run_fixed_jobs) and restart AdamW with warmup at
-each stage, as the engine's stage runs do.
+each stage, as the engine's stage runs do. Every stage draws its own data order (stage_data_seed), the
+same for every method of that stage.
 """
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -140,11 +142,23 @@ def fixed_plans(cfg: ExperimentConfig, doms, train_tokens: dict[str, int], steps
                         sum(st.tokens for st in cfg.schedule.stages[1:s + 1]), pretrained)}
 
 
+# How a result's stages drew their data; a seed's earlier result is kept only if it drew the same way.
+DATA_ORDERS = "per stage"
+
+
+def stage_data_seed(seed: int, stage: int, order: int = 0) -> int | None:
+    """run.data_seed of stage `stage`, data order `order`. Stage 0 draws the run's own order; every
+    later stage draws its own: a stage that restarted the seed's order would re-read, window for
+    window, what the earlier stages of the same domains already trained on, instead of going on."""
+    if stage == 0 and order == 0:
+        return None
+    return zlib.crc32(f"{seed}/stage{stage}/order{order}".encode())
+
+
 def _fixed_job(cfg, shards, method, weights, tokens, init, save, stage, order: int = 0):
-    from opmix_ray.experiments.headroom import order_seed
     from opmix_ray.training import fixed_job
-    return fixed_job(cfg, cfg.run.seed, shards, weights, data_seed=order_seed(cfg.run.seed, order), tokens=tokens,
-                     init_path=init, save_path=save, method=method, stage=stage, order=order)
+    return fixed_job(cfg, cfg.run.seed, shards, weights, data_seed=stage_data_seed(cfg.run.seed, stage, order),
+                     tokens=tokens, init_path=init, save_path=save, method=method, stage=stage, order=order)
 
 
 def stage_stay(cfg: ExperimentConfig, doms, s: int, seen, previous: dict[str, float], tokens) -> dict | None:
@@ -163,6 +177,7 @@ def _opmix_stage(cfg, method, stage, seen, new, prev_mix, init, out, stay=None) 
     from opmix_ray.engine.driver import run
     c = cfg.run_config()
     c.run.name, c.run.storage_path, c.run.baseline = f"{method}-stage{stage}", str(out / "runs"), "none"
+    c.run.data_seed = stage_data_seed(cfg.run.seed, stage)  # the stage's windows, as its fixed-mixture runs
     c.model.path = init
     c.main.total_tokens = cfg.schedule.stages[stage].tokens
     c.rounds.uniform_prefix, c.rounds.initial = 0.0, prev_mix  # the round at step 0 picks the stage's mixture
@@ -207,7 +222,8 @@ def run_continual(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = 
         c.run.seed, c.schedule.seeds = seed, []
         d = out / f"seed_{seed}"
         prior = read_json(d / "results.json") if (d / "results.json").is_file() else None
-        if prior and prior.get("config") == _expanded(c, steps).model_dump(mode="json"):
+        if (prior and prior.get("config") == _expanded(c, steps).model_dump(mode="json")
+                and prior.get("data_orders") == DATA_ORDERS):
             say(f"seed {seed}: keeping {d / 'results.json'} (the same config)")
             results[seed] = prior
         else:
@@ -315,7 +331,7 @@ def _sequence(cfg: ExperimentConfig, out: Path, steps: list[dict], overwrite: bo
     last = noise[-1] if noise and noise[-1]["stage"] == len(steps) - 1 else None
     result = {"rows": rows, "flops": flops, "seen_by_stage": seen_by_stage, "seed": cfg.run.seed,
               "noise": last["noise"] if last else None, "noise_by_stage": noise,
-              "changes": [st["label"] for st in steps], "wall_s": time.time() - t0,
+              "changes": [st["label"] for st in steps], "wall_s": time.time() - t0, "data_orders": DATA_ORDERS,
               "config": cfg.model_dump(mode="json"), **({"instruct_majority_em": majority} if majority else {})}
     write_json(out / "results.json", result)
     (out / "rows_partial.json").unlink(missing_ok=True)
