@@ -2,7 +2,7 @@
 fixed-mixture jobs; the whole tiny benchmark end to end is `slow`.
 
     pytest tests/test_baselines.py                 # ~30 s
-    pytest -m slow tests/test_baselines.py         # + opmix-ray bench on bench_tiny.yaml (~4 min)
+    pytest -m slow tests/test_baselines.py         # + opmix-ray bench on bench_tiny.yaml (~4 min), an online row
 """
 import os
 import subprocess
@@ -166,6 +166,7 @@ def test_tiny_bench_end_to_end(experiment_results, tmp_path):
         assert (tmp_path / "out" / f).is_file()
 
 
+@pytest.mark.slow  # ~35 s: the default suite keeps the fixed jobs as Tune trials
 def test_an_online_method_is_its_own_row_beside_a_fixed_one(tmp_path):
     """bench with aioli and uniform: uniform's row is a fixed full run, aioli's is its own run."""
     import ray

@@ -76,8 +76,8 @@ def test_the_verbosity_flags_work_anywhere_on_the_line(monkeypatch):
     monkeypatch.delenv("OPMIX_VERBOSITY")
 
 
-# the default suite: the Progress lines above, and test_resume's stop-and-resume, whose resumed run's
-# piped output is checked for plain lines (this test also checks that no library chatter gets through)
+# the default suite: the Progress lines above (this test and test_resume's stop-and-resume check a
+# real run's piped output for plain lines; this one also that no library chatter gets through)
 @pytest.mark.slow
 @pytest.mark.parametrize("quiet", [False, True])  # quiet: test_quiet_prints_nothing_while_working
 def test_a_real_run_in_a_pipe(tmp_path, quiet):

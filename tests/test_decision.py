@@ -188,6 +188,7 @@ def test_stay_truth_equals_the_main_runs_own_continuation(stay_run):
     assert other["val_loss"] != truth["val_loss"]  # a second truth seed is another data order
 
 
+@pytest.mark.slow  # ~40 s: the default suite keeps the stay's truth above
 def test_fidelity_instrument_scores_stay_and_its_truth_is_the_run_itself(stay_run):
     from opmix_ray.experiments.fidelity import run_fidelity
     cfg, summary = stay_run

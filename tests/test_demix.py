@@ -1,5 +1,5 @@
 """Full component models (adapters.kind: full, DeMix): the full-weight merge is sum_i w_i theta_i
-over every parameter, and a run with them goes through the whole engine."""
+over every parameter, and (slow, ~80 s) a run with them goes through the whole engine."""
 import json
 from pathlib import Path
 
@@ -39,6 +39,7 @@ def test_the_full_weight_merge_is_the_weighted_sum_of_the_components(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
 
 
+@pytest.mark.slow  # ~80 s: the default suite keeps the full-weight merge above
 def test_a_run_with_full_components_searches_their_merges_and_counts_full_training(tmp_path):
     import ray
 

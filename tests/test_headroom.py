@@ -1,7 +1,8 @@
 """The headroom measurement: data orders apart from init and split, the paired noise, the pick made on
-another order than the one that measures it; one real tiny measurement through Ray Tune.
+another order than the one that measures it; one real tiny measurement through Ray Tune (slow).
 
-    pytest tests/test_headroom.py         # ~1 min
+    pytest tests/test_headroom.py                 # seconds
+    pytest -m slow tests/test_headroom.py         # + the tiny measurement (~1 min)
 """
 import json
 import os
@@ -77,6 +78,7 @@ def test_summarise_picks_on_order_zero_and_measures_on_the_others():
     assert t["ratio"] == pytest.approx(-dt.mean() / np.std(dt, ddof=1))
 
 
+@pytest.mark.slow  # ~55 s: the default suite keeps the mixtures, the summary and the kept runs
 def test_headroom_command_end_to_end(tmp_path):
     """The real command on the tiny config: 7 mixtures (uniform, natural, 5 leaning) and 2 more orders."""
     out = tmp_path / "hr"

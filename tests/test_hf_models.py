@@ -2,7 +2,8 @@
 tokenizer (another end-of-text token than the bundled one) uses that tokenizer; a model whose
 vocab does not fit the tokenizer is refused in one line; every checkpoint loads back with
 AutoTokenizer and AutoModelForCausalLM; adapter configs name their base relative to the run dir,
-so a moved run dir still loads with AutoPeftModelForCausalLM. Built locally, no hub.
+so a moved run dir still loads with AutoPeftModelForCausalLM (the whole run: slow, ~80 s). Built
+locally, no hub.
 """
 import json
 import os
@@ -64,6 +65,7 @@ def test_a_model_tokenizer_vocab_mismatch_is_one_line(tmp_path, pad, tokenizer, 
     assert "\n" not in str(err.value) and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # ~80 s, a whole run: the default suite keeps the HF tokenizer checks and test_import_model.py
 def test_a_run_on_a_hf_model_writes_checkpoints_and_adapters_hf_loads_back(tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM
 

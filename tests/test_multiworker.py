@@ -146,7 +146,7 @@ def test_two_workers_follow_one_workers_loss_curve_and_draws_at_the_same_global_
     assert out["two"]["final_mixture"] == pytest.approx(pushed, abs=1e-9)
 
 
-@pytest.mark.slow  # the default suite: every rank's resume state round-trips (above) and test_resume's stop-and-resume
+@pytest.mark.slow  # the default suite: every rank's resume state round-trips (above) and test_resume's round trip
 def test_kill_9_of_a_two_worker_run_then_resume_equals_the_uninterrupted_run(runs):
     tmp, out = runs
     name = "two_killed"

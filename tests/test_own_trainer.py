@@ -8,12 +8,12 @@ the sampler and loop alone: test_own_sampler.py).
   round forced to move (random searcher, decision.rule: argmin): the batches the model really
   received (read back from its inputs, by content) follow the pushed mixture from the step after
   the boundary; a Trainer resumed from its own checkpoint before the boundary and one resumed at the
-  boundary get the same batches, the move at the same step and the same val loss; with no round
-  the Trainer's val loss equals opmix-ray's own main run on the same seed and schedule;
-- a Ray Train loop on 2 workers with OpMixLoop and a forced move: every rank trains its rows of
-  the global batch (engine/ranks.py) and switches at the same step.
+  boundary get the same batches, the move at the same step and the same val loss; (slow) with no
+  round the Trainer's val loss equals opmix-ray's own main run on the same seed and schedule;
+- slow: a Ray Train loop on 2 workers with OpMixLoop and a forced move: every rank trains its rows
+  of the global batch (engine/ranks.py) and switches at the same step; the no-round equality above.
 
-One Ray start for the module; about 3-4 minutes on an idle 2-core machine.
+One Ray start for the module; about 1.5 minutes on an idle 2-core machine (4 with `-m slow`).
 """
 import json
 import math
@@ -162,6 +162,7 @@ def test_a_trainer_resumed_from_its_own_checkpoint_moves_at_the_same_step_on_the
     assert val(resumed) == pytest.approx(val(trainer), abs=1e-6)
 
 
+@pytest.mark.slow  # ~30 s: the default suite keeps the Trainer's real round above
 def test_with_no_round_the_trainer_equals_opmix_rays_main_run_on_the_same_seed(tmp, opmix):
     """Where both can be made equal: the same init, sampler seed, optimizer and schedule (opmix-ray's
     make_optimizer passed to the Trainer) and no push. After a push they differ by construction: the
@@ -270,6 +271,7 @@ def _ray_train_loop(config):
         json.dump({"applied": applied, "weights": loop.decided[0]["weights"]}, f)
 
 
+@pytest.mark.slow  # ~90 s: the default suite keeps the rank split (test_multiworker.py) and the one-worker Trainer above
 def test_a_ray_train_loop_on_two_workers_splits_the_draws_and_switches_at_one_step(tmp):
     import sys
 

@@ -146,6 +146,7 @@ def _bundles() -> list[dict]:
     return [dict(b) for pg in ray.util.placement_group_table().values() for b in pg["bundles"].values()]
 
 
+@pytest.mark.slow  # ~30 s: the default suite keeps the placement checks without Ray
 def test_each_role_gets_what_the_placement_asks(gpu_ray, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

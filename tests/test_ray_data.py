@@ -50,6 +50,7 @@ def _same(a, b) -> None:
             assert x[d].dtype == y[d].dtype and np.array_equal(x[d], y[d]), (part, d)
 
 
+@pytest.mark.slow  # ~30 s: the default suite keeps the small parity checks below
 def test_bundled_corpus_is_bit_identical_and_the_driver_holds_only_refs(tmp_path, capfd):
     drv, rd = build_shards(_cfg("driver")), build_shards(_cfg("ray_data"))
     err = capfd.readouterr().err

@@ -2,7 +2,8 @@
 
 - fast: the main run's resume state (AdamW, LR schedule, sampler streams) round-trips through
   safetensors + JSON and the next steps are bit-identical; a dir that is no run exits 2, one line;
-- slow (~3 tiny runs): a run is SIGKILLed (its whole process group, local Ray included) at a
+- slow: Ctrl-C (SIGINT to the group) or SIGTERM mid-round ends the run in seconds with one line,
+  and `opmix-ray resume` finishes it; (~3 tiny runs) a run is SIGKILLed (its whole process group, local Ray included) at a
   random moment after round 0 is pushed, `opmix-ray resume` finishes it, and every round's record
   and the final val losses equal an uninterrupted run's exactly (search.max_concurrent: 1).
 """
@@ -165,7 +166,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("sig, to_group", [
-    ("SIGINT", True),  # Ctrl-C in a terminal: the whole process group
+    # ~200 s each (a run and its resume): the default suite keeps the resume state's round trip above
+    pytest.param("SIGINT", True, marks=pytest.mark.slow),  # Ctrl-C in a terminal: the whole process group
     pytest.param("SIGTERM", False, marks=pytest.mark.slow),  # a scheduler's stop: the driver alone
 ])
 def test_a_stop_signal_mid_round_ends_the_run_in_seconds_and_it_resumes(tmp_path, sig, to_group):
@@ -204,7 +206,7 @@ def test_a_stop_signal_mid_round_ends_the_run_in_seconds_and_it_resumes(tmp_path
     assert "\x1b[" not in text and "\r" not in text, text[-3000:]
 
 
-@pytest.mark.slow  # the default suite: test_bad_input's full-disk message and free-space preflight, this file's stop-and-resume
+@pytest.mark.slow  # the default suite: test_bad_input's full-disk message and free-space preflight, the resume state above
 def test_a_full_disk_mid_run_keeps_the_last_round_whole_and_the_run_resumes(tmp_path):
     """On a small tmpfs that fills after round 0: one line naming the full storage, exit 1, round 0's
     files still match its manifest; with space again, `resume` finishes the run."""
