@@ -2,8 +2,8 @@
 
 - a candidate whose merged model scores NaN is recorded failed and the search goes on;
 - a trial worker killed with SIGKILL mid-search is rerun (FailureConfig), and a trial Tune gives up
-  on is scored again after the search (engine/rerun.py, slow; test_trial_batch.py has the batched
-  case in the default suite): no candidate is lost.
+  on is scored again after the search (engine/rerun.py; slow, as its batched case in
+  test_trial_batch.py): no candidate is lost.
 
 The candidates are synthetic (a small Llama, hand-made LoRA deltas, random val windows) so each
 test costs one Tune run, not a whole OP-Mix run; everything else is the production code path.
@@ -158,7 +158,7 @@ def test_sigkill_of_a_trial_worker_is_retried_and_costs_no_candidate(tmp_path, t
     assert TRIAL_RETRIES >= 1
 
 
-@pytest.mark.slow  # ~35 s: the default suite keeps the batched case (test_trial_batch.py)
+@pytest.mark.slow  # ~35 s: the default suite keeps the killed trial's rerun above
 def test_a_trial_tune_gives_up_on_is_scored_again_after_the_search(tmp_path, tune_grids, monkeypatch):
     """What a death counted twice leaves, made certain: with no retries in Tune, the killed trial
     ends in ERROR, and its candidate is scored by the second Tuner in search_round_0/rerun."""

@@ -30,6 +30,7 @@ def smollm2_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # ~25 s, transformers' own GGUF reader: the default suite keeps the import's tokenizer and config checks
 def test_the_imported_dir_is_the_gguf_model_for_transformers(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     conf = json.loads((smollm2_dir / "config.json").read_text())

@@ -4,16 +4,16 @@ the sampler and loop alone: test_own_sampler.py).
 - bad input, one line each before anything trains: a boundary past the end, a model whose modules
   miss adapters.target_modules, datasets for domains the run does not have, the callback on a
   Trainer that does not train on its sampler;
-- a real transformers.Trainer on the tiny model and a slice of the bundled data, with one real
+- slow: a real transformers.Trainer on the tiny model and a slice of the bundled data, with one real
   round forced to move (random searcher, decision.rule: argmin): the batches the model really
   received (read back from its inputs, by content) follow the pushed mixture from the step after
   the boundary; a Trainer resumed from its own checkpoint before the boundary and one resumed at the
-  boundary get the same batches, the move at the same step and the same val loss; (slow) with no
+  boundary get the same batches, the move at the same step and the same val loss; with no
   round the Trainer's val loss equals opmix-ray's own main run on the same seed and schedule;
 - slow: a Ray Train loop on 2 workers with OpMixLoop and a forced move: every rank trains its rows
-  of the global batch (engine/ranks.py) and switches at the same step; the no-round equality above.
+  of the global batch (engine/ranks.py) and switches at the same step.
 
-One Ray start for the module; about 1.5 minutes on an idle 2-core machine (4 with `-m slow`).
+One Ray start for the module; seconds by default, about 4 minutes with `-m slow` on an idle 2-core machine.
 """
 import json
 import math
@@ -120,6 +120,7 @@ def hf_run(opmix, tmp):
     return trainer, seen, cb
 
 
+@pytest.mark.slow  # ~90 s with its Trainer run: the default suite keeps the bad wiring below and test_own_sampler.py
 def test_the_trainers_batches_follow_the_pushed_mixture_from_the_step_after_the_boundary(opmix, hf_run):
     trainer, seen, cb = hf_run
     assert len(seen) == STEPS and all(x.shape == (BATCH, 65) for x in seen)
@@ -145,6 +146,7 @@ def opmix_run_dir(opmix):
     return Path(opmix.run_dir)
 
 
+@pytest.mark.slow  # shares the Trainer run above
 @pytest.mark.parametrize("ckpt", [BOUNDARY - 2, BOUNDARY + 1])
 def test_a_trainer_resumed_from_its_own_checkpoint_moves_at_the_same_step_on_the_same_batches(opmix, tmp, hf_run, ckpt):
     trainer, seen, cb = hf_run
@@ -162,7 +164,7 @@ def test_a_trainer_resumed_from_its_own_checkpoint_moves_at_the_same_step_on_the
     assert val(resumed) == pytest.approx(val(trainer), abs=1e-6)
 
 
-@pytest.mark.slow  # ~30 s: the default suite keeps the Trainer's real round above
+@pytest.mark.slow  # ~30 s
 def test_with_no_round_the_trainer_equals_opmix_rays_main_run_on_the_same_seed(tmp, opmix):
     """Where both can be made equal: the same init, sampler seed, optimizer and schedule (opmix-ray's
     make_optimizer passed to the Trainer) and no push. After a push they differ by construction: the

@@ -54,7 +54,8 @@ def unbatched(cands, tmp_path_factory):
     return run_search(cfg, cands, 0, str(tmp_path_factory.mktemp("k1run")))
 
 
-@pytest.mark.parametrize("pool", [False, True], ids=["in-trial", "scorer-pool"])
+# the scorer pool's whole run is test_engine_e2e.py's; its scores against unbatched ones: slow
+@pytest.mark.parametrize("pool", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in-trial", "scorer-pool"])
 def test_batched_scores_equal_unbatched_and_each_candidate_is_a_record(cands, unbatched, pool, tmp_path):
     # 6 lattice points in trials of 4: one of 4 and one of 2
     cfg = _cfg(tmp_path, searcher="grid", searcher_options={"resolution": 2}, num_samples=6,
@@ -91,6 +92,7 @@ def test_a_killed_scorer_costs_a_rerun_and_no_candidate(tmp_path):
     assert out.n_trials == 4 and out.n_failed == 0 and len(_by_weights(out)) == 4
 
 
+@pytest.mark.slow  # ~25 s: the default suite keeps the killed trial's rerun (test_faults.py) and the killed scorer above
 def test_a_batch_whose_trial_tune_gives_up_on_is_scored_again_whole(tmp_path, monkeypatch):
     """k = 2 with no retries in Tune: the killed trial's two candidates are scored by the rerun,
     each still one record, and none is lost."""
