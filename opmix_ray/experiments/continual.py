@@ -1,6 +1,6 @@
 """`opmix-ray continual CONFIG`: continual midtraining, domains arriving, leaving and changing in stages.
 
-    opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default        # ~25 min, 2 cores
+    opmix-ray continual opmix_ray/configs/continual.yaml --out continual_runs/default        # ~45 min, 2 cores
     opmix-ray continual opmix_ray/configs/continual_mixed.yaml --out continual_runs/mixed  # adds, removes, splits, revises
 
 Stage 0 pretrains one model (uniform over its domains, from scratch or model.path); every method
