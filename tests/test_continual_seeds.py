@@ -39,6 +39,25 @@ def test_combine_pools_the_seeds_noise_and_the_table_counts_beyond_twice_it():
     assert "-0.2000, +0.0500" in row and "| 1 / 0 of 2 |" in row
 
 
+def test_instruction_tasks_get_their_answer_loss_noise_and_a_table_against_uniform_seen():
+    scores = lambda x: {"t": {"heldout": {"answer_loss": x, "em": 0.5}, "trained": {"answer_loss": x, "em": 0.5}}}
+    n = stage_noise(1, [5.0, 5.1], [scores(1.0), scores(1.2)])
+    assert n["answer_loss"]["t"]["noise"] == pytest.approx(math.sqrt(2) * np.std([1.0, 1.2], ddof=1))
+    assert "answer_loss" not in stage_noise(1, [5.0, 5.1], [{}, {}])  # no task among the seen domains
+
+    def seq(seed, opmix_answer):
+        s = _seq(seed, {"uniform-seen": 5.0, "opmix": 5.0}, 0.03)
+        for r in s["rows"]:
+            r["instruct"] = scores(1.0 if r["method"] == "uniform-seen" else opmix_answer)
+        s["noise_by_stage"] = [stage_noise(1, [5.0, 5.03], [scores(1.0), scores(1.1)])]
+        return s
+    md = markdown(combine({0: seq(0, 0.5), 1: seq(1, 1.05)}))
+    row = next(line for line in md.splitlines() if line.startswith("| opmix | t |"))
+    # noise sqrt(2) x sd(1.0, 1.1) = 0.1 on both seeds: -0.5 is beyond twice it, +0.05 within
+    assert "-0.500, +0.050" in row and "| 1 / 0 of 2 |" in row
+    assert "Answer-loss noise, final stage, pooled over seeds: t 0.100" in md
+
+
 def test_each_stage_draws_its_own_data_order():
     from opmix_ray.data.sampler import MixtureSampler
     from opmix_ray.experiments.continual import stage_data_seed

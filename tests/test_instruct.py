@@ -212,8 +212,12 @@ def test_instruct_configs_load_and_schedule_tasks():
 
 @pytest.mark.slow
 def test_tiny_continual_instruct_end_to_end(experiment_results, tmp_path):
-    res = experiment_results("continual", "continual_instruct_tiny.yaml", "--set", f"data.path={tmp_path / 'data'}")
+    res = experiment_results("continual", "continual_instruct_tiny.yaml", "--set", f"data.path={tmp_path / 'data'}",
+                             "--set", "schedule.noise_orders=2")
     seen = res["seen_by_stage"]
+    for n in res["noise_by_stage"]:  # uniform-seen's orders are scored on the tasks too: their answer-loss noise
+        assert list(n["answer_loss"]) == [d for d in seen[n["stage"]] if d in TASKS]
+        assert all(len(v["values"]) == 3 and math.isfinite(v["noise"]) for v in n["answer_loss"].values())
     for r in res["rows"]:
         tasks = [d for d in (seen[-1] if r["stage"] == 0 else seen[r["stage"]]) if d in TASKS]
         assert list(r["instruct"]) == tasks  # stage 0: zero-shot on every task

@@ -293,7 +293,9 @@ def _sequence(cfg: ExperimentConfig, out: Path, steps: list[dict], overwrite: bo
                 j["distill"] = {"teacher": ckpt["distill"], "old": old, "kl_weight": cfg.schedule.distill_kl_weight}
         # uniform-seen's stage again from the same checkpoint on more data orders: the stage's noise
         w, tok, init = plans["uniform-seen"]
-        orders = [_fixed_job(cfg, shards, "uniform-seen", w, tok, init, None, s, order=k)
+        # with instruction tasks the orders' checkpoints are kept and scored too: the answer losses' noise
+        keep = lambda k: str(out / f"stage_{s}" / f"uniform-seen_order_{k}") if cfg.schedule.instruct_eval else None
+        orders = [_fixed_job(cfg, shards, "uniform-seen", w, tok, init, keep(k), s, order=k)
                   for k in range(1, cfg.schedule.noise_orders + 1)] if "uniform-seen" in methods else []
         results = {}
         if jobs:
@@ -301,8 +303,11 @@ def _sequence(cfg: ExperimentConfig, out: Path, steps: list[dict], overwrite: bo
                 + (f", and uniform-seen on {len(orders)} more data orders" if orders else ""))
             done = run_fixed_jobs(jobs + orders, shards, str(out / "tune"), f"stage_{s}", 2)
             if orders:
-                us = done[[j["method"] for j in jobs].index("uniform-seen")]
-                noise.append(stage_noise(s, [_score(r["val_loss"], seen)["mean_loss"] for r in [us, *done[len(jobs):]]]))
+                ui = [j["method"] for j in jobs].index("uniform-seen")
+                runs = [(jobs[ui], done[ui]), *zip(orders, done[len(jobs):])]
+                noise.append(stage_noise(s, [_score(r["val_loss"], seen)["mean_loss"] for _, r in runs],
+                                         [scorer(j["save_path"], seen).get("instruct", {}) for j, _ in runs]
+                                         if cfg.schedule.instruct_eval else None))
             for j, res in zip(jobs, done):
                 results[j["method"]] = {"val_loss": res["val_loss"], "mixture": j["weights"], "drawn": res["drawn"],
                                         "ckpt": j["save_path"],

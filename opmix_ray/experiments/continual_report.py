@@ -7,12 +7,19 @@ import math
 import numpy as np
 
 
-def stage_noise(stage: int, mean_losses: list[float]) -> dict:
+def stage_noise(stage: int, mean_losses: list[float], instruct: list[dict] | None = None) -> dict:
     """One stage's data-order noise from uniform-seen's mean val loss on k >= 2 orders from one
     checkpoint: the sd over the orders, and sqrt(2) x that, the sd of the difference between two
-    runs on independent orders (the uncertainty of a one-order comparison of two methods)."""
+    runs on independent orders (the uncertainty of a one-order comparison of two methods).
+    instruct: each order's instruction-task scores (instruct_eval); adds the same noise of every
+    task's held-out answer loss, under "answer_loss"."""
     sd = float(np.std(mean_losses, ddof=1)) if len(mean_losses) > 1 else float("nan")
-    return {"stage": stage, "mean_loss": [float(x) for x in mean_losses], "sd": sd, "noise": math.sqrt(2) * sd}
+    out = {"stage": stage, "mean_loss": [float(x) for x in mean_losses], "sd": sd, "noise": math.sqrt(2) * sd}
+    if instruct and all(instruct) and len(instruct) > 1:
+        losses = {t: [float(s[t]["heldout"]["answer_loss"]) for s in instruct] for t in instruct[0]}
+        out["answer_loss"] = {t: {"values": v, "noise": math.sqrt(2) * float(np.std(v, ddof=1))}
+                              for t, v in losses.items()}
+    return out
 
 
 def combine(results: dict[int, dict]) -> dict:
@@ -63,8 +70,51 @@ def seeds_markdown(result: dict) -> str:
         for s, ns in result["noise_by_seed"].items():
             by = {n["stage"]: n["noise"] for n in ns}
             lines.append(f"| {s} | " + " | ".join(f"{by[k]:.4f}" if k in by else "-" for k in stages) + " |")
+    lines += answer_loss_lines(result, final, seeds, methods)
     lines += ["", "Each seed's stage table: OUT/seed_N/results.md."]
     return "\n".join(lines) + "\n"
+
+
+def answer_noise(result: dict) -> dict[str, float]:
+    """Per instruction task, the final stage's held-out answer-loss noise pooled over the seeds (root
+    mean square of the seeds' own, as for the mean val loss)."""
+    last = len(result["seen_by_stage"]) - 1
+    by_task: dict[str, list[float]] = {}
+    for ns in result["noise_by_seed"].values():
+        for n in ns:
+            if n["stage"] == last:
+                for t, v in n.get("answer_loss", {}).items():
+                    by_task.setdefault(t, []).append(v["noise"])
+    return {t: float(math.sqrt(np.mean(np.square(v)))) for t, v in by_task.items()}
+
+
+def answer_loss_lines(result: dict, final: dict, seeds: list, methods: list[str]) -> list[str]:
+    """The final stage's held-out answer loss per instruction task against uniform-seen, by seed."""
+    tasks = list(dict.fromkeys(t for r in final.values() for t in r.get("instruct", {})))
+    if not tasks:
+        return []
+    noise = answer_noise(result)
+    lines = ["", "Final stage: held-out answer loss per task (nats/token), and the difference from uniform-seen "
+             "by seed; noise per task as for the mean val loss:", "",
+             "| method | task | " + " | ".join(f"seed {s}" for s in seeds) + " | vs uniform-seen, by seed | "
+             "better / worse beyond 2 x noise |", "|" + "---|" * (len(seeds) + 4)]
+    for t in tasks:
+        ref = {s: final[("uniform-seen", s)]["instruct"][t]["heldout"]["answer_loss"] for s in seeds
+               if t in final.get(("uniform-seen", s), {}).get("instruct", {})}
+        for m in methods:
+            got = {s: final[(m, s)]["instruct"][t]["heldout"]["answer_loss"] for s in seeds
+                   if t in final.get((m, s), {}).get("instruct", {})}
+            diff = {s: got[s] - ref[s] for s in got if s in ref}
+            n = noise.get(t)
+            tally = (f"{sum(d < -2 * n for d in diff.values())} / {sum(d > 2 * n for d in diff.values())} of {len(diff)}"
+                     if m != "uniform-seen" and diff and n else "")
+            lines.append(f"| {m} | {t} | " + " | ".join(f"{got[s]:.3f}" if s in got else "-" for s in seeds) + " | "
+                         + (", ".join(f"{d:+.3f}" for d in diff.values()) if m != "uniform-seen" else "")
+                         + f" | {tally} |")
+    if noise:
+        lines += ["", "Answer-loss noise, final stage, pooled over seeds: "
+                  + ", ".join(f"{t} {v:.3f}" for t, v in noise.items())]
+    return lines
 
 
 def sequence_markdown(result: dict) -> str:
