@@ -22,6 +22,11 @@ def stage_noise(stage: int, mean_losses: list[float], instruct: list[dict] | Non
     return out
 
 
+def pooled(noises: list[float]) -> float:
+    """Several seeds' noise as one: the root mean square."""
+    return float(math.sqrt(np.mean(np.square(noises))))
+
+
 def combine(results: dict[int, dict]) -> dict:
     """The seeds' results as one: every row (each carries its seed), FLOPs and noise per seed, and the
     pooled final-stage noise (the root mean square of the seeds' own)."""
@@ -29,7 +34,7 @@ def combine(results: dict[int, dict]) -> dict:
     finals = [r["noise"] for r in results.values() if r.get("noise") is not None]
     return {"rows": [row for r in results.values() for row in r["rows"]], "seeds": list(results),
             "seen_by_stage": first["seen_by_stage"], "changes": first.get("changes"),
-            "noise": float(math.sqrt(np.mean(np.square(finals)))) if finals else None,
+            "noise": pooled(finals) if finals else None,
             "noise_by_seed": {str(s): r.get("noise_by_stage", []) for s, r in results.items()},
             "flops_by_seed": {str(s): r["flops"] for s, r in results.items()},
             "wall_s_by_seed": {str(s): r["wall_s"] for s, r in results.items()}}
@@ -85,7 +90,7 @@ def answer_noise(result: dict) -> dict[str, float]:
             if n["stage"] == last:
                 for t, v in n.get("answer_loss", {}).items():
                     by_task.setdefault(t, []).append(v["noise"])
-    return {t: float(math.sqrt(np.mean(np.square(v)))) for t, v in by_task.items()}
+    return {t: pooled(v) for t, v in by_task.items()}
 
 
 def answer_loss_lines(result: dict, final: dict, seeds: list, methods: list[str]) -> list[str]:
