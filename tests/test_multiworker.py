@@ -108,22 +108,28 @@ def _losses(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """(tmp, get): get(name) runs the 1- or 2-worker reference run once per module, on first use,
+    so the kill test alone pays for the 2-worker run only."""
     from opmix_ray.engine.driver import run
     tmp = tmp_path_factory.mktemp("workers")
     out = {}
-    try:
-        for name, extra in (("one", {}), ("two", TWO)):
-            out[name] = run(load_config(TINY, {"run": {"storage_path": str(tmp), "name": name}, **SETS, **extra}))
-            ray.shutdown()
-    finally:
-        ray.shutdown()
-    return tmp, out
+
+    def get(name):
+        if name not in out:
+            try:
+                extra = TWO if name == "two" else {}
+                out[name] = run(load_config(TINY, {"run": {"storage_path": str(tmp), "name": name}, **SETS, **extra}))
+            finally:
+                ray.shutdown()
+        return out[name]
+    return tmp, get
 
 
 @pytest.mark.slow  # the default suite: the micro-batch split and accumulation above, and test_own_trainer's
 # two-worker Ray Train loop (every rank trains its rows of the global batch and switches at one step)
 def test_two_workers_follow_one_workers_loss_curve_and_draws_at_the_same_global_batch(runs):
-    _, out = runs
+    _, get = runs
+    out = {"one": get("one"), "two": get("two")}
     one, two = _losses(out["one"]["run_dir"]), _losses(out["two"]["run_dir"])
     assert len(one) == len(two) == 60
     gap = float(np.abs(one - two).max())
@@ -148,7 +154,8 @@ def test_two_workers_follow_one_workers_loss_curve_and_draws_at_the_same_global_
 
 @pytest.mark.slow  # the default suite: every rank's resume state round-trips (above) and test_resume's round trip
 def test_kill_9_of_a_two_worker_run_then_resume_equals_the_uninterrupted_run(runs):
-    tmp, out = runs
+    tmp, get = runs
+    want = get("two")
     name = "two_killed"
     run_dir = tmp / name
     sets = [x for sec, kv in {**SETS, **TWO, "run": {"storage_path": tmp, "name": name}}.items()
@@ -171,7 +178,6 @@ def test_kill_9_of_a_two_worker_run_then_resume_equals_the_uninterrupted_run(run
     res = _cli("resume", str(run_dir), timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    want = out["two"]
     assert [{k: r[k] for k in KEYS} for r in _rounds(run_dir)] == [{k: r[k] for k in KEYS} for r in _rounds(want["run_dir"])]
     assert summary["final_val_loss"] == want["final_val_loss"]  # bit-equal
     assert summary["final_mixture"] == want["final_mixture"]
